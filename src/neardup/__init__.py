@@ -1,0 +1,2 @@
+"""neardup: near-duplicate image search."""
+__version__ = "0.1.0"

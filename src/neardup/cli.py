@@ -1,0 +1,213 @@
+"""The `neardup` command: a thin adapter over neardup.index.Index.
+
+Exit codes: 0 success, 1 runtime failure (bad index, model mismatch, an unreadable query image),
+2 usage error (bad option, missing path). Errors are one line on stderr; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import click
+
+from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, IndexError_
+from .images import ImageError
+from .store import StoreError
+
+USER_ERRORS = (StoreError, IndexError_, ImageError, FileNotFoundError, PermissionError)
+
+
+class Failure(click.ClickException):
+    """A runtime failure: one line on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        click.echo(f"neardup: error: {self.message}", err=True)
+
+
+def _message(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+class NeardupGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise Failure(_message(exc)) from exc
+
+
+index_option = click.option(
+    "--index", "index_dir", type=click.Path(file_okay=False), envvar="NEARDUP_INDEX", default=DEFAULT_INDEX_DIR,
+    show_default=True, help="Index folder (env NEARDUP_INDEX).",
+)
+threshold_help = "Keep only matches with cosine similarity >= T (1.0 = identical pixels)."
+
+
+@click.group(cls=NeardupGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="neardup")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Find near-duplicate images: index folders, search by image, list duplicate groups."""
+    ctx.obj = {"debug": debug}
+
+
+def _waiting() -> None:
+    click.echo("neardup: another process is writing this index; waiting for it to finish...", err=True)
+
+
+@main.command("index")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@index_option
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per model call.")
+@click.option("--prune", is_flag=True, help="Remove catalogued files under PATHS that no longer exist.")
+@click.option("--failures", "show_failures", is_flag=True, help="List every file that failed, with its reason.")
+@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
+def index_command(paths, index_dir, batch_size, prune, show_failures, no_wait) -> None:
+    """Add image files and folders (recursively) to the index; unchanged files are skipped."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(),
+    )
+    started = time.perf_counter()
+    with Index.open(index_dir, create=True) as index, Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("index", total=None, rate="", failed=0)
+
+        def progress(done: int, total: int, failed: int) -> None:
+            elapsed = time.perf_counter() - started
+            bar.update(task, completed=done, total=total, failed=failed, rate=f"{done / max(elapsed, 1e-9):.1f} img/s")
+
+        summary = index.add(paths, batch_size=batch_size, prune=prune, progress=progress,
+                            wait=not no_wait, on_wait=_waiting)
+    elapsed = time.perf_counter() - started
+    processed = summary.added + summary.updated
+    click.echo(
+        f"{summary.discovered} files in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s embedded): "
+        f"{summary.added} added, {summary.updated} updated, {summary.unchanged} unchanged, "
+        f"{summary.identical} identical copies, {summary.failed} failed, {summary.removed} removed, "
+        f"{summary.skipped} skipped (not images)"
+    )
+    if summary.failures:
+        if show_failures:
+            for path, reason in summary.failures:
+                click.echo(f"failed: {path}: {reason}")
+        else:
+            click.echo("(run with --failures to list the failed files and why)")
+
+
+@main.command("query")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@index_option
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Matches per query.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), help=threshold_help)
+@click.option("--exact", is_flag=True, help="Compare against every indexed image instead of the LSH candidates.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.QUERY).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the query and its matches.")
+def query_command(images, index_dir, k, threshold, exact, as_json, plot) -> None:
+    """Find the indexed images most similar to each IMAGE."""
+    results, failed = [], 0
+    with Index.open(index_dir) as index:
+        for image in images:
+            try:
+                matches = index.query(image, k=k, threshold=threshold, exact=exact)
+            except ImageError as exc:
+                failed += 1
+                click.echo(f"neardup: error: cannot read query {image}: {exc.reason}", err=True)
+                continue
+            results.append({"query": image, "matches": [{"path": m.path, "score": round(m.score, 6)} for m in matches]})
+    if as_json:
+        click.echo(json.dumps({"threshold": threshold, "results": results}, indent=2))
+    else:
+        for result in results:
+            click.echo(f"{result['query']}:")
+            for match in result["matches"] or [{"path": "(no match)", "score": float("nan")}]:
+                click.echo(f"  {match['score']:.4f}  {match['path']}")
+    if plot and results:
+        from .report import plot_query
+
+        plot_query(results[0]["query"], [(m["path"], m["score"]) for m in results[0]["matches"]], plot)
+        click.echo(f"wrote {plot}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@main.command("dups")
+@index_option
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1), help=threshold_help)
+@click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.DUPS).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV: group,path,min_score,max_score.")
+def dups_command(index_dir, threshold, exact, as_json, as_csv) -> None:
+    """List groups of near-duplicate images."""
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    with Index.open(index_dir) as index:
+        groups = index.duplicates(threshold, exact=exact)
+    if as_json:
+        click.echo(json.dumps({"threshold": threshold, "groups": [
+            {"files": g.files, "min_score": round(g.min_score, 6), "max_score": round(g.max_score, 6)} for g in groups
+        ]}, indent=2))
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["group", "path", "min_score", "max_score"])
+        for number, g in enumerate(groups, 1):
+            for path in g.files:
+                writer.writerow([number, path, f"{g.min_score:.6f}", f"{g.max_score:.6f}"])
+    else:
+        for number, g in enumerate(groups, 1):
+            click.echo(f"group {number}: {len(g.files)} files, cosine {g.min_score:.3f}–{g.max_score:.3f}")
+            for path in g.files:
+                click.echo(f"  {path}")
+        click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files (threshold {threshold})", err=True)
+
+
+@main.command("remove")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@index_option
+@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
+def remove_command(paths, index_dir, no_wait) -> None:
+    """Forget files (or everything under folders); the files themselves are not touched."""
+    with Index.open(index_dir) as index:
+        removed = index.remove(paths, wait=not no_wait, on_wait=_waiting)
+    click.echo(f"removed {removed} files from the index")
+
+
+@main.command("info")
+@index_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--failures", "show_failures", is_flag=True, help="List the files that failed, with reasons.")
+def info_command(index_dir, as_json, show_failures) -> None:
+    """Show what the index holds."""
+    with Index.open(index_dir) as index:
+        stats = index.stats()
+        failures = index.failures() if show_failures else []
+    if as_json:
+        if show_failures:
+            stats["failures"] = [{"path": p, "reason": r} for p, r in failures]
+        click.echo(json.dumps(stats, indent=2))
+        return
+    model = stats["model"] or {}
+    click.echo(f"index:    {stats['index']}")
+    click.echo(f"images:   {stats['images']} indexed, {stats['failed']} failed")
+    click.echo(f"model:    {model.get('name', '(none yet)')} ({model.get('dim', '?')}-d)")
+    click.echo(f"storage:  {stats['segments']} segments, {stats['dead_rows']} dead rows, "
+               f"{stats['bytes_on_disk'] / 1e6:.1f} MB")
+    for path, reason in failures:
+        click.echo(f"failed: {path}: {reason}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,67 @@
+"""Verified pairs → duplicate groups (union-find); pure numpy, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Group:
+    """Members (row numbers, ascending) and the weakest / strongest verified link that joined them.
+
+    Every member has at least one partner in the group with cosine >= min_score; members are not
+    guaranteed to be that close to *every* other member (groups are connected components).
+    """
+
+    members: np.ndarray
+    min_score: float
+    max_score: float
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component label (smallest member row) of each of n nodes, joined by edges a[i]–b[i]."""
+    parent = np.arange(n, dtype=np.int64)
+
+    def find(x: int) -> int:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression keeps later finds O(1)
+            parent[x], x = root, parent[x]
+        return root
+
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    for x in range(n):
+        parent[x] = find(x)
+    return parent
+
+
+def group_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> list[Group]:
+    """Groups of two or more rows from verified pairs a[i]–b[i], largest first, then by smallest member."""
+    a, b, scores = (np.asarray(x) for x in (a, b, scores))
+    distinct = a != b
+    a, b, scores = a[distinct], b[distinct], scores[distinct]
+    if len(a) == 0:
+        return []
+    nodes, local = np.unique(np.r_[a, b], return_inverse=True)
+    la, lb = local[: len(a)], local[len(a) :]
+    labels = connected_components(len(nodes), la, lb)
+    edge_label = labels[la]
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
+    lowest = np.full(len(nodes), np.inf)
+    highest = np.full(len(nodes), -np.inf)
+    np.minimum.at(lowest, edge_label, scores)
+    np.maximum.at(highest, edge_label, scores)
+    groups = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        members = nodes[order[start:end]]
+        label = labels[order[start]]
+        groups.append(Group(np.sort(members), float(lowest[label]), float(highest[label])))
+    groups.sort(key=lambda g: (-len(g.members), int(g.members[0])))
+    return groups

@@ -1,0 +1,479 @@
+"""The Index API: the one entry point every adapter (CLI, web, Ray) uses.
+
+    index = Index.open("photos/.neardup", create=True)
+    summary = index.add(["photos"])
+    index.query("photos/cat.jpg", k=5)          # [Match(path, score, id), ...] best first
+    index.duplicates(threshold=0.85)            # [DuplicateGroup(files, ids, min_score, max_score), ...]
+
+Scores are cosine similarities of the model's unit vectors: 1.0 for identical pixels, about 0.9 and up
+for resized, re-encoded, cropped or recoloured copies, and much lower for different photos.
+Thread-safety: queries may run concurrently with each other; writes (`add`, `remove`, `compact`) take
+the index folder's lock, so one writer at a time across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import lsh
+from .groups import group_pairs
+from .images import ImageError, discover, load_image
+from .store import Record, Snapshot, Store, StoreError
+
+DEFAULT_INDEX_DIR = ".neardup"
+#: Default cosine threshold for `duplicates`. Edited copies (resize, JPEG, crop, rotation, brightness,
+#: text, flip) of the test photos score 0.9x; distinct photos rarely exceed 0.8 (see README).
+DEFAULT_THRESHOLD = 0.85
+NUM_TABLES = 16
+STORED_BITS = lsh.MAX_BITS
+LSH_SEED = 20240601
+#: Query tables: 16-bit slices (32 tables) probed at Hamming distance <= 1. A pair at cosine 0.85 is
+#: found with probability 0.999 (0.989 at 0.8); a random vector with probability 17 * 32 / 2^16 ~ 1/120
+#: once the vectors are centred, so a query re-ranks ~n/120 candidates.
+QUERY_BITS = 16
+#: Target probability that a pair at the threshold shares a bucket during `duplicates`.
+PAIR_RECALL = 0.995
+COMPACT_DEAD_FRACTION = 0.3
+COMPACT_MAX_SEGMENTS = 64
+
+
+class IndexError_(Exception):
+    """Base of the user-facing errors raised by the Index (one clear line each)."""
+
+
+class ModelMismatch(IndexError_):
+    pass
+
+
+@dataclass(frozen=True)
+class Match:
+    path: str
+    score: float
+    id: int
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    files: list[str]
+    ids: list[int]
+    min_score: float
+    max_score: float
+
+
+@dataclass
+class AddSummary:
+    """Counts of one `add` run; `failures` lists (path, reason) for every file that could not be indexed."""
+
+    discovered: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    identical: int = 0
+    failed: int = 0
+    removed: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[int, int, int], None]  # (done, total, failed)
+
+
+@dataclass
+class _Prepared:
+    """One file after the worker looked at it. action: 'unchanged' (same size and mtime), 'touch' (new
+    mtime, same bytes), 'embed' (new or changed content: `pixels` holds the model input) or 'failed'."""
+
+    action: str
+    record: Record
+    known: Record | None
+    pixels: np.ndarray | None = None
+
+
+class Index:
+    def __init__(self, root: Path, embedder=None):
+        self.root = root
+        self._embedder = embedder
+        self._reader = Store.open(root)
+        self._search_cache: tuple[int, Snapshot, lsh.LSHTables | None] | None = None
+        self._planes: np.ndarray | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None, *, create: bool = False, embedder=None) -> "Index":
+        """Open the index folder (default: $NEARDUP_INDEX or ./.neardup); `create` makes it if missing."""
+        root = Path(path or os.environ.get("NEARDUP_INDEX") or DEFAULT_INDEX_DIR).absolute()
+        if create:
+            Store.open(root, create=True, write=True).close()
+        return cls(root, embedder)
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .models import default_embedder
+
+            self._embedder = default_embedder()
+        return self._embedder
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int = 32, prune: bool = False,
+            progress: ProgressCallback | None = None, workers: int | None = None,
+            commit_every: int = 512, wait: bool = True, on_wait: Callable[[], None] | None = None) -> AddSummary:
+        """Index image files and folders (recursively). Unchanged files are skipped (size + mtime, then
+        sha256), changed ones re-embedded, byte-identical copies share the already computed vector, and
+        undecodable files are recorded with a reason. With `prune`, catalogued files under the given
+        folders that no longer exist are removed. Raises FileNotFoundError for a missing path."""
+        roots = [os.path.abspath(p) for p in paths]
+        found = discover(roots)
+        summary = AddSummary(discovered=len(found.files), skipped=len(found.skipped))
+        with Store.open(self.root, create=True, write=True, wait=wait, on_wait=on_wait) as store:
+            self._check_model(store, initialise=True)
+            planes, center = self._lsh_state(store)
+            batch = _Batch(store, self.embedder, planes, center, commit_every)
+            total = len(found.files)
+            done = 0
+            for item in self._prepare_all(store, found.files, workers):
+                done += 1
+                record, known = item.record, item.known
+                if item.action == "failed":
+                    summary.failed += 1
+                    summary.failures.append((record.path, record.error or "unknown error"))
+                    batch.failed.append(record)
+                elif item.action == "unchanged":
+                    summary.unchanged += 1
+                elif item.action == "touch":
+                    summary.unchanged += 1
+                    batch.touched.append(record)
+                else:
+                    copy_of = batch.vector_for_sha256(record.sha256)
+                    if copy_of is not None:
+                        summary.identical += 1
+                        batch.add_vector(record, copy_of)
+                    else:
+                        batch.add_pixels(record, item.pixels, batch_size)
+                    if known is None or known.status == "failed":
+                        summary.added += 1
+                    else:
+                        summary.updated += 1
+                batch.maybe_commit()
+                if progress:
+                    progress(done, total, summary.failed)
+            if prune:
+                existing = {str(f) for f in found.files}
+                gone = [p for p in store.paths_under(roots) if p not in existing and not os.path.exists(p)]
+                batch.removed.extend(gone)
+                summary.removed = len(gone)
+            batch.flush()
+            self._maybe_compact(store)
+        return summary
+
+    def remove(self, paths: Iterable[str | os.PathLike], *, wait: bool = True,
+               on_wait: Callable[[], None] | None = None) -> int:
+        """Forget the given files, or every catalogued file under the given folders. Returns the count."""
+        targets = [os.path.abspath(p) for p in paths]
+        with Store.open(self.root, write=True, wait=wait, on_wait=on_wait) as store:
+            gone = store.paths_under(targets)
+            store.commit(removed=gone)
+            self._maybe_compact(store)
+        return len(gone)
+
+    def compact(self) -> int:
+        with Store.open(self.root, write=True) as store:
+            return store.compact()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def embed(self, source) -> np.ndarray:
+        """The unit vector of one image (a path, raw bytes, or a PIL image). Raises ImageError."""
+        from PIL import Image
+
+        image = source if isinstance(source, Image.Image) else load_image(source, min_side=self.embedder.input_size).image
+        return self.embedder.embed(self.embedder.preprocess(image.convert("RGB"))[None])[0]
+
+    def query(self, image, k: int = 10, threshold: float | None = None, *, exact: bool = False,
+              exclude_self: bool = True) -> list[Match]:
+        """The k indexed images most similar to `image` (path, bytes or PIL image), best first.
+        With a threshold only matches scoring at least that much are kept. A path that is itself indexed
+        is left out of its own results unless `exclude_self` is False."""
+        self._check_model(self._reader, initialise=False)
+        vector = self.embed(image)
+        exclude = os.path.abspath(image) if exclude_self and isinstance(image, (str, os.PathLike)) else None
+        return self.query_vector(vector, k + (exclude is not None), threshold, exact=exact, exclude=exclude)[:k]
+
+    def query_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None, *,
+                     exact: bool = False, exclude: str | None = None) -> list[Match]:
+        snap, tables = self._search_state()
+        if len(snap) == 0:
+            return []
+        vector = np.asarray(vector, dtype=np.float32)
+        if exact or tables is None:
+            positions, scores = _exact_top_k(snap, vector, k)
+        else:
+            planes, center = self._lsh_state(self._reader)
+            codes = lsh.hash_vectors(vector[None], planes, NUM_TABLES, center)[0]
+            candidates = tables.candidates(codes)
+            scores = snap.vectors(candidates) @ vector
+            best = lsh.top_k(scores, k)
+            positions, scores = candidates[best], scores[best]
+        matches = [Match(snap.paths[p], float(s), int(snap.ids[p])) for p, s in zip(positions, scores)]
+        return [m for m in matches if (threshold is None or m.score >= threshold) and m.path != exclude]
+
+    def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False) -> list[DuplicateGroup]:
+        """Groups of indexed images linked by pairs with cosine >= threshold, largest groups first.
+        Pairs come from LSH buckets (bits per table chosen so a pair at the threshold collides with
+        probability >= PAIR_RECALL), are verified by exact cosine and merged with union-find;
+        `exact` compares every pair instead (the oracle; O(n²))."""
+        snap, _ = self._search_state()
+        pairs = _exact_pairs(snap, threshold) if exact else self._lsh_pairs(snap, threshold)
+        groups = group_pairs(*pairs)
+        return [
+            DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members],
+                           g.min_score, g.max_score)
+            for g in groups
+        ]
+
+    def stats(self) -> dict:
+        counts = self._reader.counts()
+        return {
+            "index": str(self.root),
+            "images": counts["indexed"],
+            "failed": counts["failed"],
+            "segments": counts["segments"],
+            "dead_rows": counts["segment_rows"] - counts["indexed"],
+            "model": self._reader.get_meta("model"),
+            "lsh": self._reader.get_meta("lsh"),
+            "bytes_on_disk": sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()),
+        }
+
+    def failures(self) -> list[tuple[str, str]]:
+        return [(r.path, r.error or "") for r in self._reader.records(status="failed")]
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _check_model(self, store: Store, *, initialise: bool) -> None:
+        stored = store.get_meta("model")
+        identity = self.embedder.identity
+        if stored is None:
+            if initialise:
+                planes = lsh.make_planes(identity["dim"], NUM_TABLES, STORED_BITS, LSH_SEED)
+                store.save_planes(planes)
+                center = getattr(self.embedder, "center", None)
+                store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED,
+                                       "center": None if center is None else [float(x) for x in center]})
+                store.set_meta("model", identity)
+            return
+        if stored != identity:
+            raise ModelMismatch(
+                f"the index at {self.root} was built with model {stored.get('name')} "
+                f"(weights {str(stored.get('weights_sha256'))[:12]}, {stored.get('preprocessing')}); "
+                f"this run uses {identity.get('name')} (weights {str(identity.get('weights_sha256'))[:12]}, "
+                f"{identity.get('preprocessing')}). Use a new --index folder for a different model."
+            )
+
+    def _lsh_state(self, store: Store) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._planes is None:
+            self._planes = store.load_planes()
+        meta = store.get_meta("lsh") or {}
+        center = meta.get("center")
+        return self._planes, None if center is None else np.asarray(center, dtype=np.float32)
+
+    def _search_state(self) -> tuple[Snapshot, lsh.LSHTables | None]:
+        """The live snapshot and its bucket tables, rebuilt only when some writer committed since."""
+        version = self._reader._conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._search_cache is None or self._search_cache[0] != version:
+            snap = self._reader.snapshot()
+            tables = None
+            if len(snap):
+                tables = lsh.LSHTables(snap.codes(), QUERY_BITS)
+            self._search_cache = (version, snap, tables)
+        return self._search_cache[1], self._search_cache[2]
+
+    def _lsh_pairs(self, snap: Snapshot, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(snap) < 2:
+            return _no_pairs()
+        tables = lsh.LSHTables(snap.codes(), pair_bits(threshold))
+        found_a, found_b, found_s = [], [], []
+        for a, b in tables.candidate_pairs(chunk=1 << 16):
+            scores = lsh.row_dots(snap.vectors(a), snap.vectors(b))
+            keep = scores >= threshold
+            found_a.append(a[keep]), found_b.append(b[keep]), found_s.append(scores[keep])
+        if not found_a:
+            return _no_pairs()
+        return _unique_pairs(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s), len(snap))
+
+    def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None):
+        """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker threads."""
+        known = {}
+        input_size = self.embedder.input_size
+        preprocess = self.embedder.preprocess
+
+        def prepare(path: str) -> _Prepared:
+            return _prepare_file(path, known.get(path), input_size, preprocess)
+
+        workers = workers or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+            for path in files:
+                path = str(path)
+                known[path] = store.record(path)
+                pending.append(pool.submit(prepare, path))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _maybe_compact(self, store: Store) -> None:
+        counts = store.counts()
+        if store.dead_fraction() > COMPACT_DEAD_FRACTION or counts["segments"] > COMPACT_MAX_SEGMENTS:
+            store.compact()
+
+
+def pair_bits(threshold: float) -> int:
+    """The most bits per table (fewest random candidates) that still finds a pair at the threshold
+    with probability >= PAIR_RECALL, tables being all k-bit slices of the stored codes."""
+    for k in range(16, 3, -1):
+        tables = NUM_TABLES * (STORED_BITS // k)
+        if lsh.collision_probability(threshold, k, tables) >= PAIR_RECALL:
+            return k
+    return 4
+
+
+def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) -> _Prepared:
+    def failed(reason: str, size: int = 0, mtime_ns: int = 0, sha256: str | None = None) -> _Prepared:
+        return _Prepared("failed", Record(path, size, mtime_ns, sha256, status="failed", error=reason), known)
+
+    try:
+        stat = os.stat(path)
+        if known is not None and known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
+            return _Prepared("unchanged", known, known)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return failed(f"cannot read file: {exc.strerror or exc}")
+    size, mtime_ns = len(data), stat.st_mtime_ns
+    sha256 = hashlib.sha256(data).hexdigest()
+    if known is not None and known.sha256 == sha256 and known.status == "indexed":
+        return _Prepared("touch", Record(path, size, mtime_ns, sha256, known.width, known.height), known)
+    try:
+        decoded = load_image(data, min_side=input_size)
+        pixels = preprocess(decoded.image)
+    except ImageError as exc:
+        return failed(exc.reason, size, mtime_ns, sha256)
+    return _Prepared("embed", Record(path, size, mtime_ns, sha256, decoded.width, decoded.height), known, pixels)
+
+
+class _Batch:
+    """Work waiting for the next commit: embedded rows, failures, metadata updates, removals."""
+
+    def __init__(self, store: Store, embedder, planes, center, commit_every: int):
+        self.store, self.embedder, self.planes, self.center = store, embedder, planes, center
+        self.commit_every = commit_every
+        self.records: list[Record] = []
+        self.vectors: list[np.ndarray | None] = []  # None until the pixels waiting at that slot are embedded
+        self.waiting: list[tuple[int, np.ndarray]] = []
+        self.by_sha256: dict[str, int] = {}
+        self.failed: list[Record] = []
+        self.touched: list[Record] = []
+        self.removed: list[str] = []
+
+    def vector_for_sha256(self, sha256: str) -> np.ndarray | int | None:
+        """A vector (or a slot of this batch) already computed for identical bytes, if any."""
+        if sha256 in self.by_sha256:
+            return self.by_sha256[sha256]
+        existing = self.store.indexed_with_sha256(sha256)
+        if existing is None:
+            return None
+        return self.store.vector(existing)
+
+    def add_vector(self, record: Record, vector: np.ndarray | int) -> None:
+        self.by_sha256.setdefault(record.sha256, len(self.records))
+        self.records.append(record)
+        self.vectors.append(vector)
+
+    def add_pixels(self, record: Record, pixels: np.ndarray, batch_size: int) -> None:
+        self.by_sha256[record.sha256] = len(self.records)
+        self.waiting.append((len(self.records), pixels))
+        self.records.append(record)
+        self.vectors.append(None)
+        if len(self.waiting) >= batch_size:
+            self._embed_waiting()
+
+    def _embed_waiting(self) -> None:
+        if not self.waiting:
+            return
+        slots, pixels = zip(*self.waiting)
+        embedded = self.embedder.embed(np.stack(pixels))
+        for slot, vector in zip(slots, embedded):
+            self.vectors[slot] = vector
+        self.waiting = []
+
+    def maybe_commit(self) -> None:
+        if len(self.records) + len(self.failed) + len(self.touched) >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        self._embed_waiting()
+        # slots that copy an earlier slot of this batch resolve now that every slot is embedded
+        vectors = [self.vectors[v] if isinstance(v, int) else v for v in self.vectors]
+        stacked = np.stack(vectors) if vectors else None
+        codes = lsh.hash_vectors(stacked, self.planes, NUM_TABLES, self.center) if vectors else None
+        self.store.commit(vectors=stacked, codes=codes, indexed=self.records, failed=self.failed,
+                          touched=self.touched, removed=self.removed)
+        self.records, self.vectors, self.by_sha256 = [], [], {}
+        self.failed, self.touched, self.removed = [], [], []
+
+
+def _exact_top_k(snap: Snapshot, vector: np.ndarray, k: int, block: int = 1 << 16):
+    best_positions, best_scores = np.empty(0, np.int64), np.empty(0, np.float32)
+    for start in range(0, len(snap), block):
+        positions = np.arange(start, min(start + block, len(snap)))
+        scores = snap.vectors(positions) @ vector
+        positions, scores = np.r_[best_positions, positions], np.r_[best_scores, scores]
+        keep = lsh.top_k(scores, k)
+        best_positions, best_scores = positions[keep], scores[keep]
+    return best_positions, best_scores
+
+
+def _exact_pairs(snap: Snapshot, threshold: float, block: int = 2048):
+    found_a, found_b, found_s = [], [], []
+    n = len(snap)
+    for start in range(0, n, block):
+        rows = snap.vectors(np.arange(start, min(start + block, n)))
+        for other in range(start, n, block):
+            cols = snap.vectors(np.arange(other, min(other + block, n)))
+            scores = rows @ cols.T
+            a, b = np.nonzero(scores >= threshold)
+            a, b = a + start, b + other
+            keep = a < b
+            found_a.append(a[keep]), found_b.append(b[keep]), found_s.append(scores[a[keep] - start, b[keep] - other])
+    if not found_a:
+        return _no_pairs()
+    return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray, n: int):
+    _, first = np.unique(a.astype(np.int64) * n + b, return_index=True)
+    return a[first], b[first], scores[first]
+
+
+def _no_pairs():
+    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)

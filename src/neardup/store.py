@@ -1,0 +1,456 @@
+"""The index folder: a SQLite catalog plus immutable numpy segment files.
+
+Layout of an index folder::
+
+    catalog.sqlite        images (one row per file seen), segments, meta — WAL mode
+    planes.npy            the LSH hyperplanes (written once, at creation)
+    segments/<name>.vectors.npy   float32 [rows, dim] unit vectors
+    segments/<name>.codes.npy     uint32  [rows, tables] LSH codes
+    lock                  held (flock) by the one writer
+
+Commit protocol: segment files are written under a temporary name, fsynced, renamed and the folder
+fsynced; only then one SQLite transaction registers the segment and points catalog rows at it. That
+transaction is the commit point: a crash before it leaves orphan files (removed by the next writer),
+a crash after it leaves a complete segment. Segment files are never modified. A removed or re-embedded
+image simply stops pointing at its old row (a tombstone); compaction copies the live rows into a new
+segment and drops the old ones.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+CATALOG = "catalog.sqlite"
+SEGMENTS = "segments"
+PLANES = "planes.npy"
+LOCK = "lock"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY,
+    name TEXT UNIQUE NOT NULL,
+    rows INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT UNIQUE NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    width INTEGER,
+    height INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('indexed', 'failed')),
+    error TEXT,
+    segment INTEGER REFERENCES segments(id),
+    row INTEGER,
+    updated REAL NOT NULL,
+    CHECK ((status = 'indexed') = (segment IS NOT NULL AND row IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE INDEX IF NOT EXISTS images_segment ON images(segment, row);
+"""
+
+
+class StoreError(Exception):
+    """A problem with the index folder, worded for the user."""
+
+
+class IndexLocked(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the catalog knows of one file. `status` is 'indexed' or 'failed' (then `error` says why)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    status: str = "indexed"
+    error: str | None = None
+    id: int | None = None
+    segment: int | None = None
+    row: int | None = None
+
+
+_RECORD_COLUMNS = "path, size, mtime_ns, sha256, width, height, status, error, id, segment, row"
+
+
+class Snapshot:
+    """The live (indexed) images at one moment: ids, paths, codes, and vectors read from segments."""
+
+    def __init__(self, ids: np.ndarray, paths: list[str], segment_ids: np.ndarray, rows: np.ndarray,
+                 segments: dict[int, "_Segment"]):
+        self.ids, self.paths = ids, paths
+        self._segment_ids, self._rows, self._segments = segment_ids, rows, segments
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def vectors(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """float32 [len(positions), dim] vectors of the given snapshot positions (all when None)."""
+        return self._gather("vectors", positions)
+
+    def codes(self, positions: np.ndarray | None = None) -> np.ndarray:
+        return self._gather("codes", positions)
+
+    def _gather(self, kind: str, positions: np.ndarray | None) -> np.ndarray:
+        positions = np.arange(len(self.ids)) if positions is None else np.asarray(positions, dtype=np.int64)
+        segment_ids, rows = self._segment_ids[positions], self._rows[positions]
+        template = next(iter(self._segments.values()), None)
+        if template is None:
+            return np.empty((0, 0), dtype=np.float32)
+        source = getattr(template, kind)
+        out = np.empty((len(positions),) + source.shape[1:], dtype=source.dtype)
+        for segment_id in np.unique(segment_ids):
+            here = segment_ids == segment_id
+            out[here] = getattr(self._segments[int(segment_id)], kind)[rows[here]]
+        return out
+
+
+@dataclass
+class _Segment:
+    id: int
+    name: str
+    rows: int
+    vectors: np.ndarray
+    codes: np.ndarray
+
+
+class Store:
+    """One open index folder. Opened for writing, it holds the folder's lock until `close()`."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection, lock_file=None):
+        self.root = root
+        self._conn = conn
+        self._lock_file = lock_file
+        self._segment_cache: dict[int, _Segment] = {}
+
+    # ---- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, create: bool = False, write: bool = False,
+             wait: bool = True, on_wait: Callable[[], None] | None = None) -> "Store":
+        root = Path(root)
+        catalog = root / CATALOG
+        if not catalog.exists():
+            if not create:
+                raise StoreError(f"no index at {root} (create one with `neardup index PATH --index {root}`)")
+            if root.exists() and not root.is_dir():
+                raise StoreError(f"{root} exists and is not a folder")
+            (root / SEGMENTS).mkdir(parents=True, exist_ok=True)
+            write = True
+        lock_file = _acquire_lock(root, wait, on_wait) if write else None
+        try:
+            conn = sqlite3.connect(catalog, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            if write:
+                conn.executescript(_SCHEMA)
+            store = cls(root, conn, lock_file)
+            version = store.get_meta("schema_version")
+            if version is None and write:
+                store.set_meta("schema_version", SCHEMA_VERSION)
+            elif version not in (None, SCHEMA_VERSION):
+                raise StoreError(f"index at {root} has schema version {version}; this neardup reads {SCHEMA_VERSION}")
+            if write:
+                store._remove_orphans()
+            return store
+        except sqlite3.DatabaseError as exc:
+            if lock_file:
+                lock_file.close()
+            raise StoreError(f"cannot read the index catalog {catalog}: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+        self._segment_cache.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def writable(self) -> bool:
+        return self._lock_file is not None
+
+    # ---- meta --------------------------------------------------------------------------------
+
+    def get_meta(self, key: str):
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # a brand-new catalog opened read-only has no tables yet
+            return None
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value) -> None:
+        self._require_write()
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def save_planes(self, planes: np.ndarray) -> None:
+        self._require_write()
+        _write_array(self.root / PLANES, planes)
+
+    def load_planes(self) -> np.ndarray:
+        return np.load(self.root / PLANES)
+
+    # ---- catalog reads -------------------------------------------------------------------------
+
+    def record(self, path: str) -> Record | None:
+        row = self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM images WHERE path = ?", (path,)).fetchone()
+        return None if row is None else Record(*row)
+
+    def records(self, status: str | None = None) -> list[Record]:
+        query = f"SELECT {_RECORD_COLUMNS} FROM images"
+        args: tuple = ()
+        if status:
+            query, args = query + " WHERE status = ?", (status,)
+        return [Record(*row) for row in self._conn.execute(query + " ORDER BY path", args)]
+
+    def record_by_id(self, image_id: int) -> Record | None:
+        row = self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+        return None if row is None else Record(*row)
+
+    def indexed_with_sha256(self, sha256: str) -> Record | None:
+        row = self._conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM images WHERE sha256 = ? AND status = 'indexed' LIMIT 1", (sha256,)
+        ).fetchone()
+        return None if row is None else Record(*row)
+
+    def paths_under(self, folders: Iterable[str]) -> list[str]:
+        """Catalogued paths equal to or below any of the given absolute paths."""
+        found: set[str] = set()
+        for folder in folders:
+            prefix = folder.rstrip(os.sep) + os.sep
+            rows = self._conn.execute(
+                "SELECT path FROM images WHERE path = ? OR substr(path, 1, ?) = ?", (folder, len(prefix), prefix)
+            )
+            found.update(path for (path,) in rows)
+        return sorted(found)
+
+    def counts(self) -> dict[str, int]:
+        counts = dict(self._conn.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
+        total_rows = self._conn.execute("SELECT coalesce(sum(rows), 0), count(*) FROM segments").fetchone()
+        return {
+            "indexed": counts.get("indexed", 0),
+            "failed": counts.get("failed", 0),
+            "segments": total_rows[1],
+            "segment_rows": total_rows[0],
+        }
+
+    def snapshot(self) -> Snapshot:
+        """The live images, read in one transaction so a concurrent commit is seen whole or not at all."""
+        self._conn.execute("BEGIN")
+        try:
+            segments = self._conn.execute("SELECT id, name, rows FROM segments").fetchall()
+            rows = self._conn.execute(
+                "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
+            ).fetchall()
+        finally:
+            self._conn.execute("COMMIT")
+        loaded = {seg_id: self._segment(seg_id, name, n) for seg_id, name, n in segments}
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        paths = [r[1] for r in rows]
+        segment_ids = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+        seg_rows = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
+        return Snapshot(ids, paths, segment_ids, seg_rows, loaded)
+
+    def vector(self, record: Record) -> np.ndarray:
+        """The stored vector of one indexed record."""
+        name, rows = self._conn.execute("SELECT name, rows FROM segments WHERE id = ?", (record.segment,)).fetchone()
+        return np.array(self._segment(record.segment, name, rows).vectors[record.row])
+
+    def _segment(self, seg_id: int, name: str, rows: int) -> _Segment:
+        cached = self._segment_cache.get(seg_id)
+        if cached is None:
+            base = self.root / SEGMENTS / name
+            try:
+                vectors = np.load(f"{base}.vectors.npy", mmap_mode="r")
+                codes = np.load(f"{base}.codes.npy", mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"segment {name} of the index at {self.root} is unreadable: {exc}") from exc
+            if len(vectors) != rows or len(codes) != rows:
+                raise StoreError(f"segment {name} has {len(vectors)} rows, the catalog says {rows}")
+            cached = self._segment_cache[seg_id] = _Segment(seg_id, name, rows, vectors, codes)
+        return cached
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    def commit(self, *, vectors: np.ndarray | None = None, codes: np.ndarray | None = None,
+               indexed: Sequence[Record] = (), failed: Sequence[Record] = (),
+               touched: Sequence[Record] = (), removed: Sequence[str] = ()) -> None:
+        """Apply one batch atomically: new vectors for `indexed` (row i ↔ indexed[i]), failures,
+        metadata-only updates (`touched`) and removals."""
+        self._require_write()
+        n = len(indexed)
+        if n and (vectors is None or codes is None or len(vectors) != n or len(codes) != n):
+            raise ValueError("vectors and codes must have one row per indexed record")
+        name = None
+        if n:
+            name = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            base = self.root / SEGMENTS / name
+            _write_array(Path(f"{base}.vectors.npy"), np.ascontiguousarray(vectors, dtype=np.float32))
+            _write_array(Path(f"{base}.codes.npy"), np.ascontiguousarray(codes))
+            _fsync_dir(self.root / SEGMENTS)
+        now = time.time()
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            segment_id = None
+            if name:
+                segment_id = conn.execute(
+                    "INSERT INTO segments (name, rows, created) VALUES (?, ?, ?)", (name, n, now)
+                ).lastrowid
+            upsert = (
+                "INSERT INTO images (path, size, mtime_ns, sha256, width, height, status, error, segment, row, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET"
+                " size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256,"
+                " width = excluded.width, height = excluded.height, status = excluded.status,"
+                " error = excluded.error, segment = excluded.segment, row = excluded.row, updated = excluded.updated"
+            )
+            conn.executemany(upsert, [
+                (r.path, r.size, r.mtime_ns, r.sha256, r.width, r.height, "indexed", None, segment_id, row, now)
+                for row, r in enumerate(indexed)
+            ])
+            conn.executemany(upsert, [
+                (r.path, r.size, r.mtime_ns, r.sha256, r.width, r.height, "failed", r.error, None, None, now)
+                for r in failed
+            ])
+            conn.executemany(
+                "UPDATE images SET size = ?, mtime_ns = ?, updated = ? WHERE path = ?",
+                [(r.size, r.mtime_ns, now, r.path) for r in touched],
+            )
+            conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in removed])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def dead_fraction(self) -> float:
+        total, live = self._conn.execute(
+            "SELECT (SELECT coalesce(sum(rows), 0) FROM segments), (SELECT count(*) FROM images WHERE status = 'indexed')"
+        ).fetchone()
+        return 0.0 if total == 0 else 1.0 - live / total
+
+    def compact(self) -> int:
+        """Copy the live rows of all segments into one new segment; returns the rows dropped."""
+        self._require_write()
+        before = self.counts()
+        snap = self.snapshot()
+        if before["segments"] <= 1 and before["segment_rows"] == len(snap):
+            return 0
+        order = np.argsort(snap.ids)
+        old = [name for (name,) in self._conn.execute("SELECT name FROM segments")]
+        vectors, codes = snap.vectors(order), snap.codes(order)
+        name = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        base = self.root / SEGMENTS / name
+        if len(snap):
+            _write_array(Path(f"{base}.vectors.npy"), vectors)
+            _write_array(Path(f"{base}.codes.npy"), codes)
+            _fsync_dir(self.root / SEGMENTS)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if len(snap):
+                new_id = conn.execute(
+                    "INSERT INTO segments (name, rows, created) VALUES (?, ?, ?)", (name, len(snap), time.time())
+                ).lastrowid
+                conn.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",
+                                 [(new_id, row, int(i)) for row, i in enumerate(snap.ids[order])])
+            conn.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in old])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._segment_cache.clear()
+        self._remove_orphans()
+        return before["segment_rows"] - len(snap)
+
+    def verify(self) -> list[str]:
+        """Problems found by checking the catalog against the segment files (empty when consistent)."""
+        problems = []
+        segments = {sid: (name, rows) for sid, name, rows in self._conn.execute("SELECT id, name, rows FROM segments")}
+        for sid, (name, rows) in segments.items():
+            try:
+                self._segment(sid, name, rows)
+            except StoreError as exc:
+                problems.append(str(exc))
+        for path, segment, row in self._conn.execute(
+            "SELECT path, segment, row FROM images WHERE status = 'indexed'"
+        ):
+            if segment not in segments or not 0 <= row < segments[segment][1]:
+                problems.append(f"{path} points at a missing row {segment}:{row}")
+        shared = self._conn.execute(
+            "SELECT count(*) FROM (SELECT segment, row FROM images WHERE status = 'indexed'"
+            " GROUP BY segment, row HAVING count(*) > 1)"
+        ).fetchone()[0]
+        if shared:
+            problems.append(f"{shared} segment rows are claimed by more than one image")
+        return problems
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _require_write(self) -> None:
+        if not self.writable:
+            raise StoreError("the index was opened read-only")
+
+    def _remove_orphans(self) -> None:
+        """Delete segment files no committed segment owns (left by a crash before a commit point)."""
+        known = {name for (name,) in self._conn.execute("SELECT name FROM segments")}
+        for entry in os.scandir(self.root / SEGMENTS):
+            stem = entry.name.split(".", 1)[0]
+            if entry.name.startswith(".tmp-") or stem not in known:
+                os.unlink(entry.path)
+
+
+def _acquire_lock(root: Path, wait: bool, on_wait: Callable[[], None] | None):
+    lock_file = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            lock_file.close()
+            raise IndexLocked(f"the index at {root} is being written by another process") from None
+        if on_wait:
+            on_wait()
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    return lock_file
+
+
+def _write_array(path: Path, array: np.ndarray) -> None:
+    """Write a .npy durably under its final name: temp file, fsync, atomic rename."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

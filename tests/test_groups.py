@@ -1,0 +1,38 @@
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neardup.groups import connected_components, group_pairs
+
+edges = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30), st.floats(0, 1)), max_size=60)
+
+
+def reference_components(pairs):
+    """Components by repeated set merging: slow and obviously right."""
+    sets: list[set[int]] = []
+    for a, b, _ in pairs:
+        if a == b:
+            continue
+        touching = [s for s in sets if a in s or b in s]
+        merged = {a, b}.union(*touching)
+        sets = [s for s in sets if s not in touching] + [merged]
+    return sorted(sorted(s) for s in sets)
+
+
+@given(edges)
+def test_groups_equal_reference_components(pairs):
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    scores = np.array([p[2] for p in pairs], dtype=np.float64)
+    groups = group_pairs(a, b, scores)
+    assert sorted(g.members.tolist() for g in groups) == reference_components(pairs)
+    for g in groups:
+        inside = [s for x, y, s in pairs if x != y and x in g.members]
+        assert g.min_score == min(inside) and g.max_score == max(inside)
+    sizes = [len(g.members) for g in groups]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_connected_components_labels_by_smallest_member():
+    labels = connected_components(6, np.array([5, 1, 3]), np.array([4, 4, 2]))
+    assert labels.tolist() == [0, 1, 2, 2, 1, 1]

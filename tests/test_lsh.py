@@ -1,0 +1,166 @@
+"""The numeric core: hashing, bucket tables, candidate pairs and recall against the exact oracle."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from neardup import lsh
+
+
+def unit_rows(rng, n, dim):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def naive_codes(vectors, planes, num_tables, center=None):
+    """The definition, one bit at a time: bit b of table t is sign(<v - c, plane[t*bits + b]>) > 0."""
+    bits = planes.shape[0] // num_tables
+    out = np.zeros((len(vectors), num_tables), dtype=np.uint64)
+    for i, v in enumerate(vectors):
+        v = v if center is None else v - center
+        for t in range(num_tables):
+            for b in range(bits):
+                if float(np.dot(v, planes[t * bits + b])) > 0:
+                    out[i, t] |= np.uint64(1) << np.uint64(b)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 12),
+    dim=st.integers(1, 24),
+    num_tables=st.integers(1, 4),
+    bits=st.integers(1, 32),
+    seed=st.integers(0, 2**32 - 1),
+    centred=st.booleans(),
+)
+def test_hash_equals_naive_definition(n, dim, num_tables, bits, seed, centred):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    planes = lsh.make_planes(dim, num_tables, bits, seed)
+    center = rng.standard_normal(dim).astype(np.float32) if centred else None
+    codes = lsh.hash_vectors(vectors, planes, num_tables, center)
+    assert codes.dtype == np.uint32 and codes.shape == (n, num_tables)
+    # float32 matmul and per-element dot can disagree on the sign of a projection within rounding:
+    # compare only where the projection is clearly away from zero.
+    shifted = vectors if center is None else vectors - center
+    projections = (shifted @ planes.T).reshape(n, num_tables, bits)
+    clear = np.abs(projections) > 1e-4
+    naive = naive_codes(vectors, planes, num_tables, center)
+    for i, t in itertools.product(range(n), range(num_tables)):
+        for b in range(bits):
+            if clear[i, t, b]:
+                assert (int(codes[i, t]) >> b) & 1 == (int(naive[i, t]) >> b) & 1
+
+
+@given(arrays(np.uint32, st.tuples(st.integers(0, 30), st.integers(1, 3))), st.sampled_from([1, 3, 8, 11, 16, 32]))
+def test_slices_cut_each_word_into_k_bit_tables(codes, k):
+    sliced = lsh.slices(codes, k)
+    per_word = 32 // k
+    assert sliced.shape == (codes.shape[0], codes.shape[1] * per_word)
+    for j in range(per_word):
+        for t in range(codes.shape[1]):
+            expected = (codes[:, t].astype(np.uint64) >> (j * k)) & ((1 << k) - 1)
+            np.testing.assert_array_equal(sliced[:, j * codes.shape[1] + t], expected)
+
+
+@given(arrays(np.uint32, st.integers(0, 200), elements=st.integers(0, 7)))
+def test_bucket_table_lookup_and_pairs_match_brute_force(codes):
+    table = lsh.BucketTable.build(codes)
+    for key in range(9):
+        np.testing.assert_array_equal(np.sort(table.lookup(np.array([key], np.uint32))), np.flatnonzero(codes == key))
+    pairs = set()
+    for a, b in table.pairs(chunk=7):
+        assert np.all(a < b)
+        pairs.update(zip(a.tolist(), b.tolist()))
+    expected = {(i, j) for i in range(len(codes)) for j in range(i + 1, len(codes)) if codes[i] == codes[j]}
+    assert pairs == expected
+
+
+@given(st.integers(0, 2**16 - 1), st.integers(1, 16))
+def test_multiprobe_keys_are_code_and_one_bit_neighbours(code, k):
+    code &= (1 << k) - 1
+    keys = lsh.probe_keys(code, k, multiprobe=True)
+    assert keys[0] == code and len(set(keys.tolist())) == k + 1
+    assert all(bin(int(key) ^ code).count("1") == 1 for key in keys[1:])
+
+
+@given(arrays(np.float32, st.integers(1, 50), elements=st.floats(-1, 1, width=32)), st.integers(1, 60))
+def test_top_k_is_sorted_and_exact(scores, k):
+    picked = lsh.top_k(scores, k)
+    assert len(picked) == min(k, len(scores))
+    assert np.all(np.diff(scores[picked]) <= 0)
+    if len(picked) < len(scores):
+        assert scores[picked].min() >= np.delete(scores, picked).max()
+
+
+def test_collision_probability_matches_simulation():
+    rng = np.random.default_rng(1)
+    dim, k, tables = 64, 6, 8
+    base = unit_rows(rng, 1, dim)[0]
+    noise = unit_rows(rng, 1, dim)[0]
+    noise -= noise.dot(base) * base
+    noise /= np.linalg.norm(noise)
+    cosine = 0.8
+    other = cosine * base + np.sqrt(1 - cosine**2) * noise
+    hits = 0
+    trials = 400
+    for seed in range(trials):
+        planes = lsh.make_planes(dim, tables, k, seed)
+        codes = lsh.hash_vectors(np.stack([base, other]), planes, tables)
+        hits += bool(np.any(codes[0] == codes[1]))
+    predicted = lsh.collision_probability(cosine, k, tables)
+    assert abs(hits / trials - predicted) < 0.07
+
+
+def clustered(rng, centres, per_cluster, dim, spread):
+    """Unit vectors around `centres` random unit centres, each copy at cosine ~ 1/sqrt(1+spread^2)."""
+    heads = unit_rows(rng, centres, dim)
+    copies = heads[:, None, :] + spread * rng.standard_normal((centres, per_cluster, dim)).astype(np.float32) / np.sqrt(dim)
+    copies = copies.reshape(-1, dim)
+    return np.r_[heads, copies / np.linalg.norm(copies, axis=1, keepdims=True)].astype(np.float32)
+
+
+def test_lsh_recall_against_exact_oracle_on_clusters():
+    rng = np.random.default_rng(7)
+    dim, centres, per_cluster = 128, 300, 3
+    vectors = clustered(rng, centres, per_cluster, dim, spread=0.45)  # copies at cosine ~0.91
+    planes = lsh.make_planes(dim, 16, 32, seed=3)
+    codes = lsh.hash_vectors(vectors, planes, 16)
+    n = len(vectors)
+    tables = lsh.LSHTables(codes, k=16)
+    found = total = 0
+    for q in range(0, n, 3):
+        exact_rows, exact_scores = lsh.exact_search(vectors, vectors[q], 4)
+        candidates = tables.candidates(codes[q])
+        scores = vectors[candidates] @ vectors[q]
+        lsh_rows = candidates[lsh.top_k(scores, 4)]
+        relevant = set(exact_rows[exact_scores > 0.8].tolist())
+        found += len(relevant & set(lsh_rows.tolist()))
+        total += len(relevant)
+        assert len(candidates) < n / 10, "LSH must not degenerate into a full scan"
+    assert total > 0 and found / total >= 0.99
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.9])
+def test_all_pairs_join_recovers_exact_pairs(threshold):
+    rng = np.random.default_rng(11)
+    dim = 96
+    vectors = clustered(rng, 200, 2, dim, spread=0.4)
+    planes = lsh.make_planes(dim, 16, 32, seed=5)
+    codes = lsh.hash_vectors(vectors, planes, 16)
+    gram = vectors @ vectors.T
+    a, b = np.nonzero(np.triu(gram >= threshold, k=1))
+    exact = set(zip(a.tolist(), b.tolist()))
+    k = 8
+    assert lsh.collision_probability(threshold, k, 16 * (32 // k)) > 0.99
+    found = set()
+    for a, b in lsh.LSHTables(codes, k).candidate_pairs():
+        keep = lsh.row_dots(vectors[a], vectors[b]) >= threshold
+        found.update(zip(a[keep].tolist(), b[keep].tolist()))
+    assert found <= exact
+    assert len(found) / len(exact) >= 0.99
