@@ -30,16 +30,19 @@ from .images import ImageError, discover, load_image
 from .store import Record, Snapshot, Store, StoreError
 
 DEFAULT_INDEX_DIR = ".neardup"
-#: Default cosine threshold for `duplicates`. Edited copies (resize, JPEG, crop, rotation, brightness,
-#: text, flip) of the test photos score 0.9x; distinct photos rarely exceed 0.8 (see README).
-DEFAULT_THRESHOLD = 0.85
+#: Default cosine threshold for `duplicates` (provisional, until calibrated on an evaluation set): on
+#: the demo photos copies score 0.92 on average against their originals, the hardest (5° rotation of
+#: fine textures, a heavy watermark on a small blurred photo) 0.61-0.70; the closest pair of different
+#: photos 0.626 (README, "Known limits").
+DEFAULT_THRESHOLD = 0.65
 NUM_TABLES = 16
 STORED_BITS = lsh.MAX_BITS
 LSH_SEED = 20240601
-#: Query tables: 16-bit slices (32 tables) probed at Hamming distance <= 1. A pair at cosine 0.85 is
-#: found with probability 0.999 (0.989 at 0.8); a random vector with probability 17 * 32 / 2^16 ~ 1/120
-#: once the vectors are centred, so a query re-ranks ~n/120 candidates.
-QUERY_BITS = 16
+#: Mean cosine between unrelated photos (EfficientNet-Lite0 GAP vectors of the demo photos): the
+#: vectors share a positive cone, so a random pair agrees on a bit with probability ~0.56, not 0.5.
+UNRELATED_COSINE = 0.19
+#: Queries re-rank about this many random candidates at most; bits per table grow with the collection.
+CANDIDATE_BUDGET = 20_000
 #: Target probability that a pair at the threshold shares a bucket during `duplicates`.
 PAIR_RECALL = 0.995
 COMPACT_DEAD_FRACTION = 0.3
@@ -303,7 +306,7 @@ class Index:
             snap = self._reader.snapshot()
             tables = None
             if len(snap):
-                tables = lsh.LSHTables(snap.codes(), QUERY_BITS)
+                tables = lsh.LSHTables(snap.codes(), query_bits(len(snap)))
             self._search_cache = (version, snap, tables)
         return self._search_cache[1], self._search_cache[2]
 
@@ -345,6 +348,17 @@ class Index:
         counts = store.counts()
         if store.dead_fraction() > COMPACT_DEAD_FRACTION or counts["segments"] > COMPACT_MAX_SEGMENTS:
             store.compact()
+
+
+def query_bits(n: int) -> int:
+    """Bits per query table (tables probed at Hamming distance <= 1): the fewest, hence the highest
+    recall, whose expected random candidates stay within CANDIDATE_BUDGET. A small index is scanned
+    whole (k = 8); at a million vectors k = 16 (32 tables, ~4 % of unrelated vectors re-ranked)."""
+    for k in range(8, 17):
+        tables = NUM_TABLES * (STORED_BITS // k)
+        if n * lsh.collision_probability(UNRELATED_COSINE, k, tables, multiprobe=True) <= CANDIDATE_BUDGET:
+            return k
+    return 16
 
 
 def pair_bits(threshold: float) -> int:
