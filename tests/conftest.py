@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,16 @@ from neardup.demo import EDITS, build_collection
 from neardup.index import Index
 from neardup.models import default_embedder
 
-PEER_DATA = Path(__file__).resolve().parents[2] / "shared" / "peer-data" / "imagededup"
+def _peer_data() -> Path | None:
+    """imagededup's test images (not part of this repo): $NEARDUP_PEER_DATA, or shared/peer-data beside the repo."""
+    candidates = [os.environ.get("NEARDUP_PEER_DATA")] + [
+        str(folder / "shared" / "peer-data" / "imagededup") for folder in Path(__file__).resolve().parents
+    ] + ["/work/shared/peer-data/imagededup"]
+    return next((Path(c) for c in candidates if c and Path(c, "NOTICE.md").exists()), None)
+
+
+PEER_DATA = _peer_data()
+needs_peer_data = pytest.mark.skipif(PEER_DATA is None, reason="imagededup peer data not found (set NEARDUP_PEER_DATA)")
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,7 @@ from neardup.images import (
     load_image,
 )
 
-PEER_DATA = Path("/work/shared/peer-data/imagededup")
-needs_peer_data = pytest.mark.skipif(not PEER_DATA.is_dir(), reason="peer data set not present")
+from conftest import PEER_DATA, needs_peer_data
 
 CHELSEA = Image.fromarray(samples.chelsea())  # 451 x 300 (landscape)
 COFFEE = Image.fromarray(samples.coffee())  # 600 x 400

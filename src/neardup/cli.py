@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 
@@ -57,6 +56,12 @@ threshold_help = "Keep only matches with cosine similarity >= T (1.0 = identical
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Find near-duplicate images: index folders, search by image, list duplicate groups."""
+    import warnings
+
+    from PIL import Image
+
+    # images.load_image enforces its own pixel limit from the header; Pillow's warning is noise here
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     ctx.obj = {"debug": debug}
 
 
@@ -70,8 +75,10 @@ def _waiting() -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per model call.")
 @click.option("--prune", is_flag=True, help="Remove catalogued files under PATHS that no longer exist.")
 @click.option("--failures", "show_failures", is_flag=True, help="List every file that failed, with its reason.")
+@click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
+              help="Commit to disk after this many files (a crash loses at most this much work).")
 @click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
-def index_command(paths, index_dir, batch_size, prune, show_failures, no_wait) -> None:
+def index_command(paths, index_dir, batch_size, prune, show_failures, commit_every, no_wait) -> None:
     """Add image files and folders (recursively) to the index; unchanged files are skipped."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -91,21 +98,22 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, no_wait) -
             bar.update(task, completed=done, total=total, failed=failed, rate=f"{done / max(elapsed, 1e-9):.1f} img/s")
 
         summary = index.add(paths, batch_size=batch_size, prune=prune, progress=progress,
-                            wait=not no_wait, on_wait=_waiting)
+                            commit_every=commit_every, wait=not no_wait, on_wait=_waiting)
     elapsed = time.perf_counter() - started
-    processed = summary.added + summary.updated
+    embedded = summary.added + summary.updated - summary.identical
     click.echo(
-        f"{summary.discovered} files in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s embedded): "
+        f"{summary.discovered} files in {elapsed:.1f} s ({embedded / max(elapsed, 1e-9):.1f} images/s embedded): "
         f"{summary.added} added, {summary.updated} updated, {summary.unchanged} unchanged, "
         f"{summary.identical} identical copies, {summary.failed} failed, {summary.removed} removed, "
         f"{summary.skipped} skipped (not images)"
     )
-    if summary.failures:
-        if show_failures:
-            for path, reason in summary.failures:
-                click.echo(f"failed: {path}: {reason}")
-        else:
-            click.echo("(run with --failures to list the failed files and why)")
+    if show_failures:
+        for path, reason in summary.failures:
+            click.echo(f"failed: {path}: {reason}")
+        for path in summary.skipped_files:
+            click.echo(f"skipped: {path}: not an image file (extension)")
+    elif summary.failures:
+        click.echo("(run with --failures to list the failed files and why)")
 
 
 @main.command("query")
@@ -113,7 +121,8 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, no_wait) -
 @index_option
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Matches per query.")
 @click.option("--threshold", type=click.FloatRange(-1, 1), help=threshold_help)
-@click.option("--exact", is_flag=True, help="Compare against every indexed image instead of the LSH candidates.")
+@click.option("--exact/--lsh", default=None,
+              help="Compare with every indexed image, or only the LSH candidates (default: exact up to 20,000 images).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.QUERY).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the query and its matches.")
 def query_command(images, index_dir, k, threshold, exact, as_json, plot) -> None:

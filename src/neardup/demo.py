@@ -443,6 +443,20 @@ def build_collection(
     return _absolute(manifest, out.resolve())
 
 
+def build_large_collection(out: Path | str, tile: int = 160) -> dict:
+    """A ≥1,000-image collection from the bundled photos: the full photos and their ``tile``-px tiles
+    as distinct originals (181 at 160 px), each with every edit of EDITS (1,448 images in all).
+
+    Tiles of one texture look alike (hard negatives, see :func:`tiles`). Returns one manifest with
+    absolute paths, covering both parts (``out/full`` and ``out/tiles``).
+    """
+    out = Path(out)
+    photos = sample_photos()
+    full = build_collection(out / "full", photos)
+    tiled = build_collection(out / "tiles", [t for p in photos for t in tiles(p, tile)])
+    return {"originals": {**full["originals"], **tiled["originals"]}, "copies": full["copies"] + tiled["copies"]}
+
+
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class AddSummary:
     removed: int = 0
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
 
 
 ProgressCallback = Callable[[int, int, int], None]  # (done, total, failed)
@@ -147,7 +148,10 @@ class Index:
         folders that no longer exist are removed. Raises FileNotFoundError for a missing path."""
         roots = [os.path.abspath(p) for p in paths]
         found = discover(roots)
-        summary = AddSummary(discovered=len(found.files), skipped=len(found.skipped))
+        summary = AddSummary(discovered=len(found.files), skipped=len(found.skipped),
+                             skipped_files=[str(p) for p in found.skipped],
+                             failures=[(str(folder), f"cannot list folder: {reason}") for folder, reason in found.errors])
+        summary.failed = len(summary.failures)
         with Store.open(self.root, create=True, write=True, wait=wait, on_wait=on_wait) as store:
             self._check_model(store, initialise=True)
             planes, center = self._lsh_state(store)
@@ -212,25 +216,30 @@ class Index:
         image = source if isinstance(source, Image.Image) else load_image(source, min_side=self.embedder.input_size).image
         return self.embedder.embed(self.embedder.preprocess(image.convert("RGB"))[None])[0]
 
-    def query(self, image, k: int = 10, threshold: float | None = None, *, exact: bool = False,
+    def query(self, image, k: int = 10, threshold: float | None = None, *, exact: bool | None = None,
               exclude_self: bool = True) -> list[Match]:
         """The k indexed images most similar to `image` (path, bytes or PIL image), best first.
         With a threshold only matches scoring at least that much are kept. A path that is itself indexed
-        is left out of its own results unless `exclude_self` is False."""
+        is left out of its own results unless `exclude_self` is False. `exact`: None picks (a full scan
+        up to CANDIDATE_BUDGET images, where LSH would re-rank as many anyway; LSH above), True scans
+        every vector, False always uses the LSH tables."""
         self._check_model(self._reader, initialise=False)
         vector = self.embed(image)
         exclude = os.path.abspath(image) if exclude_self and isinstance(image, (str, os.PathLike)) else None
         return self.query_vector(vector, k + (exclude is not None), threshold, exact=exact, exclude=exclude)[:k]
 
     def query_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None, *,
-                     exact: bool = False, exclude: str | None = None) -> list[Match]:
-        snap, tables = self._search_state()
+                     exact: bool | None = None, exclude: str | None = None) -> list[Match]:
+        snap, _ = self._search_state()
         if len(snap) == 0:
             return []
         vector = np.asarray(vector, dtype=np.float32)
-        if exact or tables is None:
+        if exact is None:
+            exact = len(snap) <= CANDIDATE_BUDGET
+        if exact:
             positions, scores = _exact_top_k(snap, vector, k)
         else:
+            snap, tables = self._search_state(build_tables=True)  # snapshot and tables of one moment
             planes, center = self._lsh_state(self._reader)
             codes = lsh.hash_vectors(vector[None], planes, NUM_TABLES, center)[0]
             candidates = tables.candidates(codes)
@@ -299,15 +308,15 @@ class Index:
         center = meta.get("center")
         return self._planes, None if center is None else np.asarray(center, dtype=np.float32)
 
-    def _search_state(self) -> tuple[Snapshot, lsh.LSHTables | None]:
-        """The live snapshot and its bucket tables, rebuilt only when some writer committed since."""
+    def _search_state(self, build_tables: bool = False) -> tuple[Snapshot, lsh.LSHTables | None]:
+        """The live snapshot and (on demand) its query tables, rebuilt only when a writer committed since."""
         version = self._reader._conn.execute("PRAGMA data_version").fetchone()[0]
         if self._search_cache is None or self._search_cache[0] != version:
             snap = self._reader.snapshot()
-            tables = None
-            if len(snap):
-                tables = lsh.LSHTables(snap.codes(), query_bits(len(snap)))
-            self._search_cache = (version, snap, tables)
+            self._search_cache = (version, snap, None)
+        if build_tables and self._search_cache[2] is None and len(self._search_cache[1]):
+            snap = self._search_cache[1]
+            self._search_cache = (version, snap, lsh.LSHTables(snap.codes(), query_bits(len(snap))))
         return self._search_cache[1], self._search_cache[2]
 
     def _lsh_pairs(self, snap: Snapshot, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

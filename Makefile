@@ -1,0 +1,31 @@
+# Two entry points, each does its own set-up on a fresh machine:
+#   make demo   build photos + edited copies, index them, print duplicate groups, write demo-out/query.png
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# the CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	rm -rf demo-out
+	$(BIN)/python -m neardup.demo demo-out/photos
+	$(BIN)/neardup index demo-out/photos --index demo-out/index
+	$(BIN)/neardup dups --index demo-out/index
+	$(BIN)/neardup query demo-out/photos/edited/chelsea__crop80.jpg --index demo-out/index -k 9 --plot demo-out/query.png
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) demo-out

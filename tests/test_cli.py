@@ -1,0 +1,131 @@
+"""The `neardup` command as users run it: a subprocess, real photos, real model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from neardup.schemas import DUPS, QUERY
+from neardup.store import Store
+
+from conftest import PEER_DATA, needs_peer_data
+
+
+def neardup(*args, index=None, check=True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NEARDUP_INDEX": str(index)} if index else dict(os.environ)
+    result = subprocess.run([sys.executable, "-m", "neardup.cli", *map(str, args)], capture_output=True,
+                            text=True, env=env, timeout=600, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory, collection) -> Path:
+    index = tmp_path_factory.mktemp("cli") / "idx"
+    root = Path(next(iter(collection["originals"].values()))).parents[1]
+    result = neardup("index", root / "originals", root / "edited", "--index", index)
+    assert "128 added" in result.stdout and "0 failed" in result.stdout
+    return index
+
+
+def test_query_json_validates_and_finds_the_original(cli_index, collection):
+    copy = next(c for c in collection["copies"] if c["original"] == "coffee" and c["edit"] == "crop80")
+    result = neardup("query", copy["path"], collection["originals"]["rocket"], "-k", "3", "--json", index=cli_index)
+    payload = json.loads(result.stdout)
+    jsonschema.validate(payload, QUERY)
+    assert payload["threshold"] is None and [r["query"] for r in payload["results"]] == [copy["path"], collection["originals"]["rocket"]]
+    first = payload["results"][0]["matches"]
+    assert os.path.basename(first[0]["path"]).startswith("coffee") and all(os.path.isabs(m["path"]) for m in first)
+    assert [m["score"] for m in first] == sorted((m["score"] for m in first), reverse=True)
+    thresholded = json.loads(neardup("query", copy["path"], "--threshold", "0.99", "--json", index=cli_index).stdout)
+    jsonschema.validate(thresholded, QUERY)
+    assert thresholded["threshold"] == 0.99
+    assert all(m["score"] >= 0.99 for m in thresholded["results"][0]["matches"])
+
+
+def test_dups_json_and_csv(cli_index):
+    payload = json.loads(neardup("dups", "--json", index=cli_index).stdout)
+    jsonschema.validate(payload, DUPS)
+    assert payload["threshold"] == 0.65 and len(payload["groups"]) == 16
+    rows = list(csv.DictReader(io.StringIO(neardup("dups", "--csv", index=cli_index).stdout)))
+    assert list(rows[0]) == ["group", "path", "min_score", "max_score"]
+    assert len(rows) == sum(len(g["files"]) for g in payload["groups"])
+    text = neardup("dups", "--threshold", "0.9", index=cli_index)
+    assert text.stdout.startswith("group 1:") and "threshold 0.9" in text.stderr
+
+
+def test_exit_codes_and_one_line_errors(tmp_path, cli_index, collection):
+    missing = neardup("query", tmp_path / "nope.jpg", index=cli_index, check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad_option = neardup("dups", "--threshold", "7", index=cli_index, check=False)
+    assert bad_option.returncode == 2
+    no_index = neardup("dups", "--index", tmp_path / "empty", check=False)
+    assert no_index.returncode == 1 and no_index.stderr.startswith("neardup: error: no index at")
+    assert "Traceback" not in no_index.stderr and len(no_index.stderr.strip().splitlines()) == 1
+    debug = neardup("--debug", "dups", "--index", tmp_path / "empty", check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    bad_query = neardup("query", broken, collection["originals"]["chelsea"], "--json", index=cli_index, check=False)
+    assert bad_query.returncode == 1 and "cannot read query" in bad_query.stderr
+    assert len(json.loads(bad_query.stdout)["results"]) == 1  # the good query still answered
+
+
+@needs_peer_data
+def test_index_reports_bad_files_and_exits_zero(tmp_path):
+    index = tmp_path / "idx"
+    result = neardup("index", PEER_DATA, "--failures", "--index", index)
+    assert "2 failed" in result.stdout  # the corrupt JPEG sits in two folders
+    assert "ukbench09268_corrupt.jpg: not an image" in result.stdout
+    assert "skipped: " in result.stdout and "ukbench09380.svg" in result.stdout
+    info = json.loads(neardup("info", "--json", "--failures", index=index).stdout)
+    assert info["failed"] == 2 and info["images"] == 31
+    assert all(f["reason"] for f in info["failures"])
+
+
+def test_info_remove_and_progress(tmp_path, photo_folder):
+    index = tmp_path / "idx"
+    neardup("index", photo_folder, index=index)
+    assert "8 indexed" in neardup("info", index=index).stdout
+    assert "removed 2 files" in neardup("remove", photo_folder / "chelsea.jpg", photo_folder / "coffee.jpg", index=index).stdout
+    assert json.loads(neardup("info", "--json", index=index).stdout)["images"] == 6
+
+
+def test_sigkill_during_indexing_leaves_a_consistent_index(tmp_path, collection):
+    """Kill `neardup index` at several points; every time the index opens, catalog and segments agree,
+    and a re-run completes the job."""
+    root = Path(next(iter(collection["originals"].values()))).parents[1]
+    index = tmp_path / "idx"
+    command = [sys.executable, "-m", "neardup.cli", "index", root, "--index", index, "--commit-every", "8", "--batch-size", "4"]
+    committed = []
+    for delay in (0.5, 2.0, 3.0, 4.0, 5.0, 6.5):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if not (index / "catalog.sqlite").exists():
+            continue
+        with Store.open(index) as store:
+            assert store.verify() == []
+            committed.append(store.counts()["indexed"])
+            snapshot = store.snapshot()
+            assert len(snapshot.vectors()) == len(snapshot) == committed[-1]
+    assert committed and committed == sorted(committed), committed
+    assert any(0 < c < 128 for c in committed), f"no kill landed mid-run: {committed}"
+    finished = neardup("index", root, "--index", index)
+    assert f"{128 - committed[-1]} added" in finished.stdout
+    with Store.open(index, write=True) as store:  # a writer also clears orphan files of killed commits
+        assert store.verify() == [] and store.counts()["indexed"] == 128
+        registered = {f"{name}.{kind}.npy" for (name,) in store._conn.execute("SELECT name FROM segments") for kind in ("vectors", "codes")}
+    assert set(os.listdir(index / "segments")) == registered
