@@ -127,5 +127,5 @@ def test_sigkill_during_indexing_leaves_a_consistent_index(tmp_path, collection)
     assert f"{128 - committed[-1]} added" in finished.stdout
     with Store.open(index, write=True) as store:  # a writer also clears orphan files of killed commits
         assert store.verify() == [] and store.counts()["indexed"] == 128
-        registered = {f"{name}.{kind}.npy" for (name,) in store._conn.execute("SELECT name FROM segments") for kind in ("vectors", "codes")}
+        registered = {f"{name}.{kind}.npy" for name in store.segment_names() for kind in ("vectors", "codes")}
     assert set(os.listdir(index / "segments")) == registered

@@ -13,11 +13,11 @@ import time
 
 import click
 
-from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, IndexError_
+from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
 from .images import ImageError
 from .store import StoreError
 
-USER_ERRORS = (StoreError, IndexError_, ImageError, FileNotFoundError, PermissionError)
+USER_ERRORS = (StoreError, NeardupError, ImageError, FileNotFoundError, PermissionError)
 
 
 class Failure(click.ClickException):

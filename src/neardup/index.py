@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import numpy as np
 from . import lsh
 from .groups import group_pairs
 from .images import ImageError, discover, load_image
-from .store import Record, Snapshot, Store, StoreError
+from .store import Record, Snapshot, Store
 
 DEFAULT_INDEX_DIR = ".neardup"
 #: Default cosine threshold for `duplicates` (provisional, until calibrated on an evaluation set): on
@@ -49,11 +48,11 @@ COMPACT_DEAD_FRACTION = 0.3
 COMPACT_MAX_SEGMENTS = 64
 
 
-class IndexError_(Exception):
+class NeardupError(Exception):
     """Base of the user-facing errors raised by the Index (one clear line each)."""
 
 
-class ModelMismatch(IndexError_):
+class ModelMismatch(NeardupError):
     pass
 
 
@@ -310,7 +309,7 @@ class Index:
 
     def _search_state(self, build_tables: bool = False) -> tuple[Snapshot, lsh.LSHTables | None]:
         """The live snapshot and (on demand) its query tables, rebuilt only when a writer committed since."""
-        version = self._reader._conn.execute("PRAGMA data_version").fetchone()[0]
+        version = self._reader.data_version()
         if self._search_cache is None or self._search_cache[0] != version:
             snap = self._reader.snapshot()
             self._search_cache = (version, snap, None)

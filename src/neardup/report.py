@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .images import ImageError, load_image
+from .images import load_image
+from .index import NeardupError
 
 
 def plot_query(query: str | os.PathLike, matches: list[tuple[str, float]], out: str | os.PathLike,
@@ -16,7 +17,7 @@ def plot_query(query: str | os.PathLike, matches: list[tuple[str, float]], out: 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImageError("writing a figure needs matplotlib: pip install 'neardup[plot]'") from exc
+        raise NeardupError("writing a figure needs matplotlib: pip install 'neardup[plot]'") from exc
     panels = [(query, "query")] + [(path, f"{score:.3f}") for path, score in matches]
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)

@@ -249,6 +249,13 @@ class Store:
             found.update(path for (path,) in rows)
         return sorted(found)
 
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite's PRAGMA data_version)."""
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def segment_names(self) -> list[str]:
+        return [name for (name,) in self._conn.execute("SELECT name FROM segments ORDER BY id")]
+
     def counts(self) -> dict[str, int]:
         counts = dict(self._conn.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
         total_rows = self._conn.execute("SELECT coalesce(sum(rows), 0), count(*) FROM segments").fetchone()
@@ -361,7 +368,7 @@ class Store:
         if before["segments"] <= 1 and before["segment_rows"] == len(snap):
             return 0
         order = np.argsort(snap.ids)
-        old = [name for (name,) in self._conn.execute("SELECT name FROM segments")]
+        old = self.segment_names()
         vectors, codes = snap.vectors(order), snap.codes(order)
         name = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
         base = self.root / SEGMENTS / name
@@ -417,7 +424,7 @@ class Store:
 
     def _remove_orphans(self) -> None:
         """Delete segment files no committed segment owns (left by a crash before a commit point)."""
-        known = {name for (name,) in self._conn.execute("SELECT name FROM segments")}
+        known = set(self.segment_names())
         for entry in os.scandir(self.root / SEGMENTS):
             stem = entry.name.split(".", 1)[0]
             if entry.name.startswith(".tmp-") or stem not in known:
