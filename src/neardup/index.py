@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 from . import lsh
 from .groups import group_pairs
 from .images import ImageError, discover, load_image
-from .store import Record, Snapshot, Store
+from .store import CATALOG, Record, Snapshot, Store
 
 DEFAULT_INDEX_DIR = ".neardup"
 #: Default cosine threshold for `duplicates` (provisional, until calibrated on an evaluation set): on
@@ -107,6 +108,7 @@ class Index:
         self._embedder = embedder
         self._reader = Store.open(root)
         self._search_cache: tuple[int, Snapshot, lsh.LSHTables | None] | None = None
+        self._search_lock = threading.Lock()
         self._planes: np.ndarray | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class Index:
     def open(cls, path: str | os.PathLike | None = None, *, create: bool = False, embedder=None) -> "Index":
         """Open the index folder (default: $NEARDUP_INDEX or ./.neardup); `create` makes it if missing."""
         root = Path(path or os.environ.get("NEARDUP_INDEX") or DEFAULT_INDEX_DIR).absolute()
-        if create:
+        if create and not (root / CATALOG).exists():
             Store.open(root, create=True, write=True).close()
         return cls(root, embedder)
 
@@ -185,7 +187,9 @@ class Index:
                     progress(done, total, summary.failed)
             if prune:
                 existing = {str(f) for f in found.files}
-                gone = [p for p in store.paths_under(roots) if p not in existing and not os.path.exists(p)]
+                unlisted = tuple(str(folder).rstrip(os.sep) + os.sep for folder, _ in found.errors)
+                gone = [p for p in store.paths_under(roots)
+                        if p not in existing and not p.startswith(unlisted) and not os.path.exists(p)]
                 batch.removed.extend(gone)
                 summary.removed = len(gone)
             batch.flush()
@@ -229,16 +233,17 @@ class Index:
 
     def query_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None, *,
                      exact: bool | None = None, exclude: str | None = None) -> list[Match]:
-        snap, _ = self._search_state()
+        snap, tables = self._search_state()
         if len(snap) == 0:
             return []
         vector = np.asarray(vector, dtype=np.float32)
         if exact is None:
             exact = len(snap) <= CANDIDATE_BUDGET
-        if exact:
+        if not exact:
+            snap, tables = self._search_state(build_tables=True)  # snapshot and tables of one moment
+        if exact or tables is None:
             positions, scores = _exact_top_k(snap, vector, k)
         else:
-            snap, tables = self._search_state(build_tables=True)  # snapshot and tables of one moment
             planes, center = self._lsh_state(self._reader)
             codes = lsh.hash_vectors(vector[None], planes, NUM_TABLES, center)[0]
             candidates = tables.candidates(codes)
@@ -309,14 +314,15 @@ class Index:
 
     def _search_state(self, build_tables: bool = False) -> tuple[Snapshot, lsh.LSHTables | None]:
         """The live snapshot and (on demand) its query tables, rebuilt only when a writer committed since."""
-        version = self._reader.data_version()
-        if self._search_cache is None or self._search_cache[0] != version:
-            snap = self._reader.snapshot()
-            self._search_cache = (version, snap, None)
-        if build_tables and self._search_cache[2] is None and len(self._search_cache[1]):
-            snap = self._search_cache[1]
-            self._search_cache = (version, snap, lsh.LSHTables(snap.codes(), query_bits(len(snap))))
-        return self._search_cache[1], self._search_cache[2]
+        with self._search_lock:
+            version = self._reader.data_version()
+            if self._search_cache is None or self._search_cache[0] != version:
+                self._search_cache = (version, self._reader.snapshot(), None)
+            version, snap, tables = self._search_cache
+            if build_tables and tables is None and len(snap):
+                tables = lsh.LSHTables(snap.codes(), query_bits(len(snap)))
+                self._search_cache = (version, snap, tables)
+            return snap, tables
 
     def _lsh_pairs(self, snap: Snapshot, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(snap) < 2:

@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ LOCK = "lock"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS segments (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT UNIQUE NOT NULL,
     rows INTEGER NOT NULL,
     created REAL NOT NULL
@@ -140,7 +141,8 @@ class Store:
         self.root = root
         self._conn = conn
         self._lock_file = lock_file
-        self._segment_cache: dict[int, _Segment] = {}
+        self._segment_cache: dict[str, _Segment] = {}  # by name: ids of dropped segments can come back
+        self._read_lock = threading.Lock()  # one connection serves every query thread
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class Store:
             (root / SEGMENTS).mkdir(parents=True, exist_ok=True)
             write = True
         lock_file = _acquire_lock(root, wait, on_wait) if write else None
+        conn = None
         try:
             conn = sqlite3.connect(catalog, timeout=60, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -173,10 +176,14 @@ class Store:
             if write:
                 store._remove_orphans()
             return store
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
             if lock_file:
                 lock_file.close()
-            raise StoreError(f"cannot read the index catalog {catalog}: {exc}") from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"cannot read the index catalog {catalog}: {exc}") from exc
+            raise
 
     def close(self) -> None:
         self._conn.close()
@@ -211,9 +218,13 @@ class Store:
     def save_planes(self, planes: np.ndarray) -> None:
         self._require_write()
         _write_array(self.root / PLANES, planes)
+        _fsync_dir(self.root)
 
     def load_planes(self) -> np.ndarray:
-        return np.load(self.root / PLANES)
+        try:
+            return np.load(self.root / PLANES)
+        except (OSError, ValueError, EOFError) as exc:
+            raise StoreError(f"the LSH planes of the index at {self.root} are unreadable: {exc}") from exc
 
     # ---- catalog reads -------------------------------------------------------------------------
 
@@ -268,15 +279,21 @@ class Store:
 
     def snapshot(self) -> Snapshot:
         """The live images, read in one transaction so a concurrent commit is seen whole or not at all."""
-        self._conn.execute("BEGIN")
-        try:
-            segments = self._conn.execute("SELECT id, name, rows FROM segments").fetchall()
-            rows = self._conn.execute(
-                "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
-            ).fetchall()
-        finally:
-            self._conn.execute("COMMIT")
-        loaded = {seg_id: self._segment(seg_id, name, n) for seg_id, name, n in segments}
+        with self._read_lock:
+            self._conn.execute("BEGIN")
+            try:
+                segments = self._conn.execute("SELECT id, name, rows FROM segments").fetchall()
+                rows = self._conn.execute(
+                    "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
+                ).fetchall()
+                # map the files while the read transaction pins this state: a compaction cannot commit
+                # (and so cannot delete these files) before it ends
+                loaded = {seg_id: self._segment(seg_id, name, n) for seg_id, name, n in segments}
+                live = {name for _, name, _ in segments}
+                for stale in set(self._segment_cache) - live:
+                    del self._segment_cache[stale]
+            finally:
+                self._conn.execute("COMMIT")
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         paths = [r[1] for r in rows]
         segment_ids = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
@@ -289,7 +306,7 @@ class Store:
         return np.array(self._segment(record.segment, name, rows).vectors[record.row])
 
     def _segment(self, seg_id: int, name: str, rows: int) -> _Segment:
-        cached = self._segment_cache.get(seg_id)
+        cached = self._segment_cache.get(name)
         if cached is None:
             base = self.root / SEGMENTS / name
             try:
@@ -299,7 +316,7 @@ class Store:
                 raise StoreError(f"segment {name} of the index at {self.root} is unreadable: {exc}") from exc
             if len(vectors) != rows or len(codes) != rows:
                 raise StoreError(f"segment {name} has {len(vectors)} rows, the catalog says {rows}")
-            cached = self._segment_cache[seg_id] = _Segment(seg_id, name, rows, vectors, codes)
+            cached = self._segment_cache[name] = _Segment(seg_id, name, rows, vectors, codes)
         return cached
 
     # ---- writes --------------------------------------------------------------------------------
