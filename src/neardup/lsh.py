@@ -13,14 +13,17 @@ of the unit vectors (their dot product), which is the score neardup reports.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 CODE_DTYPE = np.uint32
 MAX_BITS = 32
+#: Largest k for a direct-addressed query table (2^k + 1 offsets per table).
+MAX_TABLE_BITS = 20
 
 
 def make_planes(dim: int, num_tables: int, bits: int, seed: int) -> np.ndarray:
@@ -95,21 +98,8 @@ class BucketTable:
         return self.rows[_concat_ranges(self.offsets[slots], self.offsets[slots + 1])]
 
     def pairs(self, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All pairs of rows sharing a bucket, as (a, b) row arrays with a < b, in chunks.
-
-        Pairs at distance d inside the sorted order are emitted together, so memory stays O(n + chunk)
-        whatever the bucket sizes; the loop runs (largest bucket − 1) times.
-        """
-        ends = np.repeat(self.offsets[1:], np.diff(self.offsets))
-        active = np.flatnonzero(ends - np.arange(len(ends)) > 1)
-        distance = 1
-        while len(active):
-            for start in range(0, len(active), chunk):
-                left = active[start : start + chunk]
-                a, b = self.rows[left], self.rows[left + distance]
-                yield np.minimum(a, b), np.maximum(a, b)
-            distance += 1
-            active = active[active + distance < ends[active]]
+        """All pairs of rows sharing a bucket, as (a, b) row arrays with a < b, in chunks (`sorted_run_pairs`)."""
+        return sorted_run_pairs(self.rows, self.offsets[:-1], chunk)
 
 
 def _concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -131,24 +121,314 @@ def probe_keys(code: int, k: int, multiprobe: bool) -> np.ndarray:
     return np.r_[code, code ^ flips].astype(CODE_DTYPE)
 
 
+def probe_masks(k: int, radius: int) -> np.ndarray:
+    """XOR masks of every k-bit pattern with at most `radius` bits set (0 first, then by weight)."""
+    masks = [0]
+    for weight in range(1, radius + 1):
+        masks += [sum(1 << b for b in bits) for bits in itertools.combinations(range(k), weight)]
+    return np.array(masks, dtype=CODE_DTYPE)
+
+
 class LSHTables:
-    """Bucket tables over k-bit slices of stored codes, for candidate lookup and all-pairs joins."""
+    """Every k-bit slice of the stored codes as one CSR bucket table with direct addressing.
+
+    Table t keeps the rows sorted by their key: `rows[t, offsets[t, key]:offsets[t, key + 1]]` is the
+    bucket of `key`. With 2^k + 1 offsets per table a lookup is two array reads, and the buckets of
+    every probe of every table come out of one vectorised gather (no per-table Python loop). Memory:
+    4 bytes per row per table plus 4 * 2^k per table (k <= MAX_TABLE_BITS).
+    """
 
     def __init__(self, codes: np.ndarray, k: int, rows: np.ndarray | None = None):
+        if not 1 <= k <= MAX_TABLE_BITS:
+            raise ValueError(f"bits per query table must be in 1..{MAX_TABLE_BITS}, got {k}")
         self.k = k
         sliced = slices(codes, k)
-        self.tables = [BucketTable.build(sliced[:, t], rows) for t in range(sliced.shape[1])]
+        n, self.num_tables = sliced.shape
+        self.size = n
+        ids = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        index_dtype = np.int32 if max(n, int(ids.max(initial=0)) + 1) < 2**31 else np.int64
+        self.rows = np.empty((self.num_tables, n), dtype=index_dtype)
+        self.offsets = np.zeros((self.num_tables, (1 << k) + 1), dtype=np.int64)
+        key_dtype = np.uint16 if k <= 16 else CODE_DTYPE  # a stable sort of uint16 is a radix sort
+        for t in range(self.num_tables):
+            keys = sliced[:, t].astype(key_dtype)
+            self.rows[t] = ids[np.argsort(keys, kind="stable")]
+            np.cumsum(np.bincount(keys, minlength=1 << k), out=self.offsets[t, 1:])
+        self._flat_rows = self.rows.reshape(-1)
+        self._flat_offsets = self.offsets.reshape(-1)
 
-    def candidates(self, query_codes: np.ndarray, multiprobe: bool = True) -> np.ndarray:
-        """Unique rows colliding with the query in any table (query_codes: its stored codes, one per word)."""
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of the buckets `keys[t, j]` of table t, for every table t and probe j, concatenated
+        (a row appears once per bucket it sits in). keys: (num_tables, probes) integer array."""
+        keys = np.asarray(keys, dtype=np.int64)
+        slots = keys + (np.arange(self.num_tables, dtype=np.int64) * ((1 << self.k) + 1))[:, None]
+        base = (np.arange(self.num_tables, dtype=np.int64) * self.size)[:, None]
+        starts = (self._flat_offsets[slots] + base).ravel()
+        ends = (self._flat_offsets[slots + 1] + base).ravel()
+        return self._flat_rows[_concat_ranges(starts, ends)]
+
+    def candidates(self, query_codes: np.ndarray, multiprobe: bool = True, radius: int | None = None) -> np.ndarray:
+        """Unique rows (ascending) colliding with the query in any table, probing every bucket within
+        Hamming distance `radius` of the query's key (default 1 with multiprobe, 0 without)."""
+        radius = (1 if multiprobe else 0) if radius is None else radius
         sliced = slices(np.asarray(query_codes)[None], self.k)[0]
-        found = [table.lookup(probe_keys(code, self.k, multiprobe)) for table, code in zip(self.tables, sliced)]
-        return np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
+        keys = sliced[:, None] ^ probe_masks(self.k, radius)[None, :]
+        return unique_rows(self.lookup(keys))
 
     def candidate_pairs(self, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Pairs of rows sharing a bucket in some table; a pair may repeat across tables."""
-        for table in self.tables:
-            yield from table.pairs(chunk)
+        for t in range(self.num_tables):
+            yield from sorted_run_pairs(self.rows[t], self.offsets[t][np.flatnonzero(np.diff(self.offsets[t]))], chunk)
+
+
+def unique_rows(rows: np.ndarray) -> np.ndarray:
+    """np.unique for a 1-d integer array, without its bookkeeping (several times faster on small arrays)."""
+    if len(rows) == 0:
+        return rows.astype(np.int64)
+    ordered = np.sort(rows)
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
+def sorted_run_pairs(rows: np.ndarray, starts: np.ndarray, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All pairs inside each run rows[starts[i]:starts[i+1]] (the last run ends at len(rows)), as
+    (a, b) with a < b, in chunks of at most `chunk` pairs.
+
+    Pairs at distance d inside the sorted order are emitted together, so memory stays O(n + chunk)
+    whatever the bucket sizes; the loop runs (largest run − 1) times.
+    """
+    rows = np.asarray(rows)
+    bounds = np.r_[np.asarray(starts, dtype=np.int64), len(rows)]  # starts[0] == 0: runs cover rows
+    ends = np.repeat(bounds[1:], np.diff(bounds))
+    active = np.flatnonzero(ends - np.arange(len(ends)) > 1)
+    distance = 1
+    while len(active):
+        for start in range(0, len(active), chunk):
+            left = active[start : start + chunk]
+            a, b = rows[left], rows[left + distance]
+            yield np.minimum(a, b), np.maximum(a, b)
+        distance += 1
+        active = active[active + distance < ends[active]]
+
+
+# ---- Hamming distances on the stored codes ---------------------------------------------------------
+
+def code_words(codes: np.ndarray) -> np.ndarray:
+    """The stored codes of each row as uint64 words, (n, tables) uint32 -> (n, tables / 2) uint64:
+    64 bytes per vector for the 512 stored bits. Hamming distances do not depend on the grouping."""
+    codes = np.ascontiguousarray(codes, dtype=CODE_DTYPE)
+    if codes.shape[1] % 2:
+        codes = np.concatenate([codes, np.zeros((len(codes), 1), CODE_DTYPE)], axis=1)
+    return codes.view(np.uint64)
+
+
+def hamming(words: np.ndarray, query_words: np.ndarray) -> np.ndarray:
+    """Hamming distance (int64) between each row of `words` (n, w) uint64 and `query_words` (w,) or (n, w)."""
+    counts = np.bitwise_count(np.bitwise_xor(words, query_words))
+    if counts.shape[1] == 8:
+        # the 8 byte counts (each <= 64) of a row, summed inside one uint64 by two lane additions
+        lanes = counts.view(np.uint64)[:, 0]
+        pairs = (lanes & np.uint64(0x00FF00FF00FF00FF)) + ((lanes >> np.uint64(8)) & np.uint64(0x00FF00FF00FF00FF))
+        return ((pairs * np.uint64(0x0001000100010001)) >> np.uint64(48)).astype(np.int64)
+    return counts.sum(axis=1, dtype=np.int64)
+
+
+def nearest_by_hamming(distances: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the `count` smallest distances (all ties at the cut kept, so possibly more), ascending
+    positions. A histogram of the (<= 512) distances finds the cut without sorting."""
+    if len(distances) <= count:
+        return np.arange(len(distances))
+    histogram = np.cumsum(np.bincount(distances))
+    cut = int(np.searchsorted(histogram, count))
+    return np.flatnonzero(distances <= cut)
+
+
+def hamming_limit(cosine: float, bits: int, sigmas: float = 5.0) -> int:
+    """A Hamming distance (over `bits` stored bits) that a pair at this cosine exceeds with probability
+    below ~1e-6 (`sigmas` standard deviations above the mean of Binomial(bits, θ/π))."""
+    q = math.acos(max(-1.0, min(1.0, cosine))) / math.pi
+    return min(bits, int(math.ceil(bits * q + sigmas * math.sqrt(bits * q * (1 - q)))))
+
+
+# ---- all-pairs join ----------------------------------------------------------------------------
+
+#: Relative cost of one row in one pair table (key extraction + sort) against one emitted candidate pair
+#: (Hamming check); measured on this machine: ~30 ns per row-table, ~170 ns per candidate pair.
+_ROW_COST, _PAIR_COST = 30.0, 170.0
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Tables for the all-pairs join: each table keys every row by `k` of the `bits` stored bits, the
+    bit positions drawn at random per table (tables may share bits), so the table count is not bounded
+    by bits / k and k can grow with the collection (~log2 n) while recall stays at target."""
+
+    k: int
+    tables: int
+    bits: int
+    seed: int = 0
+
+    def positions(self) -> np.ndarray:
+        """(tables, k) bit positions, distinct within each table."""
+        rng = np.random.default_rng(self.seed)
+        return np.stack([rng.choice(self.bits, self.k, replace=False) for _ in range(self.tables)]) if self.tables else (
+            np.empty((0, self.k), dtype=np.int64))
+
+
+def subset_collision(cosine: float, k: int, bits: int) -> np.ndarray:
+    """P(a pair at this cosine agrees on k random distinct bits out of `bits`), averaged over the
+    pair's number of disagreeing bits D ~ Binomial(bits, θ/π). Returns (weights over D, P given D)."""
+    q = math.acos(max(-1.0, min(1.0, cosine))) / math.pi
+    d = np.arange(bits + 1)
+    lg = np.vectorize(math.lgamma)
+    log_binom = lg(bits + 1) - lg(d + 1) - lg(bits - d + 1)
+    with np.errstate(divide="ignore"):
+        weights = np.exp(log_binom + d * np.log(q if q > 0 else 1e-300) + (bits - d) * np.log1p(-q if q < 1 else -1 + 1e-300))
+    agree = np.zeros(bits + 1)
+    ok = bits - d >= k
+    agree[ok] = np.exp(lg(bits - d[ok] + 1) - lg(bits - d[ok] - k + 1) - (lg(bits + 1) - lg(bits - k + 1)))
+    return weights / weights.sum(), agree
+
+
+def subset_recall(cosine: float, k: int, tables: int, bits: int) -> float:
+    """P(a pair at this cosine shares a bucket in at least one of `tables` random k-bit tables)."""
+    weights, agree = subset_collision(cosine, k, bits)
+    return float(np.sum(weights * (1.0 - (1.0 - agree) ** tables)))
+
+
+def plan_pairs(n: int, threshold: float, bits: int, *, unrelated_cosine: float = 0.0, recall: float = 0.999,
+               max_tables: int = 4096, seed: int = 0) -> PairPlan:
+    """The cheapest PairPlan (estimated time: rows sorted per table + random candidate pairs) whose
+    recall of a pair at `threshold` is >= `recall`. Random pairs collide on one bit with probability
+    1 − acos(unrelated_cosine)/π (0.5 for centred vectors)."""
+    p_random = 1.0 - math.acos(max(-1.0, min(1.0, unrelated_cosine))) / math.pi
+    best: tuple[float, PairPlan] | None = None
+    for k in range(4, min(MAX_BITS, bits) + 1):
+        weights, agree = subset_collision(threshold, k, bits)
+        lo, hi = 1, max_tables
+        if np.sum(weights * (1.0 - (1.0 - agree) ** hi)) < recall:
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if np.sum(weights * (1.0 - (1.0 - agree) ** mid)) >= recall:
+                hi = mid
+            else:
+                lo = mid + 1
+        cost = lo * (n * _ROW_COST + n * (n - 1) / 2 * p_random**k * _PAIR_COST)
+        if best is None or cost < best[0]:
+            best = (cost, PairPlan(k, lo, bits, seed))
+    if best is None:  # threshold too low for any plan: take every bit pattern of 4 bits
+        return PairPlan(4, max_tables, bits, seed)
+    return best[1]
+
+
+def bit_rows(codes: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Unpacked stored bits as (bits, n) uint8, row b = bit b of every vector (1 byte per bit per
+    vector: 512 MB at a million vectors), so one table's key reads k contiguous rows."""
+    words = code_words(codes)
+    n = len(words)
+    out = np.empty((words.shape[1] * 64, n), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        part = np.unpackbits(words[start : start + chunk].view(np.uint8), axis=1, bitorder="little")
+        out[:, start : start + chunk] = part.T
+    return out
+
+
+def subset_keys(bits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Key (uint32) of every vector for one table: bit j of the key = stored bit positions[j]."""
+    keys = np.zeros(bits.shape[1], dtype=CODE_DTYPE)
+    for j, position in enumerate(positions):
+        keys |= bits[position].astype(CODE_DTYPE) << CODE_DTYPE(j)
+    return keys
+
+
+def join_pairs(codes: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray], threshold: float, plan: PairPlan,
+               *, chunk: int = 1 << 20, progress: Callable[[int, int], None] | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every pair (a < b) of rows with cosine >= threshold that shares a bucket of some plan table,
+    each pair once, streamed as (a, b, scores) chunks.
+
+    Per table: keys of k random stored bits, one sort, pairs inside equal-key runs emitted in chunks,
+    filtered by Hamming distance over all stored bits (`hamming_limit`: a pair at the threshold passes
+    with probability ~1 − 1e-6), then verified by the exact cosine of the stored vectors
+    (`vectors(rows)`, any float dtype). Memory: the codes, one byte per stored bit per row, one sort,
+    `chunk` candidate pairs and the pairs verified so far (for de-duplication across tables).
+    """
+    n = len(codes)
+    if n < 2 or plan.tables == 0:
+        return
+    words = code_words(codes)
+    planes = bit_rows(codes)
+    limit = hamming_limit(threshold, plan.bits)
+    seen = np.empty(0, dtype=np.int64)  # a * n + b of every pair verified so far, sorted
+    pending: list[np.ndarray] = []
+    pending_size = 0
+
+    def verify(keys: np.ndarray):
+        nonlocal seen
+        keys = unique_rows(keys)
+        if len(seen):
+            slot = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+            keys = keys[seen[slot] != keys]
+        seen = np.union1d(seen, keys)
+        for start in range(0, len(keys), chunk):
+            part = keys[start : start + chunk]
+            a, b = part // n, part % n
+            scores = row_cosines(vectors(a), vectors(b))
+            keep = scores >= threshold
+            if keep.any():
+                yield a[keep], b[keep], scores[keep]
+
+    for t, positions in enumerate(plan.positions()):
+        keys = subset_keys(planes, positions)
+        order = np.argsort(keys)
+        ordered = keys[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        del keys, ordered
+        for a, b in sorted_run_pairs(order, starts, chunk):
+            near = hamming(words[a], words[b]) <= limit
+            if near.any():
+                pending.append(a[near].astype(np.int64) * n + b[near])
+                pending_size += int(near.sum())
+            if pending_size >= chunk:
+                yield from verify(np.concatenate(pending))
+                pending, pending_size = [], 0
+        if progress:
+            progress(t + 1, plan.tables)
+    if pending:
+        yield from verify(np.concatenate(pending))
+
+
+def cosines(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine (float32) of each stored row with a unit query. Each row's own norm is divided out, so the
+    float16 rounding of stored vectors leaves a self-match at 1.0 and moves other scores by <= ~1e-3."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    if rows.ndim != 2 or len(rows) == 0:
+        return np.zeros(len(rows), dtype=np.float32)
+    return (rows @ np.asarray(query, dtype=np.float32)) / _norms(rows)
+
+
+def row_cosines(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
+    """Cosine (float32) of each pair of stored rows a[i], b[i], norms divided out as in `cosines`."""
+    a = np.asarray(vectors_a, dtype=np.float32)
+    b = np.asarray(vectors_b, dtype=np.float32)
+    if len(a) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.einsum("ij,ij->i", a, b) / (_norms(a) * _norms(b))
+
+
+def normalise_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows as float32 of norm 1 (zero rows stay zero)."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    return rows / _norms(rows)[:, None] if len(rows) else rows
+
+
+def _norms(rows: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    norms[norms == 0] = 1.0
+    return norms
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -170,3 +450,34 @@ def exact_search(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.nda
 def row_dots(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
     """Cosine of each pair of unit rows (a[i] · b[i])."""
     return np.einsum("ij,ij->i", vectors_a, vectors_b, dtype=np.float32)
+
+
+
+# ---- the all-pairs join cut into pure steps, for a join spread over many machines ------------------
+
+def plan_bucket_ids(codes: np.ndarray, plan: PairPlan) -> np.ndarray:
+    """(n, plan.tables) uint64 id of every row's bucket in every table of `plan`: the table number in
+    the high 32 bits, the row's key in that table (`subset_keys`) in the low 32. Two rows share an id
+    exactly when `join_pairs` pairs them in that table, so entries can be partitioned by id anywhere."""
+    bits = bit_rows(codes)
+    ids = np.empty((len(codes), plan.tables), dtype=np.uint64)
+    for t, positions in enumerate(plan.positions()):
+        ids[:, t] = subset_keys(bits, positions).astype(np.uint64) | (np.uint64(t) << np.uint64(32))
+    return ids
+
+
+def bucket_pairs(ids: np.ndarray, rows: np.ndarray, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pairs of rows (a < b) whose entries (ids[i], rows[i]) carry the same bucket id, in chunks
+    (`sorted_run_pairs`). A partition holding every entry of each of its ids yields exactly those ids' pairs."""
+    return BucketTable.build(np.asarray(ids, dtype=np.uint64), np.asarray(rows, dtype=np.int64)).pairs(chunk)
+
+
+def check_pairs(a: np.ndarray, b: np.ndarray, words_a: np.ndarray, words_b: np.ndarray, vectors_a: np.ndarray,
+                vectors_b: np.ndarray, threshold: float, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidates (a[i], b[i]) that `join_pairs` keeps: Hamming distance of their stored words
+    within `hamming_limit(threshold, bits)`, then cosine (`row_cosines`) >= threshold."""
+    near = hamming(words_a, words_b) <= hamming_limit(threshold, bits)
+    a, b = a[near], b[near]
+    scores = row_cosines(vectors_a[near], vectors_b[near])
+    keep = scores >= threshold
+    return a[keep], b[keep], scores[keep]
