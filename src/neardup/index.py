@@ -41,10 +41,17 @@ LSH_SEED = 20240601
 #: Mean cosine between unrelated photos (EfficientNet-Lite0 GAP vectors of the demo photos): the
 #: vectors share a positive cone, so a random pair agrees on a bit with probability ~0.56, not 0.5.
 UNRELATED_COSINE = 0.19
-#: Queries re-rank about this many random candidates at most; bits per table grow with the collection.
+#: Queries look at about this many random candidates at most (by Hamming distance on the 512 stored
+#: bits, ~40 ns each); bits per table grow with the collection.
 CANDIDATE_BUDGET = 20_000
+#: Up to this many images a query scans every vector (exact, and about as fast as the tables).
+EXACT_SCAN_MAX = 10_000
+#: Candidates closest in Hamming distance that a query re-ranks by exact cosine (at least 4 * k).
+SHORTLIST = 128
+#: Stored vectors are kept in memory as normalised float32 for exact scans up to this many bytes.
+DENSE_CACHE_BYTES = 128 << 20
 #: Target probability that a pair at the threshold shares a bucket during `duplicates`.
-PAIR_RECALL = 0.995
+PAIR_RECALL = 0.999
 COMPACT_DEAD_FRACTION = 0.3
 COMPACT_MAX_SEGMENTS = 64
 
@@ -107,7 +114,7 @@ class Index:
         self.root = root
         self._embedder = embedder
         self._reader = Store.open(root)
-        self._search_cache: tuple[int, Snapshot, lsh.LSHTables | None] | None = None
+        self._search_cache: _SearchState | None = None
         self._search_lock = threading.Lock()
         self._planes: np.ndarray | None = None
 
@@ -233,21 +240,33 @@ class Index:
 
     def query_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None, *,
                      exact: bool | None = None, exclude: str | None = None) -> list[Match]:
-        snap, tables = self._search_state()
+        """The k indexed images whose stored vectors are most similar to `vector`, best first.
+        LSH path: every query table probed at Hamming distance <= 1 (one vectorised CSR lookup), the
+        candidates ranked by Hamming distance over all 512 stored bits, the closest SHORTLIST re-ranked
+        by exact cosine of the stored (float16) vectors. `exact`: as in `query`."""
+        state = self._search_state()
+        snap = state.snap
         if len(snap) == 0:
             return []
         vector = np.asarray(vector, dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        vector = vector / norm if norm > 0 else vector
         if exact is None:
-            exact = len(snap) <= CANDIDATE_BUDGET
+            exact = len(snap) <= EXACT_SCAN_MAX
         if not exact:
-            snap, tables = self._search_state(build_tables=True)  # snapshot and tables of one moment
-        if exact or tables is None:
-            positions, scores = _exact_top_k(snap, vector, k)
+            state = self._search_state(build_tables=True)  # snapshot and tables of one moment
+            snap = state.snap
+        if exact or state.tables is None:
+            positions, scores = _exact_top_k(state, vector, k)
         else:
             planes, center = self._lsh_state(self._reader)
-            codes = lsh.hash_vectors(vector[None], planes, NUM_TABLES, center)[0]
-            candidates = tables.candidates(codes)
-            scores = snap.vectors(candidates) @ vector
+            codes = lsh.hash_vectors(vector[None], planes, NUM_TABLES, center)
+            candidates = state.tables.candidates(codes[0])
+            shortlist = max(SHORTLIST, 4 * k)
+            if len(candidates) > shortlist:
+                distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.code_words(codes)[0])
+                candidates = candidates[lsh.nearest_by_hamming(distances, shortlist)]
+            scores = lsh.cosines(state.vectors(candidates), vector)
             best = lsh.top_k(scores, k)
             positions, scores = candidates[best], scores[best]
         matches = [Match(snap.paths[p], float(s), int(snap.ids[p])) for p, s in zip(positions, scores)]
@@ -255,10 +274,11 @@ class Index:
 
     def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False) -> list[DuplicateGroup]:
         """Groups of indexed images linked by pairs with cosine >= threshold, largest groups first.
-        Pairs come from LSH buckets (bits per table chosen so a pair at the threshold collides with
-        probability >= PAIR_RECALL), are verified by exact cosine and merged with union-find;
+        Pairs come from LSH tables of k random stored bits each (`lsh.plan_pairs`: k ~ log2 n, tables
+        enough that a pair at the threshold collides with probability >= PAIR_RECALL), streamed,
+        filtered by Hamming distance, verified by exact cosine and merged with union-find;
         `exact` compares every pair instead (the oracle; O(n²))."""
-        snap, _ = self._search_state()
+        snap = self._search_state().snap
         pairs = _exact_pairs(snap, threshold) if exact else self._lsh_pairs(snap, threshold)
         groups = group_pairs(*pairs)
         return [
@@ -312,30 +332,32 @@ class Index:
         center = meta.get("center")
         return self._planes, None if center is None else np.asarray(center, dtype=np.float32)
 
-    def _search_state(self, build_tables: bool = False) -> tuple[Snapshot, lsh.LSHTables | None]:
+    def _search_state(self, build_tables: bool = False) -> "_SearchState":
         """The live snapshot and (on demand) its query tables, rebuilt only when a writer committed since."""
         with self._search_lock:
             version = self._reader.data_version()
-            if self._search_cache is None or self._search_cache[0] != version:
-                self._search_cache = (version, self._reader.snapshot(), None)
-            version, snap, tables = self._search_cache
-            if build_tables and tables is None and len(snap):
-                tables = lsh.LSHTables(snap.codes(), query_bits(len(snap)))
-                self._search_cache = (version, snap, tables)
-            return snap, tables
+            if self._search_cache is None or self._search_cache.version != version:
+                self._search_cache = _SearchState(version, self._reader.snapshot())
+            state = self._search_cache
+            if build_tables and state.tables is None and len(state.snap):
+                codes = state.snap.codes()
+                state.words = lsh.code_words(codes)
+                state.tables = lsh.LSHTables(codes, query_bits(len(state.snap), self._unrelated_cosine()))
+            return state
+
+    def _unrelated_cosine(self) -> float:
+        """Cosine of unrelated vectors as the hyperplanes see them: ~0 once a center is subtracted."""
+        return UNRELATED_COSINE if (self._reader.get_meta("lsh") or {}).get("center") is None else 0.0
 
     def _lsh_pairs(self, snap: Snapshot, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(snap) < 2:
             return _no_pairs()
-        tables = lsh.LSHTables(snap.codes(), pair_bits(threshold))
-        found_a, found_b, found_s = [], [], []
-        for a, b in tables.candidate_pairs(chunk=1 << 16):
-            scores = lsh.row_dots(snap.vectors(a), snap.vectors(b))
-            keep = scores >= threshold
-            found_a.append(a[keep]), found_b.append(b[keep]), found_s.append(scores[keep])
-        if not found_a:
+        plan = lsh.plan_pairs(len(snap), threshold, NUM_TABLES * STORED_BITS,
+                              unrelated_cosine=self._unrelated_cosine(), recall=PAIR_RECALL, seed=LSH_SEED)
+        found = list(lsh.join_pairs(snap.codes(), lambda rows: snap.vectors(rows, dtype=None), threshold, plan))
+        if not found:
             return _no_pairs()
-        return _unique_pairs(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s), len(snap))
+        return tuple(np.concatenate(parts) for parts in zip(*found))
 
     def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None):
         """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker threads."""
@@ -364,25 +386,23 @@ class Index:
             store.compact()
 
 
-def query_bits(n: int) -> int:
+def query_bits(n: int, unrelated_cosine: float = UNRELATED_COSINE) -> int:
     """Bits per query table (tables probed at Hamming distance <= 1): the fewest, hence the highest
-    recall, whose expected random candidates stay within CANDIDATE_BUDGET. A small index is scanned
-    whole (k = 8); at a million vectors k = 16 (32 tables, ~4 % of unrelated vectors re-ranked)."""
+    recall, whose expected random candidates stay within CANDIDATE_BUDGET. k = 8 up to ~10,000 vectors;
+    at a million k = 16 (32 tables): ~8,000 candidates for centred vectors, ~40,000 for uncentred GAP
+    vectors (unrelated cosine 0.19), all ranked by Hamming distance before any vector is read."""
     for k in range(8, 17):
         tables = NUM_TABLES * (STORED_BITS // k)
-        if n * lsh.collision_probability(UNRELATED_COSINE, k, tables, multiprobe=True) <= CANDIDATE_BUDGET:
+        if n * lsh.collision_probability(unrelated_cosine, k, tables, multiprobe=True) <= CANDIDATE_BUDGET:
             return k
     return 16
 
 
-def pair_bits(threshold: float) -> int:
-    """The most bits per table (fewest random candidates) that still finds a pair at the threshold
-    with probability >= PAIR_RECALL, tables being all k-bit slices of the stored codes."""
-    for k in range(16, 3, -1):
-        tables = NUM_TABLES * (STORED_BITS // k)
-        if lsh.collision_probability(threshold, k, tables) >= PAIR_RECALL:
-            return k
-    return 4
+def pair_bits(threshold: float, n: int = 1_000_000, unrelated_cosine: float = UNRELATED_COSINE) -> int:
+    """Bits per `duplicates` table (`lsh.plan_pairs`) for n vectors at this threshold: grows with n and
+    with the threshold."""
+    return lsh.plan_pairs(n, threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=unrelated_cosine,
+                          recall=PAIR_RECALL).k
 
 
 def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) -> _Prepared:
@@ -470,11 +490,40 @@ class _Batch:
         self.failed, self.touched, self.removed = [], [], []
 
 
-def _exact_top_k(snap: Snapshot, vector: np.ndarray, k: int, block: int = 1 << 16):
+@dataclass
+class _SearchState:
+    """What queries of one committed state share: the snapshot, and built on demand the query tables,
+    the stored codes as uint64 words (64 bytes a vector, in memory) and, for a small index, the
+    vectors as normalised float32. Large collections read float16 vectors from the mapped segments."""
+
+    version: int
+    snap: Snapshot
+    tables: lsh.LSHTables | None = None
+    words: np.ndarray | None = None
+    _dense: np.ndarray | None = None
+
+    def dense(self) -> np.ndarray | None:
+        if self._dense is None and len(self.snap):
+            dim = self.snap.vectors(np.arange(1), dtype=None).shape[1]
+            if len(self.snap) * dim * 4 <= DENSE_CACHE_BYTES:
+                self._dense = lsh.normalise_rows(self.snap.vectors())
+        return self._dense
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        dense = self.dense()
+        return np.take(dense, positions, axis=0) if dense is not None else self.snap.vectors(positions, dtype=None)
+
+
+def _exact_top_k(state: _SearchState, vector: np.ndarray, k: int, block: int = 1 << 16):
     best_positions, best_scores = np.empty(0, np.int64), np.empty(0, np.float32)
+    snap, dense = state.snap, state.dense()
+    if dense is not None:
+        scores = dense @ vector
+        keep = lsh.top_k(scores, k)
+        return keep, scores[keep]
     for start in range(0, len(snap), block):
         positions = np.arange(start, min(start + block, len(snap)))
-        scores = snap.vectors(positions) @ vector
+        scores = lsh.cosines(snap.vectors(positions, dtype=None), vector)
         positions, scores = np.r_[best_positions, positions], np.r_[best_scores, scores]
         keep = lsh.top_k(scores, k)
         best_positions, best_scores = positions[keep], scores[keep]
@@ -484,10 +533,13 @@ def _exact_top_k(snap: Snapshot, vector: np.ndarray, k: int, block: int = 1 << 1
 def _exact_pairs(snap: Snapshot, threshold: float, block: int = 2048):
     found_a, found_b, found_s = [], [], []
     n = len(snap)
+    def normalised(first: int) -> np.ndarray:
+        return lsh.normalise_rows(snap.vectors(np.arange(first, min(first + block, n)), dtype=None))
+
     for start in range(0, n, block):
-        rows = snap.vectors(np.arange(start, min(start + block, n)))
+        rows = normalised(start)
         for other in range(start, n, block):
-            cols = snap.vectors(np.arange(other, min(other + block, n)))
+            cols = normalised(other)
             scores = rows @ cols.T
             a, b = np.nonzero(scores >= threshold)
             a, b = a + start, b + other
@@ -496,11 +548,6 @@ def _exact_pairs(snap: Snapshot, threshold: float, block: int = 2048):
     if not found_a:
         return _no_pairs()
     return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
-
-
-def _unique_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray, n: int):
-    _, first = np.unique(a.astype(np.int64) * n + b, return_index=True)
-    return a[first], b[first], scores[first]
 
 
 def _no_pairs():
