@@ -159,12 +159,28 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot) -> None
 @click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.DUPS).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV: group,path,min_score,max_score.")
-def dups_command(index_dir, threshold, exact, as_json, as_csv) -> None:
-    """List groups of near-duplicate images."""
+@click.option("--action", type=click.Choice(["move", "hardlink", "delete"]),
+              help="Act on every group's duplicates (all but the survivor). A dry run unless --apply.")
+@click.option("--to", "move_to", type=click.Path(file_okay=False), help="With --action move: the folder to move into.")
+@click.option("--keep", default="pixels,size,oldest", show_default=True,
+              help="Survivor policy: criteria in order, from pixels, size, oldest, newest, shortest-path.")
+@click.option("--keep-in", "keep_in", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Reference folder: its files are preferred as survivors and never touched (repeatable).")
+@click.option("--apply", "do_apply", is_flag=True, help="Do the actions (default: print exactly what would be done).")
+@click.option("--yes", is_flag=True, help="Confirm --action delete --apply.")
+@click.option("--no-wait", "action_no_wait", is_flag=True, help="With --apply: fail at once if another process is writing the index.")
+def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, keep, keep_in, do_apply, yes,
+                 action_no_wait) -> None:
+    """List groups of near-duplicate images, or move, hard-link or delete the duplicates (--action)."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
+    _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv)
     with Index.open(index_dir) as index:
         groups = index.duplicates(threshold, exact=exact)
+        root = index.root
+    if action:
+        _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_apply, as_json, action_no_wait)
+        return
     if as_json:
         click.echo(json.dumps({"threshold": threshold, "groups": [
             {"files": g.files, "min_score": round(g.min_score, 6), "max_score": round(g.max_score, 6)} for g in groups
@@ -181,6 +197,77 @@ def dups_command(index_dir, threshold, exact, as_json, as_csv) -> None:
             for path in g.files:
                 click.echo(f"  {path}")
         click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files (threshold {threshold})", err=True)
+
+
+def _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv) -> None:
+    if not action:
+        used = [name for name, value in (("--to", move_to), ("--keep-in", keep_in), ("--apply", do_apply), ("--yes", yes))
+                if value]
+        if used or keep != "pixels,size,oldest":
+            raise click.UsageError(f"{', '.join(used) or '--keep'} needs --action")
+        return
+    if as_csv:
+        raise click.UsageError("--csv lists groups; with --action use the text output or --json")
+    if (action == "move") != bool(move_to):
+        raise click.UsageError("--action move needs --to DIR" if action == "move" else "--to goes with --action move")
+    if action == "delete" and do_apply and not yes:
+        raise click.UsageError("--action delete --apply also needs --yes (files go to the index's trash; `neardup undo` restores them)")
+
+
+def _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_apply, as_json, no_wait) -> None:
+    from . import actions
+
+    plan = actions.make_plan(root, groups, action, to=move_to, keep=actions.parse_keep(keep), keep_in=keep_in,
+                             threshold=threshold)
+    if do_apply:
+        with _step_progress("applying") as progress:
+            plan = actions.apply_plan(plan, wait=not no_wait, on_wait=_waiting, progress=progress)
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2, ensure_ascii=False))
+    else:
+        verb = {"move": "move", "hardlink": "hardlink", "delete": "delete"}[action]
+        group = None
+        for entry in plan.entries:
+            if entry.group != group:
+                group = entry.group
+                click.echo(f"group {group}: keep {entry.survivor}")
+            if entry.status == "skipped":
+                click.echo(f"  skip {entry.source}: {entry.reason}")
+            elif action == "hardlink":
+                click.echo(f"  {verb} {entry.source} -> {entry.survivor}")
+            else:
+                click.echo(f"  {verb} {entry.source} -> {entry.destination}")
+    acted = [e for e in plan.entries if e.status in ("planned", "done")]
+    skipped = len(plan.entries) - len(acted)
+    size = sum(e.size for e in acted) / 1e6
+    past = {"move": "moved", "hardlink": "hard-linked", "delete": "deleted (into the trash)"}[action]
+    if not do_apply:
+        click.echo(f"dry run: would {action} {len(acted)} files ({size:.1f} MB), skip {skipped}, "
+                   f"in {len({e.group for e in plan.entries})} groups; add --apply to do it", err=True)
+        return
+    click.echo(f"{past} {len(acted)} files ({size:.1f} MB), skipped {skipped}; manifest {plan.manifest}", err=True)
+    if plan.trash and acted:
+        click.echo(f"their bytes are kept in {plan.trash} until you remove it", err=True)
+    click.echo(f"undo with: neardup undo {plan.manifest}", err=True)
+
+
+class _step_progress:
+    """A rich progress bar for steps (done, total); a context manager giving the callback."""
+
+    def __init__(self, label: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                             TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+    def __enter__(self):
+        self._bar.__enter__()
+        task = self._bar.add_task("steps", total=None)
+        return lambda done, total: self._bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self._bar.__exit__(*exc)
 
 
 @main.command("remove")
@@ -216,6 +303,22 @@ def info_command(index_dir, as_json, show_failures) -> None:
                f"{stats['bytes_on_disk'] / 1e6:.1f} MB")
     for path, reason in failures:
         click.echo(f"failed: {path}: {reason}")
+
+
+@main.command("undo")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
+def undo_command(manifest, no_wait) -> None:
+    """Put back every file an applied `dups --action` moved, deleted or hard-linked (from its MANIFEST)."""
+    from . import actions
+
+    with _step_progress("undoing") as progress:
+        plan, reembed = actions.undo(manifest, wait=not no_wait, on_wait=_waiting, progress=progress)
+    if reembed:
+        with Index.open(plan.index) as index:
+            index.add(reembed, wait=not no_wait, on_wait=_waiting)
+    restored = sum(e.status == "undone" for e in plan.entries)
+    click.echo(f"{restored} files of {manifest} are back in place (index updated)")
 
 
 if __name__ == "__main__":  # pragma: no cover

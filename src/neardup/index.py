@@ -303,6 +303,21 @@ class Index:
     def failures(self) -> list[tuple[str, str]]:
         return [(r.path, r.error or "") for r in self._reader.records(status="failed")]
 
+    def image(self, image_id: int) -> Record | None:
+        """The catalog record (path, size, dimensions, status) of one image id; None if unknown."""
+        return self._reader.record_by_id(int(image_id))
+
+    def similarity(self, a: int, b: int) -> float | None:
+        """Cosine of the stored vectors of two indexed image ids; None unless both are indexed."""
+        records = [self._reader.record_by_id(int(i)) for i in (a, b)]
+        if any(r is None or r.status != "indexed" for r in records):
+            return None
+        return float(np.dot(self._reader.vector(records[0]), self._reader.vector(records[1])))
+
+    def version(self) -> int:
+        """Changes whenever a writer commits: the key for caching anything derived from the index."""
+        return self._reader.data_version()
+
     # ---- internals -----------------------------------------------------------------------------
 
     def _check_model(self, store: Store, *, initialise: bool) -> None:

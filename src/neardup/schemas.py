@@ -61,3 +61,50 @@ DUPS = {
         },
     },
 }
+
+#: `dups --action ... --json` (the plan; a dry run's entries are all 'planned') and the manifest file an
+#: applied action writes (neardup/actions.py); `neardup undo MANIFEST` reads it back.
+MANIFEST = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "neardup action manifest",
+    "type": "object",
+    "required": ["version", "id", "action", "index", "created", "keep", "keep_in", "to", "trash", "threshold",
+                 "entries", "state"],
+    "additionalProperties": False,
+    "properties": {
+        "version": {"const": 1},
+        "id": {"type": "string", "description": "run id; also the trash subfolder's name"},
+        "action": {"enum": ["move", "hardlink", "delete"]},
+        "index": {"type": "string", "description": "the index folder (absolute)"},
+        "created": {"type": "string", "description": "ISO 8601 UTC time the plan was made"},
+        "keep": {"type": "array", "items": {"enum": ["pixels", "size", "oldest", "newest", "shortest-path"]},
+                 "description": "survivor criteria, in order"},
+        "keep_in": {"type": "array", "items": {"type": "string"}, "description": "protected folders"},
+        "to": {"type": ["string", "null"], "description": "--to folder of a move"},
+        "trash": {"type": ["string", "null"], "description": "where delete/hardlink keep the replaced bytes"},
+        "threshold": _THRESHOLD,
+        "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone"]},
+        "entries": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["group", "action", "source", "destination", "survivor", "sha256", "size",
+                             "survivor_sha256", "status", "reason"],
+                "additionalProperties": False,
+                "properties": {
+                    "group": {"type": "integer", "minimum": 1},
+                    "action": {"enum": ["move", "hardlink", "delete"]},
+                    "source": {"type": "string", "description": "the duplicate's path (absolute)"},
+                    "destination": {"type": ["string", "null"],
+                                    "description": "where the source's bytes go; null when skipped"},
+                    "survivor": {"type": "string", "description": "the file kept in this group"},
+                    "sha256": {"type": "string", "description": "the source's bytes, checked before and after"},
+                    "size": {"type": "integer", "minimum": 0},
+                    "survivor_sha256": {"type": "string"},
+                    "status": {"enum": ["planned", "done", "skipped", "undone"]},
+                    "reason": {"type": ["string", "null"], "description": "why an entry was skipped"},
+                },
+            },
+        },
+    },
+}

@@ -1,0 +1,291 @@
+"""Acting on duplicate groups: keep-best policy, dry run = the plan, move / hardlink / delete, manifest, undo.
+
+Real photos, the real model and real files; every test checks the bytes on disk (sha256 of every file
+before and after) and the index (Store.verify, records under their new paths)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+from PIL import Image
+
+from neardup import actions
+from neardup.index import Index
+from neardup.schemas import MANIFEST
+from neardup.store import Record, Store
+
+ODD_NAME = "coffee copy\nnew ünïcode 写真.jpg"  # spaces, a newline, non-ASCII
+
+
+def file_hashes(*folders: Path) -> dict[str, str]:
+    out = {}
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def library(tmp_path, collection, embedder):
+    """photos/a: two originals and a singleton; photos/b: their copies (resized, flipped, re-encoded, a
+    byte-identical copy under an odd name); an index of it all."""
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "b" / "deep").mkdir(parents=True)
+    originals = collection["originals"]
+    copies = {(c["original"], c["edit"]): c["path"] for c in collection["copies"]}
+    shutil.copy(originals["chelsea"], photos / "a" / "chelsea.jpg")
+    shutil.copy(originals["coffee"], photos / "a" / "coffee.jpg")
+    shutil.copy(originals["rocket"], photos / "a" / "rocket.jpg")
+    shutil.copy(copies["chelsea", "half"], photos / "b" / "chelsea_half.jpg")
+    shutil.copy(copies["chelsea", "flip"], photos / "b" / "deep" / "chelsea_flip.jpg")
+    shutil.copy(copies["coffee", "jpeg30"], photos / "b" / "coffee_jpeg30.jpg")
+    shutil.copy(originals["coffee"], photos / "b" / ODD_NAME)
+    for path in photos.rglob("*.jpg"):  # the originals are the oldest files
+        stamp = 1_000_000_000 if path.parent.name == "a" else 1_500_000_000
+        os.utime(path, (stamp, stamp))
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    summary = index.add([photos])
+    assert summary.added == 7 and summary.failed == 0
+    yield photos, index
+    index.close()
+
+
+def plan_for(index: Index, action: str, keep=("pixels", "oldest"), **options) -> actions.Plan:
+    """Keep the full-size originals (photos/a): most pixels, then the oldest."""
+    return actions.make_plan(index.root, index.duplicates(0.8), action, threshold=0.8, keep=keep, **options)
+
+
+def check_index(index: Index) -> Store:
+    with Store.open(index.root) as store:
+        assert store.verify() == []
+        return store
+
+
+def records(index: Index) -> dict[str, Record]:
+    with Store.open(index.root) as store:
+        return {r.path: r for r in store.records()}
+
+
+def test_keep_policy_ranks_by_criteria_in_order():
+    big = Record("/p/big.jpg", size=100, mtime_ns=3, sha256="a", width=400, height=300)
+    heavy = Record("/p/heavy.jpg", size=900, mtime_ns=2, sha256="b", width=200, height=150)
+    old = Record("/p/a/old.jpg", size=100, mtime_ns=1, sha256="c", width=400, height=300)
+
+    def survivor(keep, protected=()):
+        return min((big, heavy, old), key=lambda r: actions._rank_key(r, keep, r.path in protected)).path
+
+    assert survivor(("pixels", "size", "oldest")) == "/p/a/old.jpg"  # pixels tie, size tie, then oldest
+    assert survivor(("pixels", "newest")) == "/p/big.jpg"
+    assert survivor(("size",)) == "/p/heavy.jpg"
+    assert survivor(("shortest-path",)) == "/p/big.jpg"
+    assert survivor(("pixels",), protected={"/p/heavy.jpg"}) == "/p/heavy.jpg"  # --keep-in wins over all
+    assert actions.parse_keep("size, oldest") == ("size", "oldest")
+    with pytest.raises(actions.ActionError, match="unknown keep criterion biggest"):
+        actions.parse_keep("size,biggest")
+
+
+def test_dry_run_is_exactly_what_apply_does_and_touches_nothing(library, tmp_path):
+    photos, index = library
+    before, catalog = file_hashes(photos), records(index)
+    dry = plan_for(index, "move", to=tmp_path / "moved")
+    assert file_hashes(photos) == before and records(index) == catalog and not (tmp_path / "moved").exists()
+    assert {e.group for e in dry.entries} == {1, 2} and all(e.status == "planned" for e in dry.entries)
+    assert {e.survivor for e in dry.entries} == {str(photos / "a" / "chelsea.jpg"), str(photos / "a" / "coffee.jpg")}
+    default = plan_for(index, "move", keep=actions.DEFAULT_KEEP, to=tmp_path / "moved")
+    for group in {e.group for e in default.entries}:  # most pixels, then the largest file, then the oldest
+        survivor = next(e.survivor for e in default.entries if e.group == group)
+        members = [survivor] + [e.source for e in default.entries if e.group == group]
+        best = max(members, key=lambda p: (Image.open(p).size[0] * Image.open(p).size[1], os.stat(p).st_size,
+                                           -os.stat(p).st_mtime_ns))
+        assert survivor == best
+    applied = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved"))
+    assert [(e.source, e.destination) for e in applied.entries] == [(e.source, e.destination) for e in dry.entries]
+    assert all(e.status == "done" for e in applied.entries)
+
+
+def test_move_apply_updates_index_and_undo_restores_everything(library, tmp_path):
+    photos, index = library
+    before = file_hashes(photos)
+    plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved"))
+    manifest = json.loads(Path(plan.manifest).read_text(encoding="utf-8"))
+    jsonschema.validate(manifest, MANIFEST)
+    assert manifest["state"] == "applied" and not Path(plan.manifest + ".journal").exists()
+    moved = {e.source: e.destination for e in plan.entries}
+    assert len(moved) == 4 and str(photos / "b" / ODD_NAME) in moved
+    # relative structure kept below the deepest common folder of the moved files (photos/b)
+    assert moved[str(photos / "b" / "deep" / "chelsea_flip.jpg")] == str(tmp_path / "moved" / "deep" / "chelsea_flip.jpg")
+    after = file_hashes(photos, tmp_path / "moved")
+    for source, destination in moved.items():
+        assert source not in after and after[destination] == before[source]
+    assert {p: h for p, h in after.items() if p not in moved.values()} == {p: h for p, h in before.items() if p not in moved}
+    catalog = records(index)
+    check_index(index)
+    assert set(moved.values()) <= set(catalog) and not set(moved) & set(catalog) and len(catalog) == 7
+    grouped = {p for g in index.duplicates(0.8) for p in g.files}
+    assert set(moved.values()) <= grouped  # the moved files keep their vectors under their new paths
+
+    undone, reembed = actions.undo(plan.manifest)
+    assert reembed == [] and undone.state == "undone"
+    assert file_hashes(photos) == before and not any(files for _, _, files in os.walk(tmp_path / "moved"))
+    catalog = records(index)
+    check_index(index)
+    assert set(moved) <= set(catalog) and not set(moved.values()) & set(catalog)
+    actions.undo(plan.manifest)  # idempotent
+    assert file_hashes(photos) == before
+
+
+def test_hardlink_replaces_copies_by_links_and_undo_brings_the_bytes_back(library, embedder):
+    photos, index = library
+    before = file_hashes(photos)
+    plan = actions.apply_plan(plan_for(index, "hardlink"))
+    done = [e for e in plan.entries if e.status == "done"]
+    assert len(done) == 4
+    for entry in done:
+        assert os.path.samefile(entry.source, entry.survivor)
+        assert Path(entry.destination).is_relative_to(index.root / "trash")  # old bytes kept in the trash
+        assert hashlib.sha256(Path(entry.destination).read_bytes()).hexdigest() == before[entry.source]
+    catalog = records(index)
+    check_index(index)
+    for entry in done:  # same content as its survivor now, and the record says so
+        assert catalog[entry.source].sha256 == catalog[entry.survivor].sha256 == before[entry.survivor]
+    again = plan_for(index, "hardlink")  # nothing left to do: every copy already is the survivor
+    assert all(e.status == "skipped" and "already a hard link" in e.reason for e in again.entries)
+
+    _, reembed = actions.undo(plan.manifest)
+    assert sorted(reembed) == sorted(e.source for e in done)
+    index.add(reembed)
+    assert file_hashes(photos) == before
+    assert not any(os.path.samefile(e.source, e.survivor) for e in done)
+    catalog = records(index)
+    check_index(index)
+    assert all(catalog[e.source].sha256 == before[e.source] for e in done)
+
+
+def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
+    photos, index = library
+    before = file_hashes(photos)
+    env = {**os.environ, "NEARDUP_INDEX": str(index.root)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "neardup.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    refused = cli("dups", "--threshold", "0.8", "--action", "delete", "--apply")
+    assert refused.returncode == 2 and "--yes" in refused.stderr and file_hashes(photos) == before
+    dry = cli("dups", "--threshold", "0.8", "--action", "delete", "--json")
+    assert dry.returncode == 0 and "would delete 4 files" in dry.stderr
+    jsonschema.validate(json.loads(dry.stdout), MANIFEST)
+    applied = cli("dups", "--threshold", "0.8", "--action", "delete", "--apply", "--yes")
+    assert applied.returncode == 0, applied.stderr
+    manifest = next((index.root / "actions").glob("*.json"))
+    plan = actions.load_manifest(manifest)
+    gone = {e.source for e in plan.entries if e.status == "done"}
+    assert len(gone) == 4 and not any(os.path.exists(p) for p in gone)
+    assert str(plan.trash) in applied.stderr and f"neardup undo {manifest}" in applied.stderr
+    assert len(records(index)) == 3 and check_index(index)
+    undone = cli("undo", str(manifest))
+    assert undone.returncode == 0, undone.stderr
+    assert file_hashes(photos) == before
+    assert len(records(index)) == 7 and check_index(index)
+    assert {p for g in index.duplicates(0.8) for p in g.files} >= gone  # re-embedded, found again
+
+
+def test_keep_in_folder_is_preferred_and_never_touched(library, tmp_path):
+    photos, index = library
+    reference = photos / "b"
+    before = file_hashes(reference)
+    plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved", keep_in=[reference]))
+    assert all(Path(e.survivor).is_relative_to(reference) for e in plan.entries)
+    assert all(e.status == "skipped" and "--keep-in" in e.reason
+               for e in plan.entries if Path(e.source).is_relative_to(reference))
+    assert file_hashes(reference) == before
+    moved = {e.source for e in plan.entries if e.status == "done"}
+    assert moved == {str(photos / "a" / "chelsea.jpg"), str(photos / "a" / "coffee.jpg")}
+
+
+def test_files_changed_or_missing_since_indexing_are_skipped_with_reasons(library, tmp_path):
+    photos, index = library
+    changed = photos / "b" / "chelsea_half.jpg"
+    changed.write_bytes(changed.read_bytes() + b"edited")
+    same_size = photos / "b" / "coffee_jpeg30.jpg"
+    data = bytearray(same_size.read_bytes())
+    data[-3] ^= 0xFF
+    same_size.write_bytes(bytes(data))
+    (photos / "b" / "deep" / "chelsea_flip.jpg").unlink()
+    plan = plan_for(index, "move", to=tmp_path / "moved")
+    reasons = {os.path.basename(e.source): e.reason for e in plan.entries}
+    assert "size differs" in reasons["chelsea_half.jpg"]
+    assert "sha256 differs" in reasons["coffee_jpeg30.jpg"]
+    assert reasons["chelsea_flip.jpg"].startswith("missing")
+    assert reasons[ODD_NAME] is None
+    before = file_hashes(photos)
+    actions.apply_plan(plan)
+    after = file_hashes(photos)
+    assert all(after[str(photos / "b" / n)] == before[str(photos / "b" / n)] for n in ("chelsea_half.jpg", "coffee_jpeg30.jpg"))
+
+
+def test_move_never_overwrites_and_crosses_filesystems_by_verified_copy(library, tmp_path):
+    photos, index = library
+    before = file_hashes(photos)
+    other_fs = Path("/dev/shm")
+    cross = other_fs.is_dir() and os.stat(other_fs).st_dev != os.stat(tmp_path).st_dev
+    target = (other_fs / f"neardup-test-{os.getpid()}-{tmp_path.name}") if cross else tmp_path / "moved"
+    try:
+        (target / "deep").mkdir(parents=True)
+        squatter = target / "deep" / "chelsea_flip.jpg"
+        squatter.write_bytes(b"someone else's file")
+        plan = actions.apply_plan(plan_for(index, "move", to=target))
+        flip = next(e for e in plan.entries if e.source.endswith("chelsea_flip.jpg"))
+        assert flip.status == "done" and flip.destination == str(target / "deep" / "chelsea_flip (1).jpg")
+        assert squatter.read_bytes() == b"someone else's file"
+        after = file_hashes(target)
+        assert all(after[e.destination] == before[e.source] for e in plan.entries)
+        assert not [p for p in after if ".neardup-tmp-" in p]
+        actions.undo(plan.manifest)
+        assert file_hashes(photos) == before
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    if not cross:
+        pytest.skip("/dev/shm is not another filesystem here: only the same-filesystem move was tested")
+
+
+def test_hardlink_across_filesystems_is_refused_with_a_reason(library, embedder, tmp_path):
+    photos, index = library
+    other_fs = Path("/dev/shm")
+    if not other_fs.is_dir() or os.stat(other_fs).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to test a cross-filesystem hard link")
+    elsewhere = other_fs / f"neardup-test-{os.getpid()}-{tmp_path.name}"
+    elsewhere.mkdir()
+    try:
+        shutil.copy(photos / "a" / "rocket.jpg", elsewhere / "rocket_copy.jpg")
+        index.add([elsewhere])
+        plan = plan_for(index, "hardlink")
+        entry = next(e for e in plan.entries if e.source.startswith(str(elsewhere)) or e.survivor.startswith(str(elsewhere)))
+        assert entry.status == "skipped" and "another filesystem" in entry.reason
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_cli_usage_errors_for_action_options(library, tmp_path):
+    _, index = library
+    env = {**os.environ, "NEARDUP_INDEX": str(index.root)}
+    for args, message in (
+        (["--action", "move"], "--to"),
+        (["--to", str(tmp_path)], "needs --action"),
+        (["--action", "hardlink", "--to", str(tmp_path)], "--to goes with --action move"),
+        (["--action", "move", "--to", str(tmp_path), "--keep", "biggest"], "unknown keep criterion"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "neardup.cli", "dups", *args], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr, args
