@@ -136,7 +136,7 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot) -> None
                 failed += 1
                 click.echo(f"neardup: error: cannot read query {image}: {exc.reason}", err=True)
                 continue
-            results.append({"query": image, "matches": [{"path": m.path, "score": round(m.score, 6)} for m in matches]})
+            results.append({"query": image, "matches": [{"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]})
     if as_json:
         click.echo(json.dumps({"threshold": threshold, "results": results}, indent=2))
     else:
@@ -319,6 +319,76 @@ def undo_command(manifest, no_wait) -> None:
             index.add(reembed, wait=not no_wait, on_wait=_waiting)
     restored = sum(e.status == "undone" for e in plan.entries)
     click.echo(f"{restored} files of {manifest} are back in place (index updated)")
+
+
+@main.command("serve")
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback requires a token.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--token", envvar="NEARDUP_TOKEN", help="Require this token on every API call (env NEARDUP_TOKEN).")
+@click.option("--max-upload-mb", default=25.0, show_default=True, type=click.FloatRange(0.01, 1024),
+              help="Largest image accepted by /api/search.")
+def serve_command(index_dir, host, port, token, max_upload_mb) -> None:
+    """Serve the page and the JSON API (search by upload, duplicate groups, thumbnails)."""
+    import socket
+
+    try:
+        import uvicorn
+
+        from .web.app import create_app, is_loopback
+    except ImportError as exc:
+        raise Failure(f"serving needs FastAPI and uvicorn: pip install 'neardup[serve]' ({exc.name} is missing)") from exc
+    if not token and not is_loopback(host):
+        raise click.UsageError(f"--host {host} is reachable from other machines: set --token (or NEARDUP_TOKEN)")
+    if token is not None and len(token) < 8:
+        raise click.UsageError("--token must be at least 8 characters")
+    index = Index.open(index_dir)
+    index.stats()  # fail now, not on the first request, if the folder is no index
+    index.embedder  # load the model before the first search arrives
+    try:
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    app = create_app(index, token=token, max_upload_bytes=int(max_upload_mb * 1_000_000))
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host.strip('[]')}]" if ":" in host else host
+    url = f"http://{shown_host}:{bound_port}/" + (f"?token={token}" if token else "")
+    click.echo(f"neardup: serving {index.root} at {url} (API docs at /docs; Ctrl-C stops)", err=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        index.close()
+
+
+@main.command("report")
+@index_option
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1), help=threshold_help)
+@click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
+@click.option("--thumb-size", default=200, show_default=True, type=click.IntRange(32, 1024), help="Thumbnail side in pixels.")
+@click.option("--thumbs-beside", is_flag=True,
+              help="Write thumbnails as JPEGs into OUT-STEM_thumbs/ next to the report instead of embedding them.")
+@click.option("--max-groups", type=click.IntRange(1), help="Only the first (largest) N groups.")
+def report_command(index_dir, out, threshold, exact, thumb_size, thumbs_beside, max_groups) -> None:
+    """Write a static HTML gallery of the duplicate groups (opens from disk, no server, can be mailed)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .report import html_report
+
+    columns = (TextColumn("[bold]thumbnails"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Index.open(index_dir) as index, Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("thumbnails", total=None)
+        summary = html_report(index, out, threshold, exact=exact, thumb_size=thumb_size, thumbs_beside=thumbs_beside,
+                              max_groups=max_groups, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    click.echo(f"wrote {summary.out}: {summary.groups} groups, {summary.files} files"
+               + (f", thumbnails in {summary.thumbs_dir}" if summary.thumbs_dir else "")
+               + (f"; {summary.unreadable} images could not be read now (shown as such)" if summary.unreadable else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

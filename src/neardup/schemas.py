@@ -1,4 +1,4 @@
-"""JSON Schemas of neardup's machine-readable outputs (`query --json`, `dups --json`).
+"""JSON Schemas of neardup's machine-readable outputs (`query --json`, `dups --json`, the HTTP API).
 
 Scores are cosine similarities of unit vectors, in [-1, 1]; 1.0 means identical model input.
 """
@@ -29,7 +29,11 @@ QUERY = {
                             "type": "object",
                             "required": ["path", "score"],
                             "additionalProperties": False,
-                            "properties": {"path": {"type": "string", "description": "absolute path"}, "score": _SCORE},
+                            "properties": {
+                                "path": {"type": "string", "description": "absolute path"},
+                                "score": _SCORE,
+                                "id": {"type": "integer", "description": "catalog id (GET /api/images/{id})"},
+                            },
                         },
                     },
                 },
@@ -107,4 +111,69 @@ MANIFEST = {
             },
         },
     },
+}
+
+_IMAGE_PROPERTIES = {
+    "id": {"type": "integer", "description": "catalog id"},
+    "path": {"type": "string", "description": "absolute path"},
+    "width": {"type": ["integer", "null"], "description": "pixels, after EXIF orientation"},
+    "height": {"type": ["integer", "null"]},
+    "bytes": {"type": "integer", "description": "file size when indexed"},
+}
+
+_IMAGE = {"type": "object", "required": list(_IMAGE_PROPERTIES), "additionalProperties": False,
+          "properties": _IMAGE_PROPERTIES}
+
+IMAGE = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "GET /api/images/{id}/info", **_IMAGE}
+
+DUPS_PAGE = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "GET /api/duplicates: one page of duplicate groups",
+    "type": "object",
+    "required": ["threshold", "page", "per_page", "pages", "total_groups", "total_files", "groups"],
+    "additionalProperties": False,
+    "properties": {
+        "threshold": {"type": "number"},
+        "page": {"type": "integer", "minimum": 1, "description": "1-based"},
+        "per_page": {"type": "integer", "minimum": 1},
+        "pages": {"type": "integer", "minimum": 0},
+        "total_groups": {"type": "integer", "minimum": 0},
+        "total_files": {"type": "integer", "minimum": 0, "description": "files in all groups"},
+        "groups": {
+            "type": "array",
+            "description": "largest groups first, the same order as `dups`",
+            "items": {
+                "type": "object",
+                "required": ["number", "min_score", "max_score", "images"],
+                "additionalProperties": False,
+                "properties": {
+                    "number": {"type": "integer", "minimum": 1, "description": "position in the whole list"},
+                    "min_score": {**_SCORE, "description": "weakest verified link joining the group"},
+                    "max_score": {**_SCORE, "description": "strongest verified link in the group"},
+                    "images": {"type": "array", "minItems": 2, "items": _IMAGE},
+                },
+            },
+        },
+    },
+}
+
+COMPARE = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "GET /api/compare?a=&b=",
+    "type": "object",
+    "required": ["score", "images"],
+    "additionalProperties": False,
+    "properties": {
+        "score": {**_SCORE, "description": "cosine of the two stored vectors"},
+        "images": {"type": "array", "minItems": 2, "maxItems": 2, "items": _IMAGE},
+    },
+}
+
+ERROR = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "any HTTP API error (4xx/5xx)",
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {"error": {"type": "string", "description": "one line for the user"}},
 }

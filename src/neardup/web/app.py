@@ -1,0 +1,382 @@
+"""The HTTP API and the page, over one open Index (`neardup serve`; needs `pip install 'neardup[serve]'`).
+
+    POST /api/search              an image (multipart field `file`, or the raw body) -> schemas.QUERY
+    GET  /api/duplicates          ?threshold=&page=&per_page= -> schemas.DUPS_PAGE
+    GET  /api/images/{id}         the indexed file itself; /thumb a cached JPEG; /info -> schemas.IMAGE
+    GET  /api/compare?a=&b=       two images and the cosine of their vectors -> schemas.COMPARE
+    GET  /api/stats               what `neardup info --json` prints
+    GET  /                        the page (static/index.html, app.js, style.css; no external resources)
+
+Safety: images are addressed by catalog id only (no path ever comes from a request). Uploads are read
+into memory up to a size cap whatever Content-Length says, decoded by images.load_image (pixel limit
+from the header, so bombs are refused before decoding) and never written anywhere. With a token every
+/api call needs it (`Authorization: Bearer T`, or the cookie set by opening `/?token=T`); without one
+the server only answers requests addressed to a loopback name (a DNS-rebinding page cannot reach it).
+Every error is JSON {"error": "..."} (schemas.ERROR), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import math
+import mimetypes
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..images import ImageError, load_image
+from ..index import DEFAULT_THRESHOLD, Index, NeardupError
+from ..store import Record, StoreError
+from .thumbnails import ThumbnailCache
+
+STATIC = Path(__file__).with_name("static")
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+MAX_K = 200
+#: Lowest threshold the server computes groups for: below it nearly every pair is a candidate, an
+#: O(n²) job no web request should start (the CLI's `dups` takes any threshold).
+MIN_DUPS_THRESHOLD = 0.5
+MAX_PER_PAGE = 200
+TOKEN_COOKIE = "neardup_token"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_MAX_ID = 2**63 - 1
+_DUPS_CACHE_SIZE = 8
+
+log = logging.getLogger("neardup.web")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
+
+
+def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               search_workers: int | None = None, max_queued_searches: int = 1000,
+               thumbs_dir: str | os.PathLike | None = None) -> FastAPI:
+    """The app serving `index`. `search_workers` threads embed uploads (default: the CPU count): the
+    rest of a burst waits in a queue, and only more than `max_queued_searches` waiting gets a 503."""
+    app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
+                  docs_url="/docs", redoc_url=None)
+    thumbs = ThumbnailCache(thumbs_dir or index.root / "thumbs")
+    searches = ThreadPoolExecutor(max_workers=search_workers or os.cpu_count() or 1, thread_name_prefix="search")
+    queued = _Counter()
+    duplicates = _DuplicatesCache(index)
+    page = (STATIC / "index.html").read_bytes()
+
+    # ---- errors: always JSON, never a traceback ------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return _error(exc.status_code, message.lower() if message == "Not Found" else message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                    for e in exc.errors()]
+        return _error(422, "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        if isinstance(exc, (StoreError, NeardupError)):
+            return _error(503, f"the index cannot be read: {exc}")
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    # ---- access: token or loopback-only ----------------------------------------------------------
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is None:
+            if _host_name(request.headers.get("host", "")) not in LOOPBACK_NAMES:
+                return _error(403, "this server answers loopback addresses only (start it with --token to allow others)")
+        elif request.url.path.startswith("/api/") and not _token_ok(request, token):
+            return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or open /?token=<token>")
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if not request.url.path.startswith("/docs"):  # Swagger UI loads its script and style from a CDN
+            response.headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'; "
+                "base-uri 'none'; form-action 'self'")
+        return response
+
+    # ---- the page ------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def home(request: Request):
+        given = request.query_params.get("token")
+        if given is not None and token is not None:
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return _error(401, "wrong token")
+            # the cookie carries the token from now on; the redirect takes it out of the address bar
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            return response
+        return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # ---- API -------------------------------------------------------------------------------------
+
+    @app.post("/api/search", openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
+            "threshold": {"type": "number"}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    }}})
+    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
+                     threshold: float | None = Query(None, ge=-1, le=1)):
+        """Upload an image; get its k most similar indexed images (schema: neardup.schemas.QUERY).
+        k and threshold come from the query string or from form fields of the same name."""
+        body = await _read_capped(request, max_upload_bytes)
+        name, data, fields = _upload(request.headers.get("content-type", ""), body)
+        k = _number(fields.get("k"), int, "k", 1, MAX_K) if "k" in fields else (k or 10)
+        if "threshold" in fields:
+            threshold = _number(fields["threshold"], float, "threshold", -1, 1)
+        if not queued.enter(max_queued_searches):
+            raise ApiError(503, "too many searches waiting; retry in a moment")
+        try:
+            matches = await asyncio.wrap_future(searches.submit(_search, index, data, k, threshold))
+        finally:
+            queued.leave()
+        return {"threshold": threshold, "results": [{"query": name, "matches": [
+            {"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]}]}
+
+    @app.get("/api/duplicates")
+    def list_duplicates(threshold: float = Query(DEFAULT_THRESHOLD, ge=MIN_DUPS_THRESHOLD, le=1),
+                        page: int = Query(1, ge=1, le=10**9), per_page: int = Query(50, ge=1, le=MAX_PER_PAGE)):
+        """One page of duplicate groups, largest first (schema: neardup.schemas.DUPS_PAGE). Groups are
+        computed once per index version and threshold, then served from memory."""
+        threshold = round(threshold, 4)
+        groups = duplicates.get(threshold)
+        pages = math.ceil(len(groups) / per_page)
+        start = (page - 1) * per_page
+        shown = []
+        for number, group in enumerate(groups[start:start + per_page], start + 1):
+            images = [_image_info(index.image(i)) for i in group.ids]
+            shown.append({"number": number, "min_score": round(group.min_score, 6),
+                          "max_score": round(group.max_score, 6), "images": [i for i in images if i]})
+        return {"threshold": threshold, "page": page, "per_page": per_page, "pages": pages,
+                "total_groups": len(groups), "total_files": sum(len(g.ids) for g in groups), "groups": shown}
+
+    @app.get("/api/images/{image_id}")
+    def image_file(image_id: int = PathParam(ge=1, le=_MAX_ID)):
+        """The indexed file itself, by catalog id."""
+        record = _indexed(index, image_id)
+        if not os.path.isfile(record.path):
+            raise ApiError(404, f"image {image_id} is no longer on disk")
+        media_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
+        if not media_type.startswith("image/") or media_type == "image/svg+xml":
+            media_type = "application/octet-stream"
+        return FileResponse(record.path, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
+
+    @app.get("/api/images/{image_id}/thumb")
+    def image_thumb(image_id: int = PathParam(ge=1, le=_MAX_ID)):
+        """A JPEG thumbnail (at most 256 px a side), cached in the index folder."""
+        record = _indexed(index, image_id)
+        try:
+            data = thumbs.get(record)
+        except ImageError as exc:
+            raise ApiError(404, f"image {image_id} cannot be read now: {exc.reason}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/images/{image_id}/info")
+    def image_info(image_id: int = PathParam(ge=1, le=_MAX_ID)):
+        """Path, dimensions and file size of one image (schema: neardup.schemas.IMAGE)."""
+        return _image_info(_indexed(index, image_id))
+
+    @app.get("/api/compare")
+    def compare(a: int = Query(ge=1, le=_MAX_ID), b: int = Query(ge=1, le=_MAX_ID)):
+        """Two images side by side: their details and the cosine of their vectors (schema: COMPARE)."""
+        records = [_indexed(index, a), _indexed(index, b)]
+        score = index.similarity(a, b)
+        if score is None:
+            raise ApiError(404, "one of the images left the index")
+        return {"score": round(score, 6), "images": [_image_info(r) for r in records]}
+
+    @app.get("/api/stats")
+    def stats():
+        """What `neardup info --json` prints: image counts, model, storage."""
+        return index.stats()
+
+    return app
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without the port ('[::1]:8000' -> '[::1]')."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header.split("]", 1)[0] + "]"
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _token_ok(request: Request, token: str) -> bool:
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else request.cookies.get(TOKEN_COOKIE, "")
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (Content-Length is not trusted)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing on top of the file
+        raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit + 64 * 1024:
+            raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _upload(content_type: str, body: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """(file name, image bytes, other form fields) of a multipart form or of a raw image body."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        if not body:
+            raise ApiError(400, "no image: send multipart/form-data with a 'file' field, or the image as the body")
+        return "upload", body, {}
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart/form-data without a boundary")
+    parts: list[dict] = []
+    state: dict = {}
+
+    def on_part_begin():
+        parts.append({"headers": {}, "data": bytearray()})
+
+    def on_header_field(data, start, end):
+        state["field"] = state.get("field", b"") + data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] = state.get("value", b"") + data[start:end]
+
+    def on_header_end():
+        parts[-1]["headers"][state.pop("field", b"").lower()] = state.pop("value", b"")
+
+    def on_part_data(data, start, end):
+        parts[-1]["data"] += data[start:end]
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                        "on_part_data": on_part_data})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # python-multipart raises several types for malformed bodies
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
+    name, data, fields = None, None, {}
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        field = disposition.get(b"name", b"").decode("utf-8", "replace")
+        if field in ("file", "image") and data is None:
+            name = os.path.basename(disposition.get(b"filename", b"upload").decode("utf-8", "replace")) or "upload"
+            data = bytes(part["data"])
+        elif field in ("k", "threshold"):
+            fields[field] = part["data"].decode("utf-8", "replace").strip()
+    if not data:
+        raise ApiError(400, "no image: the form needs a non-empty 'file' field")
+    return name, data, fields
+
+
+def _number(text: str, kind, name: str, low: float, high: float):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ApiError(422, f"{name}: not a number: {text[:40]!r}") from None
+    if not low <= value <= high or value != value:
+        raise ApiError(422, f"{name}: must be between {low} and {high}")
+    return value
+
+
+def _search(index: Index, data: bytes, k: int, threshold: float | None):
+    try:
+        decoded = load_image(data, min_side=index.embedder.input_size)
+    except ImageError as exc:
+        raise ApiError(422, f"cannot read the uploaded image: {exc.reason}") from None
+    return index.query(decoded.image, k=k, threshold=threshold)
+
+
+def _indexed(index: Index, image_id: int) -> Record:
+    record = index.image(image_id)
+    if record is None or record.status != "indexed":
+        raise ApiError(404, f"no indexed image with id {image_id}")
+    return record
+
+
+def _image_info(record: Record | None) -> dict | None:
+    if record is None:
+        return None
+    return {"id": record.id, "path": record.path, "width": record.width, "height": record.height, "bytes": record.size}
+
+
+class _Counter:
+    def __init__(self):
+        self._value, self._lock = 0, threading.Lock()
+
+    def enter(self, limit: int) -> bool:
+        with self._lock:
+            if self._value >= limit:
+                return False
+            self._value += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._value -= 1
+
+
+class _DuplicatesCache:
+    """Groups per (index version, threshold), computed once: one computation at a time, the last few
+    thresholds kept, so paging through thousands of groups and moving the slider back stay instant."""
+
+    def __init__(self, index: Index):
+        self._index = index
+        self._lock = threading.Lock()
+        self._cache: OrderedDict = OrderedDict()
+
+    def get(self, threshold: float):
+        with self._lock:
+            key = (self._index.version(), threshold)
+            if key not in self._cache:
+                self._cache[key] = self._index.duplicates(threshold)
+                while len(self._cache) > _DUPS_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            return self._cache[key]

@@ -1,0 +1,321 @@
+"""The HTTP API (FastAPI's test client and a real uvicorn on loopback), the HTML report and the query figure."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import math
+import re
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from neardup.cli import main  # noqa: E402
+from neardup.index import Index  # noqa: E402
+from neardup.report import html_report  # noqa: E402
+from neardup.schemas import COMPARE, DUPS_PAGE, ERROR, IMAGE, QUERY  # noqa: E402
+from neardup.web.app import create_app  # noqa: E402
+
+from webserver import serve_in_thread  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "correct-horse-battery"
+
+
+@pytest.fixture(scope="module")
+def app(full_index, tmp_path_factory):
+    return create_app(full_index, thumbs_dir=tmp_path_factory.mktemp("thumbs"))
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+def copy_of(collection, name: str, edit: str) -> Path:
+    return Path(next(c["path"] for c in collection["copies"] if c["original"] == name and c["edit"] == edit))
+
+
+def assert_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    jsonschema.validate(body, ERROR)
+    assert "Traceback" not in body["error"]
+    return body["error"]
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose header claims width x height: what a decompression bomb looks like."""
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, "PNG")
+    png = bytearray(out.getvalue())
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+# ---- search ----------------------------------------------------------------------------------------
+
+def test_search_upload_finds_the_copies(client, collection, full_index):
+    query = copy_of(collection, "chelsea", "crop80")
+    response = client.post("/api/search", params={"k": 8}, files={"file": (query.name, query.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    jsonschema.validate(payload, QUERY)
+    assert payload["threshold"] is None and payload["results"][0]["query"] == query.name
+    matches = payload["results"][0]["matches"]
+    assert len(matches) == 8
+    assert matches[0]["path"] == str(query) and matches[0]["score"] > 0.999  # the very same pixels are indexed
+    assert all(Path(m["path"]).name.startswith("chelsea") for m in matches)  # the original and its 7 copies
+    assert [m["score"] for m in matches] == sorted((m["score"] for m in matches), reverse=True)
+    for match in matches[:3]:
+        assert full_index.image(match["id"]).path == match["path"]
+
+
+def test_search_fields_raw_body_and_threshold(client, collection):
+    query = copy_of(collection, "coffee", "half").read_bytes()
+    raw = client.post("/api/search", params={"k": 3, "threshold": 0.9}, content=query,
+                      headers={"content-type": "application/octet-stream"})
+    assert raw.status_code == 200, raw.text
+    jsonschema.validate(raw.json(), QUERY)
+    assert raw.json()["threshold"] == 0.9 and raw.json()["results"][0]["query"] == "upload"
+    assert 1 <= len(raw.json()["results"][0]["matches"]) <= 3
+    assert all(m["score"] >= 0.9 for m in raw.json()["results"][0]["matches"])
+    form = client.post("/api/search", data={"k": "2", "threshold": "-1"}, files={"file": ("q.jpg", query)})
+    assert form.status_code == 200 and form.json()["threshold"] == -1 and len(form.json()["results"][0]["matches"]) == 2
+
+
+@pytest.mark.parametrize("case", ["corrupt", "not an image", "bomb", "empty form", "no body", "bad k",
+                                  "bad form k", "threshold out of range", "malformed multipart"])
+def test_bad_search_requests_get_a_json_4xx(client, case):
+    jpeg_head = b"\xff\xd8\xff\xe0" + b"\x00" * 200
+    request = {
+        "corrupt": dict(files={"file": ("broken.jpg", jpeg_head)}),
+        "not an image": dict(files={"file": ("notes.jpg", b"hello, this is text " * 20)}),
+        "bomb": dict(files={"file": ("bomb.png", png_with_declared_size(40_000, 40_000))}),
+        "empty form": dict(files={"file": ("empty.jpg", b"")}),
+        "no body": dict(content=b"", headers={"content-type": "image/jpeg"}),
+        "bad k": dict(params={"k": 0}, files={"file": ("x.jpg", jpeg_head)}),
+        "bad form k": dict(data={"k": "many"}, files={"file": ("x.jpg", jpeg_head)}),
+        "threshold out of range": dict(params={"threshold": 3}, files={"file": ("x.jpg", jpeg_head)}),
+        "malformed multipart": dict(content=b"--xyz\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=xyz"}),
+    }[case]
+    response = client.post("/api/search", **request)
+    message = assert_error(response, {"corrupt": 422, "not an image": 422, "bomb": 422, "bad k": 422,
+                                      "bad form k": 422, "threshold out of range": 422}.get(case, 400))
+    if case == "bomb":
+        assert "pixels" in message or "bomb" in message
+
+
+def test_upload_size_is_capped_whatever_content_length_says(full_index, tmp_path, collection):
+    app = create_app(full_index, max_upload_bytes=100_000, thumbs_dir=tmp_path)
+    big = (b"\xff\xd8\xff" + bytes(300_000))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert "too large" in assert_error(client.post("/api/search", files={"file": ("big.jpg", big)}), 413)
+        # chunked upload: no Content-Length to trust, the server counts
+        chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))
+        assert_error(client.post("/api/search", content=chunks, headers={"content-type": "image/jpeg"}), 413)
+        small = copy_of(collection, "rocket", "half").read_bytes()
+        assert len(small) < 100_000 and client.post("/api/search", files={"file": ("ok.jpg", small)}).status_code == 200
+
+
+# ---- duplicates, images, compare, stats -----------------------------------------------------------------
+
+def test_duplicates_pages_cover_every_group_once(client, full_index):
+    expected = full_index.duplicates(0.65)
+    first = client.get("/api/duplicates", params={"threshold": 0.65, "per_page": 5})
+    assert first.status_code == 200, first.text
+    jsonschema.validate(first.json(), DUPS_PAGE)
+    assert first.json()["total_groups"] == len(expected) >= 10
+    assert first.json()["pages"] == math.ceil(len(expected) / 5)
+    assert first.json()["total_files"] == sum(len(g.ids) for g in expected)
+    seen = []
+    for page in range(1, first.json()["pages"] + 1):
+        body = client.get("/api/duplicates", params={"threshold": 0.65, "per_page": 5, "page": page}).json()
+        jsonschema.validate(body, DUPS_PAGE)
+        seen += [(g["number"], [i["id"] for i in g["images"]]) for g in body["groups"]]
+    assert seen == [(n, g.ids) for n, g in enumerate(expected, 1)]
+    beyond = client.get("/api/duplicates", params={"threshold": 0.65, "per_page": 5, "page": 999}).json()
+    assert beyond["groups"] == [] and beyond["total_groups"] == len(expected)
+    strict = client.get("/api/duplicates", params={"threshold": 0.99}).json()
+    assert strict["total_files"] < first.json()["total_files"]  # only the near-identical copies remain
+    default = client.get("/api/duplicates").json()
+    assert default["threshold"] == 0.65 and default["page"] == 1
+
+
+@pytest.mark.parametrize("params", [{"threshold": 0.1}, {"threshold": "x"}, {"page": 0}, {"per_page": 10_000}])
+def test_bad_duplicates_requests(client, params):
+    assert_error(client.get("/api/duplicates", params=params), 422)
+
+
+def test_images_served_by_catalog_id_only(client, full_index, collection, app):
+    original = collection["originals"]["astronaut"]
+    image_id = next(m.id for m in full_index.query(original, k=1, exclude_self=False))
+    assert client.get(f"/api/images/{image_id}").content == Path(original).read_bytes()
+    info = client.get(f"/api/images/{image_id}/info").json()
+    jsonschema.validate(info, IMAGE)
+    assert info["path"] == original and info["bytes"] == Path(original).stat().st_size
+    with Image.open(original) as img:
+        assert (info["width"], info["height"]) == img.size
+    thumb = client.get(f"/api/images/{image_id}/thumb")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(thumb.content)) as img:
+        assert img.format == "JPEG" and max(img.size) == 256
+    assert client.get(f"/api/images/{image_id}/thumb").content == thumb.content  # from the cache now
+    for bad, status in [("999999", 404), ("0", 422), ("-3", 422), ("abc", 422), (str(2**70), 422)]:
+        assert_error(client.get(f"/api/images/{bad}"), status)
+        assert_error(client.get(f"/api/images/{bad}/thumb"), status)
+    for traversal in ["../../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"]:
+        response = client.get(f"/api/images/{traversal}")
+        assert response.status_code in (404, 422) and "root:" not in response.text
+
+
+def test_compare_gives_the_cosine_of_two_images(client, full_index, collection):
+    a = full_index.query(collection["originals"]["coffee"], k=1, exclude_self=False)[0]
+    b = full_index.query(str(copy_of(collection, "coffee", "flip")), k=1, exclude_self=False)[0]
+    body = client.get("/api/compare", params={"a": a.id, "b": b.id}).json()
+    jsonschema.validate(body, COMPARE)
+    vector_a, vector_b = full_index.embed(a.path), full_index.embed(b.path)
+    assert body["score"] == pytest.approx(float(np.dot(vector_a, vector_b)), abs=1e-4)
+    assert [i["id"] for i in body["images"]] == [a.id, b.id]
+    assert client.get("/api/compare", params={"a": b.id, "b": a.id}).json()["score"] == body["score"]
+    assert_error(client.get("/api/compare", params={"a": a.id, "b": 999999}), 404)
+    assert_error(client.get("/api/compare", params={"a": a.id}), 422)
+
+
+def test_stats_page_and_static_files_are_offline(client, full_index):
+    stats = client.get("/api/stats").json()
+    assert stats["images"] == full_index.stats()["images"] == 128
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text):
+        assert client.get(asset).status_code == 200
+    static = Path(__file__).resolve().parents[1] / "src" / "neardup" / "web" / "static"
+    for file in static.iterdir():
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", file.read_text()), f"external resource in {file.name}"
+    assert_error(client.get("/api/nothing-here"), 404)
+    assert_error(client.delete("/api/stats"), 405)
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/search", "/api/duplicates", "/api/stats"}
+
+
+# ---- access ----------------------------------------------------------------------------------------------
+
+def test_token_is_required_on_every_api_call(full_index, tmp_path):
+    app = create_app(full_index, token=TOKEN, thumbs_dir=tmp_path)
+    with TestClient(app, base_url="http://192.0.2.10") as client:
+        for path in ["/api/stats", "/api/duplicates", "/api/images/1/thumb", "/api/compare?a=1&b=2"]:
+            assert_error(client.get(path), 401)
+            assert_error(client.get(path, headers={"Authorization": "Bearer wrong-token-value"}), 401)
+        assert_error(client.post("/api/search", content=b"x", headers={"content-type": "image/jpeg"}), 401)
+        assert client.get("/api/stats", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert client.get("/").status_code == 200  # the page itself holds no data
+        assert_error(client.get("/", params={"token": "not-it"}), 401)
+        visit = client.get("/", params={"token": TOKEN}, follow_redirects=False)
+        assert visit.status_code == 303 and visit.headers["location"] == "/"
+        cookie = visit.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert client.get("/api/stats").status_code == 200  # the client now carries the cookie
+
+
+def test_without_token_only_loopback_names_are_answered(app):
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/api/stats").status_code == 200
+        assert client.get("/api/stats", headers={"host": "localhost:8000"}).status_code == 200
+        assert client.get("/api/stats", headers={"host": "[::1]:8000"}).status_code == 200
+        # a DNS-rebinding page reaches 127.0.0.1 under its own name: refused
+        assert_error(client.get("/api/stats", headers={"host": "evil.example:8000"}), 403)
+
+
+def test_broken_index_gives_json_errors_not_tracebacks(tmp_path, photo_folder, embedder, collection):
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    index.add([photo_folder])
+    ids = [m.id for m in index.query(str(photo_folder / "chelsea.jpg"), k=2, exclude_self=False)]
+    shutil.rmtree(tmp_path / "idx" / "segments")  # the vectors are gone from under the running server
+    app = create_app(Index.open(tmp_path / "idx", embedder=embedder), thumbs_dir=tmp_path / "thumbs")
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        assert "index" in assert_error(client.get("/api/compare", params={"a": ids[0], "b": ids[1]}), 503)
+        query = Path(collection["originals"]["chelsea"]).read_bytes()
+        assert_error(client.post("/api/search", files={"file": ("q.jpg", query)}), 503)
+        (photo_folder / "coffee.jpg").unlink()  # an indexed file deleted from disk
+        coffee = next(r for r in index._reader.records() if r.path.endswith("coffee.jpg"))
+        assert_error(client.get(f"/api/images/{coffee.id}"), 404)
+        assert_error(client.get(f"/api/images/{coffee.id}/thumb"), 404)
+    index.close()
+
+
+def test_serve_refuses_unsafe_or_impossible_starts(tmp_path, full_index):
+    runner = CliRunner()
+    public = runner.invoke(main, ["serve", "--index", str(full_index.root), "--host", "0.0.0.0"], env={"NEARDUP_TOKEN": None})
+    assert public.exit_code == 2 and "token" in public.output
+    short = runner.invoke(main, ["serve", "--index", str(full_index.root), "--token", "abc"])
+    assert short.exit_code == 2
+    missing = runner.invoke(main, ["serve", "--index", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "no index" in missing.output
+
+
+# ---- load (bounded, on loopback) ------------------------------------------------------------------------
+
+def test_concurrent_searches_complete_without_error(app, collection):
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "benchmarks" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    payloads = [(Path(c["path"]).name, Path(c["path"]).read_bytes()) for c in collection["copies"][:20]]
+    with serve_in_thread(app) as url:
+        result = load_test.fire(url, payloads, total=40, concurrency=40, timeout=120)
+    print("40 concurrent searches:", result)
+    assert result["errors"] == 0 and result["ok"] == 40, result["first_errors"]
+
+
+# ---- report and figure ------------------------------------------------------------------------------------
+
+def test_html_report_is_self_contained(full_index, tmp_path):
+    out = tmp_path / "mail" / "report.html"
+    out.parent.mkdir()
+    summary = html_report(full_index, out, 0.65, thumb_size=96)
+    groups = full_index.duplicates(0.65)
+    assert (summary.groups, summary.files, summary.unreadable) == (len(groups), sum(len(g.ids) for g in groups), 0)
+    text = out.read_text()
+    assert list(out.parent.iterdir()) == [out]  # one file: it can be mailed
+    assert len(re.findall(r'<section id="group-\d+">', text)) == len(groups)
+    sources = re.findall(r'<img src="([^"]+)" alt="([^"]+)"', text)
+    assert len(sources) == summary.files and all(src.startswith("data:image/jpeg;base64,") for src, _ in sources)
+    with Image.open(io.BytesIO(base64.b64decode(sources[0][0].split(",", 1)[1]))) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) == 96
+    assert not re.search(r'(src|href)="https?:', text)  # nothing fetched from the network
+    assert Path(groups[0].files[0]).name in text
+
+
+def test_report_command_with_thumbnails_beside(full_index, tmp_path):
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["report", "--index", str(full_index.root), "--out", str(out),
+                                       "--thumbs-beside", "--max-groups", "3"])
+    assert result.exit_code == 0, result.output
+    assert "3 groups" in result.output
+    sources = re.findall(r'<img src="([^"]+)"', out.read_text())
+    assert sources and all(src.startswith("report_thumbs/") and (tmp_path / src).is_file() for src in sources)
+
+
+def test_query_plot_writes_the_figure(full_index, collection, tmp_path):
+    out = tmp_path / "query.png"
+    query = copy_of(collection, "rocket", "crop80")
+    result = CliRunner().invoke(main, ["query", str(query), "--index", str(full_index.root), "-k", "4", "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as figure:
+        assert figure.format == "PNG" and figure.size == (1500, 330)  # 5 columns x 1 row at 3 x 3.3 in, 100 dpi
+        pixels = np.asarray(figure.convert("L"), dtype=np.float32)
+    # the query and 4 matches are drawn (not blank panels): every one of the 5 panels has image content
+    assert all(pixels[60:300, i * 300 + 20:(i + 1) * 300 - 20].std() > 10 for i in range(5))
