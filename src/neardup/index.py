@@ -312,7 +312,8 @@ class Index:
         records = [self._reader.record_by_id(int(i)) for i in (a, b)]
         if any(r is None or r.status != "indexed" for r in records):
             return None
-        return float(np.dot(self._reader.vector(records[0]), self._reader.vector(records[1])))
+        va, vb = (self._reader.vector(r) for r in records)  # float16 on disk: renormalise like the search does
+        return float(np.dot(va, vb) / max(float(np.linalg.norm(va) * np.linalg.norm(vb)), 1e-12))
 
     def version(self) -> int:
         """Changes whenever a writer commits: the key for caching anything derived from the index."""

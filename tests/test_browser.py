@@ -1,0 +1,124 @@
+"""The page in a real headless Chromium (Debian's, driven by Playwright): upload, duplicates, compare.
+
+Screenshots are written to test-artifacts/ at the repository root (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("NEARDUP_CHROMIUM", "/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("fastapi")
+
+from neardup.index import Index  # noqa: E402
+from neardup.web.app import create_app  # noqa: E402
+
+from webserver import serve_in_thread  # noqa: E402
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+TOKEN = "browser-test-token"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, collection, embedder):
+    """Every original except chelsea's, and the edited copies of chelsea, coffee and rocket: chelsea's
+    original is not indexed, so its best match must be one of its edited copies."""
+    index = Index.open(tmp_path_factory.mktemp("browser") / "idx", create=True, embedder=embedder)
+    files = [path for name, path in collection["originals"].items() if name != "chelsea"]
+    files += [c["path"] for c in collection["copies"] if c["original"] in ("chelsea", "coffee", "rocket")]
+    summary = index.add(files)
+    assert summary.failed == 0
+    yield index
+    index.close()
+
+
+def loaded_images(page, selector: str) -> None:
+    page.wait_for_function(
+        "s => { const imgs = [...document.querySelectorAll(s)];"
+        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }", arg=selector)
+
+
+def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path):
+    expect = sync_api.expect
+    expect.set_options(timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    app = create_app(gallery, token=TOKEN, thumbs_dir=tmp_path / "thumbs")
+    with serve_in_thread(app) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.on("response", lambda response: response.status >= 400 and problems.append(f"{response.status} {response.url}"))
+
+            # the token link sets the cookie and leaves the address bar clean
+            page.goto(f"{url}/?token={TOKEN}")
+            assert "token" not in page.url
+            expect(page.locator("#stats")).to_contain_text(f"{gallery.stats()['images']} images indexed")
+
+            # search: choose chelsea's original; its edited copies come first
+            page.set_input_files("#file", collection["originals"]["chelsea"])
+            results = page.locator("#results li")
+            expect(results.first).to_be_visible()
+            top_path = results.first.locator(".path").inner_text()
+            assert re.search(r"/chelsea__\w+\.jpg$", top_path), top_path
+            top_score = float(results.first.locator(".score").inner_text())
+            assert 0.8 < top_score < 1.0
+            loaded_images(page, "#results img")
+            assert page.locator("img:not([alt])").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
+
+            # compare the query with its best match
+            results.first.locator("button").click()
+            expect(page.locator("#view-compare")).to_be_visible()
+            expect(page.locator("#compare-score")).to_contain_text(f"{top_score:.3f}")
+            page.click("#compare-back")
+            expect(page.locator("#view-search")).to_be_visible()
+
+            # duplicates: the groups the API computes, in order
+            page.click("#tab-duplicates")
+            expected = gallery.duplicates(0.65)
+            status = page.locator("#dups-status")
+            expect(status).to_contain_text(f"{len(expected)} groups")
+            groups = page.locator("#groups section.group")
+            expect(groups).to_have_count(len(expected))
+            loaded_images(page, "#groups img")
+            page.screenshot(path=str(ARTIFACTS / "duplicates.png"), full_page=True)
+
+            # the threshold slider re-queries: at 1.00 nothing is a duplicate any more, back at 0.65 all return
+            page.locator("#threshold").fill("1")
+            expect(status).to_contain_text("No duplicates at threshold 1")
+            page.locator("#threshold").fill("0.65")
+            expect(status).to_contain_text(f"{len(expected)} groups")
+
+            # compare two members of the first group, chosen with the keyboard
+            first = groups.first
+            buttons = first.locator("ul.strip button")
+            for i in (1, 2):
+                buttons.nth(i).focus()
+                page.keyboard.press("Enter")
+                expect(buttons.nth(i)).to_have_attribute("aria-pressed", "true")
+            first.locator("button.compare-button").click()
+            compare = page.locator("#view-compare")
+            expect(compare).to_be_visible()
+            expect(page.locator("#compare-score")).to_contain_text("Score")
+            expect(compare.locator("dd").first).to_contain_text(" px")
+            loaded_images(page, "#view-compare img")
+            score = float(page.locator("#compare-score").inner_text().rsplit(" ", 1)[1])
+            ids = [expected[0].ids[1], expected[0].ids[2]]
+            assert score == pytest.approx(gallery.similarity(*ids), abs=1e-3)
+            page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+            print(f"screenshots: {ARTIFACTS}/search.png, duplicates.png, compare.png")
+            assert problems == []
+        finally:
+            browser.close()
