@@ -95,6 +95,20 @@ class AddSummary:
     skipped_files: list[str] = field(default_factory=list)
 
 
+@dataclass
+class MergeSummary:
+    """Counts of one `merge` run: rows read, and what they did to the catalog."""
+
+    shards: int = 0
+    rows: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    stale: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
 ProgressCallback = Callable[[int, int, int], None]  # (done, total, failed)
 
 
@@ -216,6 +230,49 @@ class Index:
     def compact(self) -> int:
         with Store.open(self.root, write=True) as store:
             return store.compact()
+
+    def merge(self, shards: Iterable[str], *, progress: ProgressCallback | None = None, wait: bool = True,
+              on_wait: Callable[[], None] | None = None) -> "MergeSummary":
+        """Import Parquet shards written by a distributed run (neardup.shards): idempotent, so merging
+        the same shards again adds nothing; one commit per shard. Every shard's format and model are
+        checked before anything is written; vectors are hashed here with the index's own planes.
+        progress(done_shards, total_shards, failed_rows)."""
+        from . import shards as shard_io
+
+        files = shard_io.shard_files(shards)
+        models = [shard_io.read_model(path) for path in files]
+        summary = MergeSummary(shards=len(files))
+        with Store.open(self.root, create=True, write=True, wait=wait, on_wait=on_wait) as store:
+            self._check_model(store, initialise=True)
+            identity = store.get_meta("model")
+            for path, model in zip(files, models):
+                if model != identity:
+                    raise shard_io.ShardError(f"{path} was made with model {model.get('name')} "
+                                              f"(weights {str(model.get('weights_sha256'))[:12]}); the index at "
+                                              f"{self.root} uses {identity.get('name')} "
+                                              f"(weights {str(identity.get('weights_sha256'))[:12]})")
+            planes, center = self._lsh_state(store)
+            for done, path in enumerate(files, 1):
+                shard = shard_io.read_shard(path)
+                plan = shard_io.plan_merge(shard, store.record)
+                codes = lsh.hash_vectors(plan.vectors, planes, NUM_TABLES, center) if plan.indexed else None
+                store.commit(vectors=plan.vectors if plan.indexed else None, codes=codes, indexed=plan.indexed,
+                             failed=plan.failed, touched=plan.touched)
+                summary.rows += len(shard.records)
+                summary.added += plan.added
+                summary.updated += plan.updated
+                summary.unchanged += plan.unchanged
+                summary.stale += plan.stale
+                summary.failed += len(plan.failed)
+                summary.failures.extend((r.path, r.error or "unknown error") for r in plan.failed)
+                if progress:
+                    progress(done, len(files), summary.failed)
+            self._maybe_compact(store)
+        return summary
+
+    def snapshot(self) -> Snapshot:
+        """The indexed images (ids, paths, vectors, codes) as of now, for adapters that move them elsewhere."""
+        return self._reader.snapshot()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -433,7 +490,18 @@ def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) 
             data = f.read()
     except OSError as exc:
         return failed(f"cannot read file: {exc.strerror or exc}")
-    size, mtime_ns = len(data), stat.st_mtime_ns
+    return _prepare_bytes(path, data, stat.st_mtime_ns, known, input_size, preprocess)
+
+
+def _prepare_bytes(path: str, data: bytes, mtime_ns: int, known: Record | None, input_size: int,
+                   preprocess) -> _Prepared:
+    """The bytes of one file -> its record and model input (shared with the Ray path, which reads
+    files from other filesystems, so both decode and hash exactly alike)."""
+
+    def failed(reason: str, size: int = 0, mtime_ns: int = 0, sha256: str | None = None) -> _Prepared:
+        return _Prepared("failed", Record(path, size, mtime_ns, sha256, status="failed", error=reason), known)
+
+    size = len(data)
     sha256 = hashlib.sha256(data).hexdigest()
     if known is not None and known.sha256 == sha256 and known.status == "indexed":
         return _Prepared("touch", Record(path, size, mtime_ns, sha256, known.width, known.height), known)

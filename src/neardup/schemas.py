@@ -177,3 +177,19 @@ ERROR = {
     "additionalProperties": False,
     "properties": {"error": {"type": "string", "description": "one line for the user"}},
 }
+
+#: The Parquet shards written by `neardup index --ray` and read by `neardup merge` (neardup/shards.py
+#: builds the Arrow schema from this table). One row per file seen; the file's key-value metadata holds
+#: "neardup.shard" (the format version) and "neardup.model" (the JSON model identity of the vectors).
+SHARD_VERSION = 1
+SHARD_COLUMNS = {
+    "path": ("string", False, "absolute path or URL of the file"),
+    "size": ("int64", False, "bytes (0 when the file could not be read)"),
+    "mtime_ns": ("int64", False, "modification time, ns since the epoch (0 when the file could not be read)"),
+    "sha256": ("string", True, "hex digest of the bytes; null when the file could not be read"),
+    "width": ("int32", True, "pixels, after EXIF orientation; null for failures"),
+    "height": ("int32", True, "pixels, after EXIF orientation; null for failures"),
+    "status": ("string", False, "'indexed' or 'failed'"),
+    "error": ("string", True, "one-line reason when status is 'failed', else null"),
+    "vector": ("float32[dim]", True, "unit vector (fixed-size list of the model's dim floats); null for failures"),
+}

@@ -1,0 +1,392 @@
+"""Ray adapter: index and deduplicate collections larger than one machine (extra ``neardup[ray]``).
+
+This module only moves data. Decoding and hashing files (`index._prepare_file` / `_prepare_bytes`),
+the embedder (`models.default_embedder`), bucket ids, pairs within a bucket and their verification
+(`lsh.plan_bucket_ids`, `lsh.bucket_pairs`, `lsh.check_pairs`) and grouping (`groups.group_pairs`) are the
+functions the local index runs; Ray Data only ships their inputs and outputs between machines.
+
+Indexing (``neardup index PATH --ray [ADDRESS]``)::
+
+    list files (driver) -> read, sha256, decode, preprocess (CPU tasks)
+        -> embed (map_batches over an actor pool: the model is loaded once per actor; a GPU each
+           when the cluster has GPUs) -> Parquet shards (neardup.shards, written atomically)
+        -> Index.merge (on the driver: hashes vectors with the index's planes, commits)
+
+Duplicates (``neardup dups --ray``)::
+
+    index snapshot -> codes and vectors in chunks in the object store
+        -> bucket ids per chunk (tasks) -> shuffle by hash(bucket id) into partitions (groupby)
+        -> pairs inside each bucket -> shuffle by (chunk of a, chunk of b)
+        -> exact cosine of each candidate (each group fetches two vector chunks) -> verified pairs
+        -> driver: de-duplicate pairs, union-find groups
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from . import lsh, shards
+from .groups import group_pairs
+from .images import IMAGE_EXTENSIONS, discover
+from .index import (LSH_SEED, NUM_TABLES, PAIR_RECALL, STORED_BITS, DuplicateGroup, Index, NeardupError, _no_pairs,
+                    _prepare_bytes, _prepare_file)
+from .store import Record
+
+#: Rows per Parquet shard: ~25 MB of 1280-d float32 vectors, one catalog commit per shard at merge.
+SHARD_ROWS = 4096
+#: Vectors per object-store chunk in the duplicate search: ~330 MB of 1280-d float32 per chunk.
+CHUNK_ROWS = 1 << 16
+
+
+class RayError(NeardupError):
+    pass
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise RayError("the distributed path needs Ray: pip install 'neardup[ray]'") from None
+    return ray
+
+
+def connect(address: str | None = None):
+    """Join the Ray cluster at `address` (else $RAY_ADDRESS, else a local one); returns the ray module.
+    An already initialised Ray (a notebook, the tests) is used as it is."""
+    ray = _ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise RayError(f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'local'}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray
+
+
+# ---- indexing ------------------------------------------------------------------------------------
+
+@dataclass
+class ShardRun:
+    """What a distributed indexing run wrote: shard paths, rows, and the files it could not use."""
+
+    shards: list[str] = field(default_factory=list)
+    files: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed
+
+
+def list_files(paths: Iterable[str]) -> tuple[list[dict], list[tuple[str, str]], int]:
+    """(files as {"path", "size", "mtime_ns"}, folders that could not be listed, files skipped).
+
+    Local paths are found like `neardup index` finds them (`images.discover`: size and mtime are read
+    later, with the bytes); URLs are listed through fsspec (recursively, hidden names and non-image
+    extensions left out) with the size and mtime the listing reports."""
+    local = [str(p) for p in paths if not shards.is_url(str(p))]
+    files: list[dict] = []
+    errors: list[tuple[str, str]] = []
+    skipped = 0
+    if local:
+        found = discover(local)
+        files += [{"path": str(f), "size": -1, "mtime_ns": -1} for f in found.files]
+        errors += [(str(folder), f"cannot list folder: {reason}") for folder, reason in found.errors]
+        skipped += len(found.skipped)
+    for url in (str(p) for p in paths if shards.is_url(str(p))):
+        fs, base = shards.filesystem(url)
+        if not fs.exists(base):
+            raise FileNotFoundError(f"no such file or folder: {url}")
+        listing = fs.find(base, detail=True) if fs.isdir(base) else {base: fs.info(base)}
+        for name, info in sorted(listing.items()):
+            parts = name[len(base):].split("/") if fs.isdir(base) else []
+            if any(part.startswith(".") for part in parts):
+                continue
+            if fs.isdir(base) and os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                skipped += 1
+                continue
+            local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+            files.append({"path": fs.unstrip_protocol(name), "size": int(info.get("size") or 0),
+                          # fsspec reports float seconds; a local file keeps the exact ns `neardup index` stores
+                          "mtime_ns": os.stat(name).st_mtime_ns if local else _mtime_ns(info)})
+    return files, errors, skipped
+
+
+def _mtime_ns(info: dict) -> int:
+    """Modification time from an fsspec listing entry (each filesystem names and types it its own way)."""
+    import datetime
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return int(value * 1e9) if value < 1e12 else int(value)
+        if isinstance(value, str):
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=datetime.timezone.utc)
+            return int(value.timestamp() * 1e9)
+    return 0
+
+
+def _load_embedder(choice: dict, threads: int | None = None):
+    """The embedder `choice` names ({"backend", "model", "spec"}: `models.load_embedder`'s arguments),
+    loaded once per worker process."""
+    from .models import load_embedder
+
+    return load_embedder(choice.get("backend"), model=choice.get("model"), spec=choice.get("spec"), threads=threads)
+
+
+def _decode_batch(batch: dict, embedder: dict) -> dict:
+    """CPU task: read, hash, decode and preprocess each file exactly as `Index.add` does."""
+    embedder = _load_embedder(embedder, threads=1)  # only its preprocess runs here
+    size, preprocess = embedder.input_size, embedder.preprocess
+    records, pixels = [], []
+    for path, listed_size, listed_mtime in zip(batch["path"], batch["size"], batch["mtime_ns"]):
+        path = str(path)
+        if shards.is_url(path):
+            prepared = _prepare_url(path, int(listed_mtime), size, preprocess)
+        else:
+            prepared = _prepare_file(path, None, size, preprocess)
+        records.append(prepared.record)
+        pixels.append(prepared.pixels if prepared.pixels is not None else None)
+    shape = next((p.shape for p in pixels if p is not None), (3, size, size))
+    stacked = np.zeros((len(records),) + tuple(shape), dtype=np.float32)
+    for i, p in enumerate(pixels):
+        if p is not None:
+            stacked[i] = p
+    out = _record_columns(records)
+    out["pixels"] = stacked
+    return out
+
+
+def _prepare_url(url: str, mtime_ns: int, input_size: int, preprocess):
+    fs, inner = shards.filesystem(url)
+    try:
+        data = fs.cat_file(inner)
+    except OSError as exc:
+        return _prepare_bytes_failure(url, f"cannot read file: {exc.strerror or exc}")
+    return _prepare_bytes(url, data, mtime_ns, None, input_size, preprocess)
+
+
+def _prepare_bytes_failure(path: str, reason: str):
+    from .index import _Prepared
+
+    return _Prepared("failed", Record(path, 0, 0, None, status="failed", error=reason), None)
+
+
+def _record_columns(records: list[Record]) -> dict:
+    """Records as numpy columns (-1 and "" stand for null: Ray's numpy batches have no nulls)."""
+    return {
+        "path": np.array([r.path for r in records], dtype=object),
+        "size": np.array([r.size for r in records], dtype=np.int64),
+        "mtime_ns": np.array([r.mtime_ns for r in records], dtype=np.int64),
+        "sha256": np.array([r.sha256 or "" for r in records], dtype=object),
+        "width": np.array([-1 if r.width is None else r.width for r in records], dtype=np.int64),
+        "height": np.array([-1 if r.height is None else r.height for r in records], dtype=np.int64),
+        "status": np.array([r.status for r in records], dtype=object),
+        "error": np.array([r.error or "" for r in records], dtype=object),
+    }
+
+
+def _records(batch: dict) -> list[Record]:
+    return [
+        Record(str(p), int(s), int(m), str(h) or None, None if w < 0 else int(w), None if hh < 0 else int(hh),
+               str(st), str(e) or None)
+        for p, s, m, h, w, hh, st, e in zip(batch["path"], batch["size"], batch["mtime_ns"], batch["sha256"],
+                                           batch["width"], batch["height"], batch["status"], batch["error"])
+    ]
+
+
+class _Embed:
+    """Actor: loads the model once, then embeds batch after batch (failed rows get zero vectors)."""
+
+    def __init__(self, embedder: dict, threads: int):
+        self.embedder = _load_embedder(embedder, threads)
+        self.model = json.dumps(self.embedder.identity, sort_keys=True)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = batch["status"] == "indexed"
+        vectors = np.zeros((len(ok), self.embedder.dim), dtype=np.float32)
+        if ok.any():
+            vectors[ok] = self.embedder.embed(np.asarray(batch["pixels"][ok], dtype=np.float32))
+        out = {key: value for key, value in batch.items() if key != "pixels"}
+        out["vector"] = vectors
+        out["model"] = np.full(len(ok), self.model, dtype=object)
+        return out
+
+
+def _write_batch(batch: dict, folder: str, run: str) -> dict:
+    """Task: one batch -> one shard, written atomically; returns the shard's path and counts."""
+    models = set(batch["model"])
+    if len(models) != 1:
+        raise RuntimeError(f"one shard got vectors from {len(models)} different models")
+    records = _records(batch)
+    path = shards.write_shard(records, np.asarray(batch["vector"], dtype=np.float32), json.loads(models.pop()),
+                              folder, f"{run}-{uuid.uuid4().hex[:12]}")
+    return {"shard": np.array([path], dtype=object), "rows": np.array([len(records)]),
+            "failed": np.array([sum(r.status == "failed" for r in records)])}
+
+
+def index_to_shards(paths: Iterable[str], out: str, *, batch_size: int = 32, shard_rows: int = SHARD_ROWS,
+                    embedders: int | None = None, embedder: dict | None = None) -> ShardRun:
+    """Run the distributed indexing pipeline over `paths` on the connected cluster, writing Parquet
+    shards into `out` (a folder every worker can write: shared disk or an fsspec URL). Ray Data shows
+    its own progress bars. `embedders`: actor pool size (default: one per GPU, else half the CPUs).
+    `embedder`: `models.load_embedder` arguments {"backend", "model", "spec"} (default: auto); a
+    custom model file must be readable at the same path on every worker."""
+    embedder = dict(embedder or {})
+    ray = connect()
+    files, errors, skipped = list_files(paths)
+    run = ShardRun(files=len(files), skipped=skipped, failures=errors)
+    if not files:
+        return run
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if embedders is None:
+        embedders = gpus or max(1, cpus // 2)
+    threads = 1 if gpus else max(1, cpus // (2 * embedders))
+    import pyarrow as pa
+
+    listing = pa.table({"path": [f["path"] for f in files], "size": [f["size"] for f in files],
+                        "mtime_ns": [f["mtime_ns"] for f in files]})
+    blocks = max(1, min(len(files) // batch_size, 4 * cpus))
+    dataset = (
+        ray.data.from_arrow(listing).repartition(blocks)
+        .map_batches(_decode_batch, fn_kwargs={"embedder": embedder}, batch_size=batch_size, batch_format="numpy",
+                     num_cpus=1)
+        .map_batches(_Embed, fn_constructor_kwargs={"embedder": embedder, "threads": threads}, batch_size=batch_size,
+                     batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=embedders),
+                     num_gpus=1 if gpus else None,
+                     num_cpus=threads)
+        .map_batches(_write_batch, fn_kwargs={"folder": out, "run": time.strftime("%Y%m%d%H%M%S")},
+                     batch_size=shard_rows, batch_format="numpy", num_cpus=1)
+    )
+    for row in dataset.take_all():
+        run.shards.append(str(row["shard"]))
+        run.failed += int(row["failed"])
+    run.shards.sort()
+    return run
+
+
+# ---- duplicates ----------------------------------------------------------------------------------
+
+def _bucket_entries(batch: dict, code_refs: list, plan: lsh.PairPlan, partitions: int) -> dict:
+    """Task: the (bucket id, row) entries of one chunk of codes, each tagged with its partition."""
+    import ray
+
+    ids, rows = [], []
+    for chunk, start in zip(batch["chunk"], batch["start"]):
+        codes = ray.get(code_refs[int(chunk)])
+        chunk_ids = lsh.plan_bucket_ids(codes, plan)
+        ids.append(chunk_ids.reshape(-1))
+        rows.append(np.repeat(np.arange(int(start), int(start) + len(codes), dtype=np.int64), chunk_ids.shape[1]))
+    ids, rows = np.concatenate(ids), np.concatenate(rows)
+    # a multiplicative hash spreads the structured ids (table number in the high bits) over partitions
+    spread = (ids * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
+    return {"part": (spread % np.uint64(partitions)).astype(np.int64), "bucket": ids, "row": rows}
+
+
+def _pairs_in_partition(group: dict, chunk_rows: int, chunks: int) -> dict:
+    """map_groups: every pair sharing a bucket of this partition, keyed by (chunk of a, chunk of b)."""
+    found_a, found_b = [], []
+    for a, b in lsh.bucket_pairs(group["bucket"], group["row"]):
+        found_a.append(a), found_b.append(b)
+    a = np.concatenate(found_a) if found_a else np.empty(0, np.int64)
+    b = np.concatenate(found_b) if found_b else np.empty(0, np.int64)
+    return {"block": (a // chunk_rows) * chunks + b // chunk_rows, "a": a, "b": b}
+
+
+def _verify_block(group: dict, chunk_refs: list, chunk_rows: int, chunks: int, threshold: float, bits: int) -> dict:
+    """map_groups: the candidate pairs between two chunks (codes and vectors fetched from the object
+    store), de-duplicated and checked as the local join checks them."""
+    import ray
+
+    block = int(group["block"][0])
+    first, second = block // chunks, block % chunks
+    (words_a, vectors_a), (words_b, vectors_b) = ray.get([chunk_refs[first], chunk_refs[second]])
+    keys = lsh.unique_rows(group["a"].astype(np.int64) * (chunk_rows * chunks) + group["b"])
+    a, b = keys // (chunk_rows * chunks), keys % (chunk_rows * chunks)
+    found = [], [], []
+    step = 1 << 14
+    for start in range(0, len(a), step):
+        part_a, part_b = a[start : start + step], b[start : start + step]
+        local_a, local_b = part_a - first * chunk_rows, part_b - second * chunk_rows
+        checked = lsh.check_pairs(part_a, part_b, words_a[local_a], words_b[local_b], vectors_a[local_a],
+                                  vectors_b[local_b], threshold, bits)
+        for out, values in zip(found, checked):
+            out.append(values)
+    return {"a": np.concatenate(found[0]), "b": np.concatenate(found[1]),
+            "score": np.concatenate(found[2]).astype(np.float32)}
+
+
+@dataclass
+class DuplicateSearch:
+    groups: list[DuplicateGroup]
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # snapshot positions a < b and their cosine, each pair once
+    candidates: int  # candidate pairs emitted by the buckets, repeats across tables included
+
+
+def pair_plan(index: Index, n: int, threshold: float) -> lsh.PairPlan:
+    """The join plan `Index.duplicates` uses for n vectors (same tables, same bit positions)."""
+    return lsh.plan_pairs(n, threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=index._unrelated_cosine(),
+                          recall=PAIR_RECALL, seed=LSH_SEED)
+
+
+def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
+               partitions: int | None = None) -> DuplicateSearch:
+    """`index.duplicates(threshold)` computed on the connected Ray cluster: the same tables over the
+    index's stored codes, the same Hamming filter and cosine check, the same grouping, so the same
+    pairs and groups. The driver reads the snapshot once; workers see it only as object-store chunks."""
+    ray = connect()
+    snap = index.snapshot()
+    n = len(snap)
+    if n < 2:
+        return DuplicateSearch([], _no_pairs(), 0)
+    plan = pair_plan(index, n, threshold)
+    starts = list(range(0, n, chunk_rows))
+    chunks = len(starts)
+    code_refs, chunk_refs = [], []
+    for start in starts:
+        positions = np.arange(start, min(start + chunk_rows, n))
+        codes = np.ascontiguousarray(snap.codes(positions))
+        code_refs.append(ray.put(codes))
+        chunk_refs.append(ray.put((lsh.code_words(codes), np.ascontiguousarray(snap.vectors(positions, dtype=None)))))
+    partitions = partitions or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    candidates = (
+        ray.data.from_items([{"chunk": i, "start": s} for i, s in enumerate(starts)], override_num_blocks=chunks)
+        .map_batches(_bucket_entries, batch_size=1, batch_format="numpy",
+                     fn_kwargs={"code_refs": code_refs, "plan": plan, "partitions": partitions})
+        .groupby("part", num_partitions=partitions)
+        .map_groups(_pairs_in_partition, batch_format="numpy", fn_kwargs={"chunk_rows": chunk_rows, "chunks": chunks})
+        .materialize()
+    )
+    count = candidates.count()
+    found_a, found_b, found_s = [], [], []
+    if count:
+        verified = candidates.groupby("block").map_groups(
+            _verify_block, batch_format="numpy",
+            fn_kwargs={"chunk_refs": chunk_refs, "chunk_rows": chunk_rows, "chunks": chunks, "threshold": threshold,
+                       "bits": plan.bits})
+        for batch in verified.iter_batches(batch_format="numpy", batch_size=None):
+            found_a.append(batch["a"]), found_b.append(batch["b"]), found_s.append(batch["score"])
+    if not found_a:
+        return DuplicateSearch([], _no_pairs(), count)
+    a, b, s = (np.concatenate(x) for x in (found_a, found_b, found_s))
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    groups = [
+        DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members], g.min_score, g.max_score)
+        for g in group_pairs(a, b, s)
+    ]
+    return DuplicateSearch(groups, (a, b, s), count)
