@@ -2,7 +2,8 @@
 
     python benchmarks/load_test.py [--requests 200] [--concurrency 200] [--index DIR --images DIR]
 
-Without --index it builds the demo collection (16 photos + 112 edited copies) in a temporary folder and
+First --sequential searches go one at a time (latency without queueing), then the burst. Without
+--index it builds the demo collection (16 photos + 112 edited copies) in a temporary folder and
 indexes it. The server runs as its own process (`neardup serve --port 0`), as users run it. Every
 request uploads one of the collection's files; the run is bounded (a fixed number of requests, each with
 a timeout) and stops by itself. Prints one JSON line of results.
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    parser.add_argument("--sequential", type=int, default=20, help="searches sent one at a time before the burst")
     parser.add_argument("--index", help="an existing index folder (default: build the demo collection)")
     parser.add_argument("--images", help="folder of query images (with --index)")
     args = parser.parse_args(argv)
@@ -96,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             match = re.search(r"(http://\S+/)", line)
             if not match:
                 raise SystemExit(f"the server did not start: {line}{server.stderr.read() if server.poll() is not None else ''}")
+            # one at a time first: the latency of a search without queueing, measured beside the burst
+            alone = fire(match.group(1), payloads, args.sequential, 1, args.timeout)
             result = fire(match.group(1), payloads, args.requests, args.concurrency, args.timeout)
         finally:
             server.terminate()
             server.wait(30)
     result["query_images"] = len(payloads)
+    result["alone"] = {key: alone[key] for key in ("requests", "errors", "p50_ms", "p99_ms")}
+    result["errors"] += alone["errors"]
     print(json.dumps(result))
     return 1 if result["errors"] else 0
 

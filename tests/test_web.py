@@ -210,6 +210,9 @@ def test_stats_page_and_static_files_are_offline(client, full_index):
     assert_error(client.get("/api/nothing-here"), 404)
     assert_error(client.delete("/api/stats"), 405)
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/search", "/api/duplicates", "/api/stats"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn." not in docs.text
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
 # ---- access ----------------------------------------------------------------------------------------------

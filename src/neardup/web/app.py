@@ -32,6 +32,7 @@ from pathlib import Path
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -76,8 +77,18 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
                thumbs_dir: str | os.PathLike | None = None) -> FastAPI:
     """The app serving `index`. `search_workers` threads embed uploads (default: the CPU count): the
     rest of a burst waits in a queue, and only more than `max_queued_searches` waiting gets a 503."""
+    docs_assets = _docs_assets()
     app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None if docs_assets else "/docs", redoc_url=None)
+    if docs_assets:  # Swagger UI from a local copy, so /docs works offline too
+        app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        def docs():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="neardup API",
+                                       swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs-assets/swagger-ui.css",
+                                       swagger_favicon_url="/docs-assets/favicon.png")
     thumbs = ThumbnailCache(thumbs_dir or index.root / "thumbs")
     searches = ThreadPoolExecutor(max_workers=search_workers or os.cpu_count() or 1, thread_name_prefix="search")
     queued = _Counter()
@@ -120,7 +131,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if not request.url.path.startswith("/docs"):  # Swagger UI loads its script and style from a CDN
+        if not request.url.path.startswith("/docs"):  # Swagger UI's page starts it with an inline script
             response.headers.setdefault(
                 "Content-Security-Policy",
                 "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'; "
@@ -230,6 +241,16 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _docs_assets() -> Path | None:
+    """Swagger UI's script and style as shipped by the fastapi-offline wheel (else FastAPI's CDN links)."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
