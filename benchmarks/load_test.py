@@ -43,7 +43,7 @@ async def _fire(url: str, payloads: list[tuple[str, bytes]], total: int, concurr
                     if response.status_code != 200 or not body["results"][0]["matches"]:
                         errors.append(f"{response.status_code}: {body}")
                         return
-                except Exception as exc:  # a benchmark counts every failure, whatever its kind
+                except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
                     return
                 latencies.append(time.perf_counter() - started)

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
 
-from neardup.index import Index  # noqa: E402
-from neardup.web.app import create_app  # noqa: E402
+from webserver import serve_in_thread
 
-from webserver import serve_in_thread  # noqa: E402
+from neardup.index import Index
+from neardup.web.app import create_app
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TOKEN = "browser-test-token"

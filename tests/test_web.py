@@ -19,15 +19,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
+from webserver import serve_in_thread
 
-from neardup.cli import main  # noqa: E402
-from neardup.index import Index  # noqa: E402
-from neardup.report import html_report  # noqa: E402
-from neardup.schemas import COMPARE, DUPS_PAGE, ERROR, IMAGE, QUERY  # noqa: E402
-from neardup.web.app import create_app  # noqa: E402
-
-from webserver import serve_in_thread  # noqa: E402
+from neardup.cli import main
+from neardup.index import Index
+from neardup.report import html_report
+from neardup.schemas import COMPARE, DUPS_PAGE, ERROR, IMAGE, QUERY
+from neardup.web.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "correct-horse-battery"
@@ -103,15 +102,15 @@ def test_search_fields_raw_body_and_threshold(client, collection):
 def test_bad_search_requests_get_a_json_4xx(client, case):
     jpeg_head = b"\xff\xd8\xff\xe0" + b"\x00" * 200
     request = {
-        "corrupt": dict(files={"file": ("broken.jpg", jpeg_head)}),
-        "not an image": dict(files={"file": ("notes.jpg", b"hello, this is text " * 20)}),
-        "bomb": dict(files={"file": ("bomb.png", png_with_declared_size(40_000, 40_000))}),
-        "empty form": dict(files={"file": ("empty.jpg", b"")}),
-        "no body": dict(content=b"", headers={"content-type": "image/jpeg"}),
-        "bad k": dict(params={"k": 0}, files={"file": ("x.jpg", jpeg_head)}),
-        "bad form k": dict(data={"k": "many"}, files={"file": ("x.jpg", jpeg_head)}),
-        "threshold out of range": dict(params={"threshold": 3}, files={"file": ("x.jpg", jpeg_head)}),
-        "malformed multipart": dict(content=b"--xyz\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=xyz"}),
+        "corrupt": {"files": {"file": ("broken.jpg", jpeg_head)}},
+        "not an image": {"files": {"file": ("notes.jpg", b"hello, this is text " * 20)}},
+        "bomb": {"files": {"file": ("bomb.png", png_with_declared_size(40_000, 40_000))}},
+        "empty form": {"files": {"file": ("empty.jpg", b"")}},
+        "no body": {"content": b"", "headers": {"content-type": "image/jpeg"}},
+        "bad k": {"params": {"k": 0}, "files": {"file": ("x.jpg", jpeg_head)}},
+        "bad form k": {"data": {"k": "many"}, "files": {"file": ("x.jpg", jpeg_head)}},
+        "threshold out of range": {"params": {"threshold": 3}, "files": {"file": ("x.jpg", jpeg_head)}},
+        "malformed multipart": {"content": b"--xyz\r\nnonsense", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
     }[case]
     response = client.post("/api/search", **request)
     message = assert_error(response, {"corrupt": 422, "not an image": 422, "bomb": 422, "bad k": 422,
@@ -130,6 +129,10 @@ def test_upload_size_is_capped_whatever_content_length_says(full_index, tmp_path
         assert_error(client.post("/api/search", content=chunks, headers={"content-type": "image/jpeg"}), 413)
         small = copy_of(collection, "rocket", "half").read_bytes()
         assert len(small) < 100_000 and client.post("/api/search", files={"file": ("ok.jpg", small)}).status_code == 200
+    # uploads together may hold only so much memory: past it the server says busy instead of swelling
+    tight = create_app(full_index, max_upload_bytes=100_000, max_buffered_bytes=len(small) // 2, thumbs_dir=tmp_path)
+    with TestClient(tight, base_url="http://127.0.0.1") as client:
+        assert "retry" in assert_error(client.post("/api/search", files={"file": ("ok.jpg", small)}), 503)
 
 
 # ---- duplicates, images, compare, stats -----------------------------------------------------------------

@@ -6,10 +6,10 @@ from __future__ import annotations
 import base64
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote
 
 from .images import ImageError, load_image

@@ -26,6 +26,7 @@ import mimetypes
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,9 +75,10 @@ def is_loopback(host: str) -> bool:
 
 def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                search_workers: int | None = None, max_queued_searches: int = 1000,
-               thumbs_dir: str | os.PathLike | None = None) -> FastAPI:
+               max_buffered_bytes: int | None = None, thumbs_dir: str | os.PathLike | None = None) -> FastAPI:
     """The app serving `index`. `search_workers` threads embed uploads (default: the CPU count): the
-    rest of a burst waits in a queue, and only more than `max_queued_searches` waiting gets a 503."""
+    rest of a burst waits in a queue, and only more than `max_queued_searches` waiting, or uploads
+    holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`), get a 503."""
     docs_assets = _docs_assets()
     app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
                   docs_url=None if docs_assets else "/docs", redoc_url=None)
@@ -92,6 +94,8 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
     thumbs = ThumbnailCache(thumbs_dir or index.root / "thumbs")
     searches = ThreadPoolExecutor(max_workers=search_workers or os.cpu_count() or 1, thread_name_prefix="search")
     queued = _Counter()
+    buffered = _Counter()
+    max_buffered = max_buffered_bytes or 20 * max_upload_bytes
     duplicates = _DuplicatesCache(index)
     page = (STATIC / "index.html").read_bytes()
 
@@ -166,17 +170,28 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
                      threshold: float | None = Query(None, ge=-1, le=1)):
         """Upload an image; get its k most similar indexed images (schema: neardup.schemas.QUERY).
         k and threshold come from the query string or from form fields of the same name."""
-        body = await _read_capped(request, max_upload_bytes)
-        name, data, fields = _upload(request.headers.get("content-type", ""), body)
-        k = _number(fields.get("k"), int, "k", 1, MAX_K) if "k" in fields else (k or 10)
-        if "threshold" in fields:
-            threshold = _number(fields["threshold"], float, "threshold", -1, 1)
-        if not queued.enter(max_queued_searches):
-            raise ApiError(503, "too many searches waiting; retry in a moment")
+        held = [0]  # bytes of this request counted in `buffered`, returned when it ends
+
+        def hold(size: int) -> None:
+            if not buffered.enter(max_buffered, size):
+                raise ApiError(503, "too many uploads in progress; retry in a moment")
+            held[0] += size
+
         try:
-            matches = await asyncio.wrap_future(searches.submit(_search, index, data, k, threshold))
+            body = await _read_capped(request, max_upload_bytes, hold)
+            name, data, fields = _upload(request.headers.get("content-type", ""), body)
+            del body
+            k = _number(fields.get("k"), int, "k", 1, MAX_K) if "k" in fields else (k or 10)
+            if "threshold" in fields:
+                threshold = _number(fields["threshold"], float, "threshold", -1, 1)
+            if not queued.enter(max_queued_searches):
+                raise ApiError(503, "too many searches waiting; retry in a moment")
+            try:
+                matches = await asyncio.wrap_future(searches.submit(_search, index, data, k, threshold))
+            finally:
+                queued.leave()
         finally:
-            queued.leave()
+            buffered.leave(held[0])
         return {"threshold": threshold, "results": [{"query": name, "matches": [
             {"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]}]}
 
@@ -270,8 +285,9 @@ def _token_ok(request: Request, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (Content-Length is not trusted)."""
+async def _read_capped(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (Content-Length is not trusted);
+    `hold` accounts for (or refuses) each chunk's memory before it is kept."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing on top of the file
         raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
@@ -280,6 +296,7 @@ async def _read_capped(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit + 64 * 1024:
             raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
+        hold(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -290,6 +307,7 @@ def _upload(content_type: str, body: bytes) -> tuple[str, bytes, dict[str, str]]
         if not body:
             raise ApiError(400, "no image: send multipart/form-data with a 'file' field, or the image as the body")
         return "upload", body, {}
+    from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     _, options = parse_options_header(content_type)
@@ -320,7 +338,7 @@ def _upload(content_type: str, body: bytes) -> tuple[str, bytes, dict[str, str]]
     try:
         parser.write(body)
         parser.finalize()
-    except Exception as exc:  # python-multipart raises several types for malformed bodies
+    except (MultipartParseError, ValueError) as exc:
         raise ApiError(400, f"malformed multipart body: {exc}") from None
     name, data, fields = None, None, {}
     for part in parts:
@@ -341,7 +359,7 @@ def _number(text: str, kind, name: str, low: float, high: float):
         value = kind(text)
     except ValueError:
         raise ApiError(422, f"{name}: not a number: {text[:40]!r}") from None
-    if not low <= value <= high or value != value:
+    if math.isnan(value) or not low <= value <= high:
         raise ApiError(422, f"{name}: must be between {low} and {high}")
     return value
 
@@ -368,19 +386,21 @@ def _image_info(record: Record | None) -> dict | None:
 
 
 class _Counter:
+    """A thread-safe running total with a ceiling (searches waiting, bytes of uploads held)."""
+
     def __init__(self):
         self._value, self._lock = 0, threading.Lock()
 
-    def enter(self, limit: int) -> bool:
+    def enter(self, limit: int, amount: int = 1) -> bool:
         with self._lock:
-            if self._value >= limit:
+            if self._value + amount > limit:
                 return False
-            self._value += 1
+            self._value += amount
             return True
 
-    def leave(self) -> None:
+    def leave(self, amount: int = 1) -> None:
         with self._lock:
-            self._value -= 1
+            self._value -= amount
 
 
 class _DuplicatesCache:

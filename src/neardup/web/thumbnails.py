@@ -28,7 +28,7 @@ def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMB_SIZE) -> bytes:
 
 class ThumbnailCache:
     """Thumbnails under `folder` named <id>-<sha256 prefix>-<size>.jpg: a re-indexed (changed) file gets
-    a new name, so a cached thumbnail never shows stale content. A folder that cannot be written (a
+    a new name, so a cached thumbnail never shows stale content (the old one is deleted). A folder that cannot be written (a
     read-only index) just means thumbnails are made again on each request."""
 
     def __init__(self, folder: str | os.PathLike, size: int = THUMB_SIZE):
@@ -48,6 +48,9 @@ class ThumbnailCache:
             tmp = cached.with_name(f".tmp-{uuid.uuid4().hex}-{cached.name}")
             tmp.write_bytes(data)
             os.replace(tmp, cached)
+            for stale in self.folder.glob(f"{record.id}-*-{self.size}.jpg"):  # of the file's earlier content
+                if stale != cached:
+                    stale.unlink(missing_ok=True)
         except OSError:
             pass
         return data
