@@ -6,9 +6,13 @@ import base64
 import importlib.util
 import io
 import math
+import os
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -271,6 +275,26 @@ def test_serve_refuses_unsafe_or_impossible_starts(tmp_path, full_index):
     assert short.exit_code == 2
     missing = runner.invoke(main, ["serve", "--index", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "no index" in missing.output
+
+
+def test_serve_command_runs_a_real_server(full_index):
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k != "NEARDUP_TOKEN"}
+    server = subprocess.Popen([sys.executable, "-m", "neardup.cli", "serve", "--index", str(full_index.root),
+                               "--port", "0", "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stderr.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=(\S+)", line)
+        assert url and url.group(2) == TOKEN, line
+        with httpx.Client(base_url=url.group(1), timeout=60) as client:
+            assert_error(client.get("/api/stats"), 401)
+            stats = client.get("/api/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert stats.status_code == 200 and stats.json()["images"] == 128
+            assert client.get("/").status_code == 200
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
+        assert server.wait(30) == 0
 
 
 # ---- load (bounded, on loopback) ------------------------------------------------------------------------

@@ -361,6 +361,8 @@ def serve_command(index_dir, host, port, token, max_upload_mb) -> None:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        click.echo("neardup: server stopped", err=True)
     finally:
         index.close()
 

@@ -154,9 +154,10 @@ class Index:
     @property
     def embedder(self):
         if self._embedder is None:
-            from .models import default_embedder
+            from .models import load_embedder
 
-            self._embedder = default_embedder()
+            # $NEARDUP_BACKEND or auto: every backend gives vectors of the same identity (neardup.models)
+            self._embedder = load_embedder()
         return self._embedder
 
     # ---- writing -------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Index:
             batch = _Batch(store, self.embedder, planes, center, commit_every)
             total = len(found.files)
             done = 0
-            for item in self._prepare_all(store, found.files, workers):
+            for item in self._prepare_all(store, found.files, workers, lookahead=2 * batch_size):
                 done += 1
                 record, known = item.record, item.known
                 if item.action == "failed":
@@ -432,8 +433,12 @@ class Index:
             return _no_pairs()
         return tuple(np.concatenate(parts) for parts in zip(*found))
 
-    def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None):
-        """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker threads."""
+    def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None, lookahead: int = 0):
+        """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker threads.
+
+        Decoding overlaps inference: Pillow and ONNX Runtime (or torch) release the GIL, so the workers
+        keep decoding while the caller's thread runs a batch through the model. `lookahead` files (at
+        least two model batches) are kept in flight so the workers never wait for the model to finish."""
         known = {}
         input_size = self.embedder.input_size
         preprocess = self.embedder.preprocess
@@ -448,7 +453,7 @@ class Index:
                 path = str(path)
                 known[path] = store.record(path)
                 pending.append(pool.submit(prepare, path))
-                if len(pending) >= 4 * workers:
+                if len(pending) >= max(4 * workers, lookahead):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

@@ -193,3 +193,81 @@ SHARD_COLUMNS = {
     "error": ("string", True, "one-line reason when status is 'failed', else null"),
     "vector": ("float32[dim]", True, "unit vector (fixed-size list of the model's dim floats); null for failures"),
 }
+
+_RATE = {"type": "number", "exclusiveMinimum": 0, "description": "images per second"}
+_GUARD = {
+    "type": "object",
+    "required": ["images", "mean_cosine", "min_cosine", "top1_changed", "min_mean_cosine", "passed"],
+    "properties": {
+        "images": {"type": "integer", "description": "guard images: photos and their edited copies"},
+        "mean_cosine": {"type": "number", "description": "mean cosine of int8 vectors to their fp32 vectors"},
+        "min_cosine": {"type": "number"},
+        "top1_changed": {"type": "integer", "description": "copies whose nearest original differs from fp32's"},
+        "min_mean_cosine": {"type": "number"},
+        "passed": {"type": "boolean"},
+        "calibration_images": {"type": "integer"},
+    },
+}
+BENCH = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "neardup bench --json",
+    "type": "object",
+    "required": ["machine", "images", "flops", "seed_style", "backends", "queries"],
+    "additionalProperties": False,
+    "properties": {
+        "machine": {
+            "type": "object",
+            "required": ["cpu", "cores", "gpu", "python", "torch", "onnxruntime", "ort_providers"],
+            "properties": {"cpu": {"type": "string"}, "cores": {"type": "integer"}, "gpu": {"type": ["string", "null"]},
+                           "python": {"type": "string"}, "torch": {"type": "string"}, "onnxruntime": {"type": "string"},
+                           "ort_providers": {"type": "array", "items": {"type": "string"}}},
+        },
+        "images": {
+            "type": "object", "required": ["count", "source", "mean_megapixels"],
+            "properties": {"count": {"type": "integer", "minimum": 1}, "source": {"type": "string"},
+                           "mean_megapixels": {"type": "number"}},
+        },
+        "flops": {
+            "type": "object", "required": ["macs_per_image", "sgemm_gflops", "threads", "bound_images_per_s"],
+            "properties": {
+                "macs_per_image": {"type": "integer", "description": "multiply-adds of one 224x224 image (convolutions)"},
+                "sgemm_gflops": {"type": "number", "description": "measured float32 matmul rate, 2 flops per multiply-add"},
+                "threads": {"type": "integer"},
+                "bound_images_per_s": {**_RATE, "description": "sgemm_gflops / (2 * macs_per_image)"},
+            },
+        },
+        "seed_style": {
+            "type": "object", "required": ["images", "seconds", "images_per_s", "model_images_per_s"],
+            "description": "torch eager, one image at a time, full-size decode, no overlap (the seed's predict loop)",
+            "properties": {"images": {"type": "integer"}, "seconds": {"type": "number"}, "images_per_s": _RATE,
+                           "model_images_per_s": {**_RATE, "description": "model time only"}},
+        },
+        "backends": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["backend", "available", "error"],
+                "properties": {
+                    "backend": {"enum": ["torch", "onnx", "onnx-int8"]},
+                    "available": {"type": "boolean"},
+                    "error": {"type": ["string", "null"], "description": "why the backend cannot run here"},
+                    "providers": {"type": "array", "items": {"type": "string"}},
+                    "model_images_per_s": {**_RATE, "description": "preprocessed tensors through embed(), batches of 32"},
+                    "model_ratio": {"type": "number", "description": "model_images_per_s / seed model_images_per_s"},
+                    "model_fraction_of_bound": {"type": "number", "description": "model_images_per_s / bound_images_per_s"},
+                    "index_images_per_s": {**_RATE, "description": "Index.add end to end: read, decode, embed, store"},
+                    "index_ratio": {"type": "number", "description": "index_images_per_s / seed images_per_s"},
+                    "int8_guard": _GUARD,
+                },
+            },
+        },
+        "queries": {
+            "type": ["object", "null"],
+            "required": ["count", "index_size", "exact_ms", "lsh_ms", "lsh_recall_at_10"],
+            "properties": {"count": {"type": "integer"}, "index_size": {"type": "integer"},
+                           "exact_ms": {"type": "number", "description": "ms per Index.query_vector(exact=True)"},
+                           "lsh_ms": {"type": "number", "description": "ms per Index.query_vector(exact=False)"},
+                           "lsh_recall_at_10": {"type": "number", "description": "LSH top-10 ids found by exact top-10"}},
+        },
+    },
+}

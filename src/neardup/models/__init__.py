@@ -1,14 +1,39 @@
-"""Image embedders: the protocol the rest of neardup codes against, and the default model."""
+"""Image embedders: the protocol the rest of neardup codes against, the default model, and the
+backends that run it.
+
+Backends (``load_embedder(backend)``, CLI ``--backend``, env NEARDUP_BACKEND):
+
+* ``torch``      the model in torch eager mode (on CUDA when torch sees a GPU).
+* ``onnx``       the model exported to ONNX (cached by weights hash) in ONNX Runtime: on a GPU
+                 through TensorRT (FP16) or CUDA when onnxruntime-gpu provides them, else on CPU.
+* ``onnx-int8``  statically quantised on real photos; used only if it passes its accuracy guard
+                 (mean cosine to fp32 >= 0.99, nearest original of every guard copy unchanged).
+* ``auto``       the fastest that is usable here: ONNX Runtime on a GPU, else torch on a GPU,
+                 else int8 when its guarded model is built (and passed), else fp32 ONNX.
+
+Identity. An index stores the identity of the model that built it (name, weights sha256,
+preprocessing, dim) and refuses any other. The identity names the *vector space*, not the
+backend: torch and fp32 ONNX agree to ~1e-6 per component, so an index built with one is queried
+with the other. int8 and TensorRT FP16 are approximations of the same vectors (int8: cosine to
+fp32 >= 0.99 on average, guarded), so they share the identity too: mixing them shifts scores by
+about as much as re-encoding a JPEG does, far less than the gap between copies and different
+photos (see README, "Backends"). A custom ONNX model is a different vector space and gets its own
+identity (file sha256 + spec).
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image
+
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 class Embedder(Protocol):
@@ -29,7 +54,7 @@ class Embedder(Protocol):
 
 
 def default_embedder(threads: int | None = None) -> Embedder:
-    """The EfficientNet-Lite0 torch embedder, loaded once per process.
+    """The EfficientNet-Lite0 torch embedder, loaded once per process (the reference backend).
 
     ``threads`` sets torch's intra-op thread count, which is process-wide, so it applies
     even when the embedder is already loaded.
@@ -49,4 +74,83 @@ def _shared_torch_embedder() -> Embedder:
     return TorchEmbedder()
 
 
-__all__ = ["Embedder", "default_embedder"]
+def backend_from_env(backend: str | None = None) -> str:
+    chosen = backend or os.environ.get("NEARDUP_BACKEND") or "auto"
+    if chosen not in BACKENDS:
+        from .onnx_backend import BackendError
+
+        raise BackendError(f"unknown backend {chosen!r} (choose from {', '.join(BACKENDS)})")
+    return chosen
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def load_embedder(backend: str | None = None, *, model: str | os.PathLike | None = None,
+                  spec: str | os.PathLike | dict | None = None, threads: int | None = None) -> Embedder:
+    """The embedder for a backend name (None: $NEARDUP_BACKEND or auto), or for a custom ONNX
+    ``model`` with its ``spec``. Loaded once per process for each distinct set of arguments.
+    Raises BackendError (a NeardupError) with one line when the choice cannot be used here."""
+    backend = backend_from_env(backend)
+    if model is not None:
+        if backend not in ("auto", "onnx"):
+            from .onnx_backend import BackendError
+
+            raise BackendError(f"a custom --model runs in ONNX Runtime; --backend {backend} applies only to the built-in model")
+        key_spec = spec if not isinstance(spec, dict) else tuple(sorted((k, repr(v)) for k, v in spec.items()))
+        return _load_custom(str(Path(model).absolute()), key_spec if key_spec is None or isinstance(key_spec, tuple) else str(key_spec), threads)
+    return _load_builtin(backend, threads)
+
+
+@functools.cache
+def _load_custom(model: str, spec, threads: int | None) -> Embedder:
+    from .custom import CustomOnnxEmbedder
+    from .onnx_backend import gpu_providers
+
+    providers = [*gpu_providers(), "CPUExecutionProvider"]
+    return CustomOnnxEmbedder(model, dict(spec) if isinstance(spec, tuple) else spec, threads=threads, providers=providers)
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The concrete backend a name stands for here: `auto` becomes onnx (ORT on a GPU when it has
+    GPU providers, else on CPU), torch (when only torch sees a GPU) or onnx-int8 (when a guarded int8
+    model is already built in the cache and passed its guard; a refused one is never picked)."""
+    backend = backend_from_env(backend)
+    if backend != "auto":
+        return backend
+    from . import onnx_backend as ob
+
+    if ob.gpu_providers():
+        return "onnx"
+    if torch_cuda_available():
+        return "torch"
+    return "onnx-int8" if ob.guarded_int8_model() is not None else "onnx"
+
+
+@functools.cache
+def _load_builtin(backend: str, threads: int | None) -> Embedder:
+    from . import onnx_backend as ob
+
+    backend = resolve_backend(backend)
+    if backend == "torch":
+        return _torch_embedder(threads)
+    if backend == "onnx-int8":
+        return ob.OnnxEmbedder(ob.guarded_int8_model() or ob.int8_model(threads=threads), threads=threads,
+                               backend="onnx-int8")
+    return ob.OnnxEmbedder(threads=threads, providers=[*ob.gpu_providers(), "CPUExecutionProvider"])
+
+
+def _torch_embedder(threads: int | None) -> Embedder:
+    if torch_cuda_available():
+        from .efficientnet_lite0 import TorchEmbedder
+
+        return TorchEmbedder(threads=threads, device="cuda")
+    return default_embedder(threads)
+
+
+__all__ = ["BACKENDS", "Embedder", "default_embedder", "load_embedder", "resolve_backend"]

@@ -68,9 +68,13 @@ class Conv2dSame(nn.Conv2d):
         symmetric_padding = kernel_size // 2 if stride == 1 else 0
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=symmetric_padding, groups=groups, bias=False)
+        # [left, right, top, bottom] fixed for one input size (see EfficientNetLite0.fix_padding)
+        self.fixed_padding: list[int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] > 1:
+        if self.fixed_padding is not None:
+            x = F.pad(x, self.fixed_padding)
+        elif self.stride[0] > 1:
             pad_h = _same_padding_total(x.shape[-2], self.kernel_size[0], self.stride[0])
             pad_w = _same_padding_total(x.shape[-1], self.kernel_size[1], self.stride[1])
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
@@ -132,6 +136,22 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _batch_norm(HEAD_CHANNELS)
         self._fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
 
+    def fix_padding(self, input_size: int) -> EfficientNetLite0:
+        """Make every strided convolution pad by constants computed for square inputs of this size.
+        An exported graph then has constant Pad nodes, which ONNX Runtime folds into the convolutions
+        (and its quantiser handles), instead of padding computed from the input's shape at run time."""
+        sizes = {}
+        hooks = [m.register_forward_pre_hook(lambda m, args: sizes.__setitem__(m, args[0].shape[-1]))
+                 for m in self.modules() if isinstance(m, Conv2dSame) and m.stride[0] > 1]
+        with torch.inference_mode():
+            self.forward_features(torch.zeros(1, 3, input_size, input_size))
+        for hook in hooks:
+            hook.remove()
+        for conv, size in sizes.items():
+            total = _same_padding_total(size, conv.kernel_size[0], conv.stride[0])
+            conv.fixed_padding = [total // 2, total - total // 2] * 2
+        return self
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[n, 3, h, w] -> [n, 1280, ceil(h/32), ceil(w/32)] feature map after the head conv."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -163,18 +183,36 @@ def load_pretrained() -> EfficientNetLite0:
     return model.eval()
 
 
+def preprocess(image: Image.Image) -> np.ndarray:
+    """Any-size PIL image -> float32 [3, 224, 224]; squashes the whole image, no crop, so nothing
+    near the border is lost to near-duplicate matching. Pure and thread-safe."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    resized = np.asarray(image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC))
+    # two passes over the pixels (transpose+convert+subtract, then scale) instead of four; 1/128 is
+    # exact in binary, so the result is bit-identical to (x - 127) / 128
+    pixels = np.empty((3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    np.subtract(resized.transpose(2, 0, 1), np.float32(PIXEL_MEAN), out=pixels, dtype=np.float32)
+    pixels *= np.float32(1 / PIXEL_SCALE)
+    return pixels
+
+
 class TorchEmbedder:
-    """The ``neardup.models.Embedder`` backed by EfficientNet-Lite0 on torch (CPU)."""
+    """The ``neardup.models.Embedder`` backed by EfficientNet-Lite0 on torch (CPU, or a CUDA device)."""
 
     name = "efficientnet-lite0"
     dim = HEAD_CHANNELS
     input_size = INPUT_SIZE
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, device: str = "cpu"):
         if threads is not None:
             torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.backend = "torch" if self.device.type == "cpu" else f"torch-{self.device.type}"
         # channels_last (NHWC) lets oneDNN run the depthwise convolutions ~1.5x faster on CPU.
-        self._model = load_pretrained().to(memory_format=torch.channels_last)
+        self._model = load_pretrained().to(self.device, memory_format=torch.channels_last)
+        # a GPU takes whole batches; on CPU small micro-batches keep activations in cache
+        self._micro_batch = MICRO_BATCH if self.device.type == "cpu" else 256
         self.identity = {
             "name": self.name,
             "weights_sha256": weights_sha256(),
@@ -183,13 +221,7 @@ class TorchEmbedder:
         }
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """Any-size PIL image -> float32 [3, 224, 224]; squashes the whole image, no crop, so
-        nothing near the border is lost to near-duplicate matching."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        resized = image.resize((self.input_size, self.input_size), Image.Resampling.BICUBIC)
-        pixels = (np.asarray(resized, dtype=np.float32) - PIXEL_MEAN) / PIXEL_SCALE
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """float32 [n, 3, 224, 224] -> float32 [n, 1280], each row L2-normalised."""
@@ -202,8 +234,8 @@ class TorchEmbedder:
         images = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         with torch.inference_mode():
             pooled = [
-                self._model.forward_features(chunk.contiguous(memory_format=torch.channels_last))
+                self._model.forward_features(chunk.to(self.device).contiguous(memory_format=torch.channels_last))
                 .mean(dim=(2, 3))
-                for chunk in images.split(MICRO_BATCH)
+                for chunk in images.split(self._micro_batch)
             ]
-            return F.normalize(torch.cat(pooled), dim=1).numpy()
+            return F.normalize(torch.cat(pooled), dim=1).cpu().numpy()

@@ -1,0 +1,369 @@
+"""`neardup bench`: the seed's speed experiment (embed 1,000 images, then query), measured on this
+machine with every backend side by side in one run.
+
+Rows:
+* seed-style: what the seed's predict loop does, one image at a time: full-size decode, resize,
+  torch eager with a batch of 1, no overlap. Its model time alone is the model-only baseline.
+* per backend, model-only: preprocessed tensors through `embed` in batches (no decoding).
+* per backend, end to end: `Index.add` on the image files (read, hash, draft-decode, preprocess in
+  worker threads, overlapped with batched inference, stored), the path users run.
+* the bound set by the model's FLOPs and this machine's measured sgemm rate, and how close each
+  backend comes to it.
+* queries: `Index.query_vector` exact and LSH, ms per query, on the index built above.
+
+Images: ~2-megapixel JPEGs (1600x1200) made from the bundled sample photos (demo extra), each a
+different crop, brightness and quality so no two files are alike, or a folder given with --images.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+LARGE_SIZE = (1600, 1200)
+SEED_BACKEND = "torch (eager, batch 1)"
+QUERY_K = 10
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+
+def make_images(folder: Path, n: int, size: tuple[int, int] = LARGE_SIZE,
+                progress: Callable[[int], None] | None = None) -> list[Path]:
+    """n distinct ~2-MP JPEGs from the sample photos: photo i % 16 upscaled to cover `size` plus a
+    margin, then cropped at an offset, brightened and encoded at a quality that all depend on i."""
+    from PIL import Image, ImageEnhance
+
+    from .demo import sample_photos
+
+    photos = [p.image for p in sample_photos()]
+    if not photos:
+        raise RuntimeError("neardup bench needs scikit-image for its sample photos (pip install 'neardup[demo]'), "
+                           "or a folder of images: --images DIR")
+    width, height = size
+    margin = 64
+    covers = []
+    for photo in photos:
+        scale = max((width + margin) / photo.width, (height + margin) / photo.height)
+        covers.append(photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC))
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> Path:
+        cover = covers[i % len(covers)]
+        variant = i // len(covers)
+        left = (variant * 7) % (cover.width - width + 1)
+        top = (variant * 5) % (cover.height - height + 1)
+        image = cover.crop((left, top, left + width, top + height))
+        image = ImageEnhance.Brightness(image).enhance(0.9 + 0.02 * (variant % 10))
+        path = folder / f"img{i:05d}.jpg"
+        image.save(path, "JPEG", quality=80 + variant % 15)
+        return path
+
+    paths = []
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for path in pool.map(write, range(n)):
+            paths.append(path)
+            if progress:
+                progress(1)
+    return paths
+
+
+def image_files(folder: Path, n: int) -> list[Path]:
+    from .images import discover
+
+    files = discover([str(folder)]).files[:n]
+    if not files:
+        raise FileNotFoundError(f"no image files under {folder}")
+    return [Path(f) for f in files]
+
+
+# ---- the machine -------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers()}
+
+
+def model_macs() -> int:
+    """Multiply-adds of one 224x224 image through the embedding path, counted by forward hooks on
+    every convolution (BatchNorm, ReLU6, pooling and the norm are a rounding error)."""
+    import torch
+
+    from .models.efficientnet_lite0 import INPUT_SIZE, load_pretrained
+
+    model = load_pretrained()
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        model.forward_features(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def sgemm_gflops(threads: int, size: int = 1024, seconds: float = 1.5) -> float:
+    """Best float32 matrix-multiply rate (2*n^3 flops per product) with this many threads, torch/oneDNN."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        best = float("inf")
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return 2 * size**3 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---- timings -------------------------------------------------------------------------------------------
+
+
+def seed_style(paths: Sequence[Path], tick: Callable[[int], None] | None = None) -> dict:
+    """The seed's loop: for each file, decode at full size, resize, run torch eager on a batch of 1."""
+    from PIL import Image
+
+    from .models import default_embedder
+    from .models.efficientnet_lite0 import preprocess
+
+    embedder = default_embedder(os.cpu_count())
+    model_seconds = 0.0
+    start = time.perf_counter()
+    for path in paths:
+        with Image.open(path) as image:
+            pixels = preprocess(image.convert("RGB"))[None]
+        began = time.perf_counter()
+        embedder.embed(pixels)
+        model_seconds += time.perf_counter() - began
+        if tick:
+            tick(1)
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
+            "model_images_per_s": round(len(paths) / model_seconds, 2)}
+
+
+def model_only(embedder, pool: np.ndarray, n: int, batch: int = 32, tick: Callable[[int], None] | None = None) -> float:
+    """Images/s of `embed` on n preprocessed images (cycling through `pool`), in batches."""
+    embedder.embed(pool[:batch])  # warm-up: first-run allocations, TensorRT engine build
+    done, start = 0, time.perf_counter()
+    while done < n:
+        take = min(batch, n - done)
+        offset = done % len(pool)
+        chunk = np.take(pool, np.arange(offset, offset + take) % len(pool), axis=0)
+        embedder.embed(chunk)
+        done += take
+        if tick:
+            tick(take)
+    return n / (time.perf_counter() - start)
+
+
+def index_run(embedder, paths: Sequence[Path], root: Path, workers: int | None,
+              tick: Callable[[int], None] | None = None) -> tuple[float, Path]:
+    """Images/s of Index.add on the files into a fresh index at root (decode + embed + store)."""
+    from .index import Index
+
+    seen = 0
+
+    def progress(done: int, total: int, failed: int) -> None:
+        nonlocal seen
+        if tick:
+            tick(done - seen)
+        seen = done
+
+    with Index.open(root, create=True, embedder=embedder) as index:
+        start = time.perf_counter()
+        summary = index.add([str(p) for p in paths], progress=progress, workers=workers)
+        seconds = time.perf_counter() - start
+    embedded = summary.added - summary.identical
+    return embedded / seconds, root
+
+
+def queries(root: Path, vectors: np.ndarray, n: int, tick: Callable[[int], None] | None = None) -> dict:
+    """ms per query through Index.query_vector, exact and LSH, on n query vectors (the given vectors,
+    each slightly perturbed: near-duplicates of indexed images), and LSH's recall@10 against exact."""
+    from .index import Index
+
+    rng = np.random.default_rng(0)
+    picks = vectors[rng.integers(0, len(vectors), n)]
+    noisy = picks + rng.normal(0, 0.01, picks.shape).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    result = {"count": n}
+    found = {}
+    with Index.open(root) as index:
+        result["index_size"] = index.stats()["images"]
+        for exact in (True, False):
+            index.query_vector(noisy[0], QUERY_K, exact=exact)  # builds the tables once, outside the timing
+            start = time.perf_counter()
+            found[exact] = [[m.id for m in index.query_vector(q, QUERY_K, exact=exact)] for q in noisy]
+            result["exact_ms" if exact else "lsh_ms"] = round((time.perf_counter() - start) / n * 1000, 4)
+            if tick:
+                tick(n)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(found[True], found[False]))
+    result["lsh_recall_at_10"] = round(hits / max(1, sum(len(a) for a in found[True])), 4)
+    return result
+
+
+# ---- the whole experiment ------------------------------------------------------------------------------
+
+
+def run(*, n: int = 1000, images: Path | None = None, backends: Sequence[str] = ("torch", "onnx", "onnx-int8"),
+        workers: int | None = None, threads: int | None = None, n_queries: int = 1000, console=None) -> dict:
+    """Run every measurement and return the figures (schema: neardup.schemas.BENCH)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .models import load_embedder
+    from .models.onnx_backend import BackendError, int8_report
+
+    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn())
+    with tempfile.TemporaryDirectory(prefix="neardup-bench-") as work, \
+            Progress(*columns, console=console, transient=True, disable=console is None) as bar:
+        work = Path(work)
+
+        def stage(description: str, total: int):
+            task = bar.add_task(description, total=total)
+            return lambda k: bar.advance(task, k)
+
+        if images is None:
+            paths = make_images(work / "images", n, progress=stage(f"writing {n} JPEGs {LARGE_SIZE[0]}x{LARGE_SIZE[1]}", n))
+            source = f"generated: {LARGE_SIZE[0]}x{LARGE_SIZE[1]} JPEGs from the sample photos"
+        else:
+            paths = image_files(images, n)
+            source = str(images)
+        megapixels = _mean_megapixels(paths)
+        figures: dict = {"machine": machine(),
+                         "images": {"count": len(paths), "source": source, "mean_megapixels": megapixels}}
+        macs = model_macs()
+        gflops = sgemm_gflops(threads or os.cpu_count() or 1)
+        bound = gflops * 1e9 / (2 * macs)
+        figures["flops"] = {"macs_per_image": macs, "sgemm_gflops": round(gflops, 2),
+                            "threads": threads or os.cpu_count() or 1, "bound_images_per_s": round(bound, 1)}
+        seed = seed_style(paths, stage(f"seed-style: {SEED_BACKEND}", len(paths)))
+        figures["seed_style"] = seed
+        pool = _preprocessed(paths[:64])
+        rows, query_root, query_vectors = [], None, None
+        for backend in backends:
+            row = {"backend": backend, "available": True, "error": None}
+            try:
+                embedder = load_embedder(backend, threads=threads)
+            except BackendError as exc:
+                row.update(available=False, error=str(exc))
+                rows.append(row)
+                continue
+            row["providers"] = list(getattr(embedder, "providers", None) or [str(getattr(embedder, "device", "cpu"))])
+            model_rate = model_only(embedder, pool, len(paths), tick=stage(f"model only: {backend}", len(paths)))
+            index_rate, root = index_run(embedder, paths, work / f"index-{backend}", workers,
+                                         stage(f"end to end (Index.add): {backend}", len(paths)))
+            row.update(model_images_per_s=round(model_rate, 2),
+                       model_ratio=round(model_rate / seed["model_images_per_s"], 2),
+                       model_fraction_of_bound=round(model_rate / bound, 3),
+                       index_images_per_s=round(index_rate, 2),
+                       index_ratio=round(index_rate / seed["images_per_s"], 2))
+            if backend == "onnx-int8":
+                row["int8_guard"] = int8_report(embedder.path)
+            rows.append(row)
+            if query_root is None:
+                query_root, query_vectors = root, embedder.embed(pool)
+        figures["backends"] = rows
+        figures["queries"] = (queries(query_root, query_vectors, n_queries, stage("queries: exact, LSH", 2 * n_queries))
+                              if query_root is not None and n_queries else None)
+    return figures
+
+
+def _preprocessed(paths: Sequence[Path]) -> np.ndarray:
+    from .images import load_image
+    from .models.efficientnet_lite0 import INPUT_SIZE, preprocess
+
+    return np.stack([preprocess(load_image(p, min_side=INPUT_SIZE).image) for p in paths])
+
+
+def _mean_megapixels(paths: Sequence[Path]) -> float:
+    from PIL import Image
+
+    sizes = []
+    for path in paths[:200]:
+        with Image.open(path) as image:
+            sizes.append(image.width * image.height)
+    return round(float(np.mean(sizes)) / 1e6, 2)
+
+
+def table(figures: dict):
+    """The figures as a rich Table."""
+    from rich.table import Table
+
+    seed = figures["seed_style"]
+    flops = figures["flops"]
+    images = figures["images"]
+    title = (f"{images['count']} images ({images['mean_megapixels']} MP) on {figures['machine']['cpu']}, "
+             f"{figures['machine']['cores']} cores" + (f", {figures['machine']['gpu']}" if figures["machine"]["gpu"] else ""))
+    t = Table(title=title)
+    for column in ("path", "model only img/s", "× seed", "of FLOPs bound", "end to end img/s", "× seed"):
+        t.add_column(column, justify="left" if column == "path" else "right")
+    t.add_row(f"seed-style: {SEED_BACKEND}, full decode", f"{seed['model_images_per_s']:.1f}", "1.0",
+              f"{seed['model_images_per_s'] / flops['bound_images_per_s']:.0%}", f"{seed['images_per_s']:.1f}", "1.0")
+    for row in figures["backends"]:
+        if not row["available"]:
+            t.add_row(row["backend"], "—", "—", "—", "—", "—")
+            continue
+        label = row["backend"] + ("" if row["providers"] == ["CPUExecutionProvider"] else f" [{row['providers'][0]}]")
+        t.add_row(label, f"{row['model_images_per_s']:.1f}", f"{row['model_ratio']:.1f}",
+                  f"{row['model_fraction_of_bound']:.0%}", f"{row['index_images_per_s']:.1f}", f"{row['index_ratio']:.1f}")
+    return t
+
+
+def summary_lines(figures: dict) -> list[str]:
+    flops = figures["flops"]
+    bound = (f"FLOPs bound: {flops['macs_per_image'] / 1e6:.0f} M multiply-adds per image at the measured "
+             f"sgemm rate {flops['sgemm_gflops']:.0f} GFLOP/s ({flops['threads']} threads) = "
+             f"{flops['bound_images_per_s']:.0f} images/s")
+    lines = [bound]
+    for row in figures["backends"]:
+        if not row["available"]:
+            lines.append(f"{row['backend']}: not available: {row['error']}")
+        elif "int8_guard" in row:
+            g = row["int8_guard"]
+            lines.append(f"int8 guard: mean cosine to fp32 {g['mean_cosine']:.4f} (min {g['min_cosine']:.4f}) over "
+                         f"{g['images']} images, {g['top1_changed']} nearest originals changed")
+    q = figures.get("queries")
+    if q:
+        lines.append(f"queries ({q['count']} on {q['index_size']} images, k={QUERY_K}): exact {q['exact_ms']:.3f} ms, "
+                     f"LSH {q['lsh_ms']:.3f} ms, LSH recall@10 {q['lsh_recall_at_10']:.3f}")
+    return lines

@@ -1,0 +1,351 @@
+"""The default model exported to ONNX and run in ONNX Runtime: fp32, int8, and GPU providers.
+
+Export. The embedding function (features -> global average pool -> L2 normalise) is exported
+once with the TorchScript exporter (``dynamo=False``, opset 17, dynamic batch axis) and cached
+in the user cache dir under a name that holds the weights' sha256 and EXPORT_VERSION, so new
+weights or a changed export wrapper give a new file and a stale one is never used. The file is
+written to a temporary name and renamed, so a killed export leaves no half file. The legacy
+exporter is used because the dynamo exporter needs a tracing pass that is ~5x slower here and
+produces the same graph after ORT's optimiser (checked: same outputs to 1e-6).
+
+int8. Static quantisation (QDQ, per-channel int8 weights, uint8 activations, MinMax
+calibration) on real photos. It is kept only when it passes the accuracy guard *where it is
+built*: mean cosine to the fp32 vectors >= INT8_MIN_MEAN_COSINE on the guard photos and their
+edited copies, and every copy's nearest original unchanged. The quantised file and its guard
+report are cached by (weights hash, calibration hash); a refused model is not kept, and its
+report says why, so ``auto`` never picks it.
+
+Vectors of every backend live in one vector space and share the model's identity (see
+``neardup.models``), so an index may be built by one backend and queried by another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..index import NeardupError
+from .efficientnet_lite0 import HEAD_CHANNELS, INPUT_SIZE, PREPROCESSING, weights_sha256
+from .efficientnet_lite0 import preprocess as lite0_preprocess
+
+#: Bump when the exported graph changes (wrapper, opset, exporter options): old cache files are then ignored.
+EXPORT_VERSION = 1
+OPSET = 17
+#: Bump when the quantisation recipe changes.
+INT8_VERSION = 1
+INT8_MIN_MEAN_COSINE = 0.99
+#: Images per ORT run. Unlike torch eager, ORT's fused kernels keep their speed per image up to
+#: batches of 8-16 on 2 cores (measured, see benchmarks/RESULTS.md); larger batches only add latency.
+ORT_BATCH = 8
+#: The TensorRT engine for the dynamic batch axis is built for batches up to this size.
+TRT_MAX_BATCH = 64
+
+
+class BackendError(NeardupError):
+    """A backend or model that cannot be used here (refused int8 model, bad ONNX file or spec)."""
+
+
+def cache_dir() -> Path:
+    """$NEARDUP_CACHE, else $XDG_CACHE_HOME/neardup, else ~/.cache/neardup."""
+    if os.environ.get("NEARDUP_CACHE"):
+        return Path(os.environ["NEARDUP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "neardup"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(temp_path) and move the result to path: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(temp))
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+
+def fp32_model_path() -> Path:
+    """The cached ONNX export of the default model, exported now if missing."""
+    path = cache_dir() / f"efficientnet-lite0-{weights_sha256()[:16]}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
+    if not path.exists():
+        _atomic_write(path, export_default_model)
+    return path
+
+
+def export_default_model(path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from .efficientnet_lite0 import load_pretrained
+
+    class Embedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = load_pretrained().fix_padding(INPUT_SIZE)
+
+        def forward(self, x):
+            pooled = self.model.forward_features(x).mean(dim=(2, 3))
+            return nn.functional.normalize(pooled, dim=1)
+
+    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+    with torch.inference_mode():
+        torch.onnx.export(Embedding().eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["pixels"], output_names=["embedding"],
+                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+
+
+# ---- sessions --------------------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """ORT intra-op threads: every core. Decoding threads overlap with it (ORT and Pillow release the
+    GIL); spinning is switched off so idle ORT threads give their core to the decoders."""
+    return os.cpu_count() or 1
+
+
+def gpu_providers(cache: Path | None = None) -> list:
+    """ORT's GPU providers present here, best first: TensorRT (FP16, engines cached), then CUDA."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    providers: list = []
+    if "TensorrtExecutionProvider" in available:
+        engines = (cache or cache_dir()) / "tensorrt"
+        engines.mkdir(parents=True, exist_ok=True)
+        shape = f"pixels:{{}}x3x{INPUT_SIZE}x{INPUT_SIZE}"
+        providers.append(("TensorrtExecutionProvider", {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(engines),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(engines),
+            "trt_profile_min_shapes": shape.format(1),
+            "trt_profile_opt_shapes": shape.format(ORT_BATCH),
+            "trt_profile_max_shapes": shape.format(TRT_MAX_BATCH),
+        }))
+    if "CUDAExecutionProvider" in available:
+        providers.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+    return providers
+
+
+def make_session(path: Path, *, threads: int | None = None, providers: Sequence | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+class OnnxEmbedder:
+    """EfficientNet-Lite0 run by ONNX Runtime; same preprocessing, identity and vectors as torch
+    (fp32: max abs difference < 1e-4 on unit vectors, tested)."""
+
+    name = "efficientnet-lite0"
+    dim = HEAD_CHANNELS
+    input_size = INPUT_SIZE
+
+    def __init__(self, path: Path | None = None, *, threads: int | None = None, providers: Sequence | None = None,
+                 backend: str = "onnx"):
+        self.path = path or fp32_model_path()
+        self.session = make_session(self.path, threads=threads, providers=providers)
+        self.backend = backend
+        self.providers = self.session.get_providers()
+        self.identity = {"name": self.name, "weights_sha256": weights_sha256(),
+                         "preprocessing": PREPROCESSING, "dim": self.dim}
+
+    def preprocess(self, image):
+        return lite0_preprocess(image)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        expected = (3, self.input_size, self.input_size)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected))}], got {list(batch.shape)}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        out = [self.session.run(None, {"pixels": batch[i:i + ORT_BATCH]})[0] for i in range(0, len(batch), ORT_BATCH)]
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+# ---- int8 --------------------------------------------------------------------------------------------
+
+
+def calibration_photos() -> list:
+    """Real photos to calibrate and guard int8 on: scikit-image's samples (the `demo` extra), else
+    the folder in $NEARDUP_CALIBRATION (any images, at least 8)."""
+    folder = os.environ.get("NEARDUP_CALIBRATION")
+    if folder:
+        from ..images import ImageError, discover, load_image
+
+        images = []
+        for path in discover([folder]).files[:64]:
+            with contextlib.suppress(ImageError):
+                images.append(load_image(path, min_side=INPUT_SIZE).image)
+        if len(images) < 8:
+            raise BackendError(f"$NEARDUP_CALIBRATION={folder} holds {len(images)} readable images; int8 needs >= 8")
+        return images
+    from ..demo import sample_photos
+
+    photos = [p.image for p in sample_photos()]
+    if len(photos) < 8:
+        raise BackendError("onnx-int8 needs real photos to calibrate on: install neardup[demo] (scikit-image) "
+                           "or set NEARDUP_CALIBRATION to a folder of images")
+    return photos
+
+
+def guard_set(photos: Sequence, preprocess=lite0_preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(originals, copies) model inputs: the photos, and each photo under every demo edit (copy i*E+e
+    is photo i under edit e). The guard checks that each copy keeps its nearest original."""
+    from ..demo import EDITS
+
+    originals = np.stack([preprocess(p) for p in photos])
+    copies = np.stack([preprocess(edit(p)) for p in photos for edit in EDITS.values()])
+    return originals, copies
+
+
+def calibration_inputs(originals: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """Every other photo and its copies: the guard then also sees photos the calibration never saw."""
+    per_photo = copies.reshape(len(originals), -1, *copies.shape[1:])
+    return np.concatenate([originals[::2], per_photo[::2].reshape(-1, *copies.shape[1:])])
+
+
+def int8_guard(fp32, int8, originals: np.ndarray, copies: np.ndarray) -> dict:
+    """Compare int8 with fp32 on the guard set: cosine of each vector to its fp32 vector, and the
+    nearest original of each copy."""
+    reference = np.concatenate([fp32.embed(originals), fp32.embed(copies)])
+    quantised = np.concatenate([int8.embed(originals), int8.embed(copies)])
+    cosines = np.sum(reference * quantised, axis=1)
+    n = len(originals)
+    top1_fp32 = np.argmax(reference[n:] @ reference[:n].T, axis=1)
+    top1_int8 = np.argmax(quantised[n:] @ quantised[:n].T, axis=1)
+    changed = int(np.sum(top1_fp32 != top1_int8))
+    report = {
+        "images": len(cosines),
+        "copies": len(copies),
+        "mean_cosine": round(float(cosines.mean()), 6),
+        "min_cosine": round(float(cosines.min()), 6),
+        "top1_changed": changed,
+        "min_mean_cosine": INT8_MIN_MEAN_COSINE,
+    }
+    report["passed"] = report["mean_cosine"] >= INT8_MIN_MEAN_COSINE and changed == 0
+    return report
+
+
+def _refusal(report: dict) -> str:
+    return (f"int8 model refused by its accuracy guard: mean cosine to fp32 {report['mean_cosine']:.4f} "
+            f"(needs >= {INT8_MIN_MEAN_COSINE}), {report['top1_changed']} of {report.get('copies', '?')} edited copies "
+            f"changed their nearest original (needs 0); use --backend onnx")
+
+
+def quantise(fp32_path: Path, calibration: np.ndarray, out: Path, input_name: str = "pixels") -> None:
+    """Static QDQ quantisation: per-channel symmetric int8 weights, asymmetric uint8 activations with
+    MinMax ranges over the calibration inputs. (Measured on the default model: Percentile and Entropy
+    calibration, reduced range, s8/u8 variants and keeping the head or the noisiest layers in float all
+    gave the same or a lower cosine to fp32, 0.94-0.987.)"""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{input_name: calibration[i:i + 8]} for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def build_guarded_int8(fp32, load, originals: np.ndarray, copies: np.ndarray, out: Path, *,
+                       calibration: np.ndarray | None = None, input_name: str = "pixels") -> dict:
+    """Quantise the ONNX file of the `fp32` embedder, load the result with `load(path)`, and guard it
+    against fp32 on (originals, copies). Writes `out` only when the guard passes, and the report beside
+    it (out with .guard.json) either way. Returns the report; raises BackendError on refusal.
+    `calibration` overrides the calibration inputs (default: calibration_inputs(originals, copies))."""
+    if calibration is None:
+        calibration = calibration_inputs(originals, copies)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        candidate = Path(work) / "int8.onnx"
+        quantise(fp32.path, np.ascontiguousarray(calibration, dtype=np.float32), candidate, input_name)
+        report = int8_guard(fp32, load(candidate), originals, copies)
+        report["calibration_images"] = len(calibration)
+        if report["passed"]:
+            os.chmod(candidate, 0o644)
+            os.replace(candidate, out)
+    _atomic_write(_report_path(out), lambda temp: temp.write_text(json.dumps(report, indent=1)))
+    if not report["passed"]:
+        raise BackendError(_refusal(report))
+    return report
+
+
+def _report_path(model: Path) -> Path:
+    return model.with_name(model.name.removesuffix(".onnx") + ".guard.json")
+
+
+def int8_model(photos: Sequence | None = None, *, threads: int | None = None) -> Path:
+    """The guarded int8 model of the default model for these calibration photos (default:
+    calibration_photos()), from the cache or built and guarded now. Raises BackendError when it fails
+    its guard, now or in an earlier run (the refusal is cached too)."""
+    photos = calibration_photos() if photos is None else list(photos)
+    originals, copies = guard_set(photos)
+    calibration = calibration_inputs(originals, copies)
+    calibration_hash = hashlib.sha256(calibration.tobytes()).hexdigest()[:16]
+    path = cache_dir() / f"{_int8_prefix()}{calibration_hash}.onnx"
+    report_path = _report_path(path)
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        if not report.get("passed"):
+            raise BackendError(_refusal(report))
+        if path.exists():
+            return path
+    fp32 = OnnxEmbedder(threads=threads)
+    build_guarded_int8(fp32, lambda p: OnnxEmbedder(p, threads=threads, backend="onnx-int8"), originals, copies, path,
+                       calibration=calibration)
+    return path
+
+
+def _int8_prefix() -> str:
+    return f"efficientnet-lite0-{weights_sha256()[:16]}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
+
+
+def guarded_int8_model() -> Path | None:
+    """An int8 model of the current weights and recipe already built here that passed its guard, if any
+    (what `auto` may use without calibrating at load time)."""
+    for report_path in sorted(cache_dir().glob(f"{_int8_prefix()}*.guard.json")):
+        model = report_path.with_name(report_path.name.removesuffix(".guard.json") + ".onnx")
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(report_path.read_text()).get("passed") and model.exists():
+                return model
+    return None
+
+
+def int8_report(model: Path) -> dict:
+    return json.loads(_report_path(model).read_text())
