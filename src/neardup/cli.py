@@ -50,6 +50,32 @@ index_option = click.option(
 threshold_help = "Keep only matches with cosine similarity >= T (1.0 = identical pixels)."
 
 
+def embedder_options(command):
+    """--backend, --model, --model-spec, --threads: which model computes the vectors, and how (neardup.models)."""
+    options = [
+        click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]), envvar="NEARDUP_BACKEND",
+                     default="auto", show_default=True,
+                     help="How to run the model (env NEARDUP_BACKEND): auto = the fastest usable here."),
+        click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
+                     help="A custom ONNX image model instead of the built-in EfficientNet-Lite0."),
+        click.option("--model-spec", type=click.Path(exists=True, dir_okay=False),
+                     help="JSON spec of --model (input_size, mean, std...; default: MODEL with a .json suffix)."),
+        click.option("--threads", type=click.IntRange(1, 256), help="Inference threads (default: every core)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _embedder(backend, model_path, model_spec, threads):
+    from .models import load_embedder
+
+    if model_spec and not model_path:
+        raise click.UsageError("--model-spec goes with --model")
+    return load_embedder(backend, model=model_path, spec=model_spec, threads=threads)
+
+
+
 @click.group(cls=NeardupGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="neardup")
@@ -78,7 +104,10 @@ def _waiting() -> None:
 @click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
               help="Commit to disk after this many files (a crash loses at most this much work).")
 @click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
-def index_command(paths, index_dir, batch_size, prune, show_failures, commit_every, no_wait) -> None:
+@click.option("--workers", type=click.IntRange(1, 256), help="Decoding threads (default: every core).")
+@embedder_options
+def index_command(paths, index_dir, batch_size, prune, show_failures, commit_every, no_wait, workers,
+                  backend, model_path, model_spec, threads) -> None:
     """Add image files and folders (recursively) to the index; unchanged files are skipped."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -90,14 +119,16 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
         TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(),
     )
     started = time.perf_counter()
-    with Index.open(index_dir, create=True) as index, Progress(*columns, console=console, transient=True) as bar:
+    embedder = _embedder(backend, model_path, model_spec, threads)
+    with Index.open(index_dir, create=True, embedder=embedder) as index, \
+            Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("index", total=None, rate="", failed=0)
 
         def progress(done: int, total: int, failed: int) -> None:
             elapsed = time.perf_counter() - started
             bar.update(task, completed=done, total=total, failed=failed, rate=f"{done / max(elapsed, 1e-9):.1f} img/s")
 
-        summary = index.add(paths, batch_size=batch_size, prune=prune, progress=progress,
+        summary = index.add(paths, batch_size=batch_size, prune=prune, progress=progress, workers=workers,
                             commit_every=commit_every, wait=not no_wait, on_wait=_waiting)
     elapsed = time.perf_counter() - started
     embedded = summary.added + summary.updated - summary.identical
@@ -125,10 +156,12 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
               help="Compare with every indexed image, or only the LSH candidates (default: exact up to 20,000 images).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.QUERY).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the query and its matches.")
-def query_command(images, index_dir, k, threshold, exact, as_json, plot) -> None:
+@embedder_options
+def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend, model_path, model_spec, threads) -> None:
     """Find the indexed images most similar to each IMAGE."""
     results, failed = [], 0
-    with Index.open(index_dir) as index:
+    embedder = _embedder(backend, model_path, model_spec, threads)
+    with Index.open(index_dir, embedder=embedder) as index:
         for image in images:
             try:
                 matches = index.query(image, k=k, threshold=threshold, exact=exact)
@@ -391,6 +424,44 @@ def report_command(index_dir, out, threshold, exact, thumb_size, thumbs_beside, 
     click.echo(f"wrote {summary.out}: {summary.groups} groups, {summary.files} files"
                + (f", thumbnails in {summary.thumbs_dir}" if summary.thumbs_dir else "")
                + (f"; {summary.unreadable} images could not be read now (shown as such)" if summary.unreadable else ""))
+
+
+@main.command("bench")
+@click.option("-n", "count", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Images to embed (and queries to run).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="Use the first N images of this folder (default: ~2-MP JPEGs made from the sample photos).")
+@click.option("--backends", default="torch,onnx,onnx-int8", show_default=True,
+              help="Comma-separated backends to measure beside the seed-style path.")
+@click.option("--workers", type=click.IntRange(1, 256), help="Decoding threads of Index.add (default: every core).")
+@click.option("--threads", type=click.IntRange(1, 256), help="Inference threads (default: every core).")
+@click.option("--queries", "n_queries", default=1000, show_default=True, type=click.IntRange(0), help="Queries to time.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Also write the figures as JSON to this file ('-' = stdout; schema: neardup.schemas.BENCH).")
+def bench_command(count, images_dir, backends, workers, threads, n_queries, json_out) -> None:
+    """Time embedding (seed-style torch loop vs each backend) and queries on this machine; print a table."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from . import bench
+    from .models import BACKENDS
+
+    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BACKENDS or b == "auto"]
+    if unknown or not chosen:
+        raise click.BadParameter(f"choose from {', '.join(BACKENDS[1:])}", param_hint="--backends")
+    console = Console(stderr=True)
+    figures = bench.run(n=count, images=Path(images_dir) if images_dir else None, backends=chosen, workers=workers,
+                        threads=threads, n_queries=n_queries, console=console)
+    if json_out == "-":
+        click.echo(json.dumps(figures, indent=2))
+    else:
+        if json_out:
+            Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
+        Console().print(bench.table(figures))
+        for line in bench.summary_lines(figures):
+            click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover
