@@ -116,11 +116,16 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
                     for e in exc.errors()]
         return _error(422, "; ".join(problems) or "invalid request")
 
+    @app.exception_handler(StoreError)
+    @app.exception_handler(NeardupError)
+    async def index_error(request: Request, exc: Exception):
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return _error(503, f"the index cannot be read: {exc}")
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
+        # Starlette hands the exception on to the server's log after this answer; the client sees one line
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        if isinstance(exc, (StoreError, NeardupError)):
-            return _error(503, f"the index cannot be read: {exc}")
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     # ---- access: token or loopback-only ----------------------------------------------------------
