@@ -171,41 +171,32 @@ def test_all_pairs_join_recovers_exact_pairs(threshold):
     n=st.integers(2, 60),
     k=st.integers(1, 8),
     tables=st.integers(1, 6),
-    parts=st.integers(1, 5),
+    workers=st.integers(1, 4),
     threshold=st.sampled_from([-1.0, 0.0, 0.3, 0.6]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_join_split_into_partitions_equals_join_pairs(n, k, tables, parts, threshold, seed):
-    """The distributed join's steps (bucket ids per row, any partitioning of the entries by id, pairs per
-    bucket, Hamming + cosine check) give exactly the pairs and scores of `join_pairs`."""
+def test_join_split_by_table_equals_join_pairs(n, k, tables, workers, threshold, seed):
+    """The distributed join's steps (tables dealt to workers in any way, candidates per table with the
+    Hamming filter, verification) give exactly the pairs and scores of `join_pairs`."""
     rng = np.random.default_rng(seed)
     vectors = unit_rows(rng, n, 8)
     vectors[1::3] = vectors[0::3][: len(vectors[1::3])] + 0.05 * rng.standard_normal((len(vectors[1::3]), 8))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    planes = lsh.make_planes(8, 16, 32, seed % 1000)
-    codes = lsh.hash_vectors(vectors, planes, 16)
+    codes = lsh.hash_vectors(vectors, lsh.make_planes(8, 16, 32, seed % 1000), 16)
     plan = lsh.PairPlan(k, tables, 512, seed % 1000)
     expected = {(int(a), int(b)): float(s) for chunk in lsh.join_pairs(codes, lambda r: vectors[r], threshold, plan)
                 for a, b, s in zip(*chunk)}
 
-    ids = lsh.plan_bucket_ids(codes, plan)
-    assert ids.shape == (n, tables)
-    rows = np.repeat(np.arange(n), tables)
-    ids = ids.reshape(-1)
-    unique, which = np.unique(ids, return_inverse=True)
-    part = rng.integers(0, parts, size=len(unique))[which]  # any partitioning that keeps each id whole
-    candidates = set()
-    for p in range(parts):
-        for a, b in lsh.bucket_pairs(ids[part == p], rows[part == p], chunk=7):
-            assert (a < b).all()
-            candidates.update(zip(a.tolist(), b.tolist()))
+    words, bits = lsh.code_words(codes), lsh.bit_rows(codes)
+    limit = lsh.hamming_limit(threshold, plan.bits)
     positions = plan.positions()
-    bits = ((codes[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(n, 512)
-    brute = {(a, b) for a, b in itertools.combinations(range(n), 2)
-             if any((bits[a, pos] == bits[b, pos]).all() for pos in positions)}
-    assert candidates == brute
-
-    a, b = (np.array(x, dtype=np.int64) for x in zip(*sorted(candidates))) if candidates else (np.empty(0, int),) * 2
-    words = lsh.code_words(codes)
-    ka, kb, ks = lsh.check_pairs(a, b, words[a], words[b], vectors[a], vectors[b], threshold, plan.bits)
-    assert dict(zip(zip(ka.tolist(), kb.tolist()), ks.tolist())) == expected
+    worker_of = rng.integers(0, workers, size=tables)
+    found = {}
+    for worker in range(workers):
+        for t in np.flatnonzero(worker_of == worker):
+            assert np.array_equal(lsh.table_keys(words, positions[t]), lsh.subset_keys(bits, positions[t]))
+            for a, b in lsh.table_pairs(words, positions[t], limit, chunk=7):
+                assert (a < b).all()
+                va, vb, s = lsh.verify_pairs(a, b, vectors[a], vectors[b], threshold)
+                found.update(zip(zip(va.tolist(), vb.tolist()), s.tolist()))
+    assert found == expected

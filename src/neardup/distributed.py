@@ -2,7 +2,7 @@
 
 This module only moves data. Decoding and hashing files (`index._prepare_file` / `_prepare_bytes`),
 the embedder (`models.default_embedder`), bucket ids, pairs within a bucket and their verification
-(`lsh.plan_bucket_ids`, `lsh.bucket_pairs`, `lsh.check_pairs`) and grouping (`groups.group_pairs`) are the
+(`lsh.table_pairs`, `lsh.verify_pairs`) and grouping (`groups.group_pairs`) are the
 functions the local index runs; Ray Data only ships their inputs and outputs between machines.
 
 Indexing (``neardup index PATH --ray [ADDRESS]``)::
@@ -14,15 +14,16 @@ Indexing (``neardup index PATH --ray [ADDRESS]``)::
 
 Duplicates (``neardup dups --ray``)::
 
-    index snapshot -> codes and vectors in chunks in the object store
-        -> bucket ids per chunk (tasks) -> shuffle by hash(bucket id) into partitions (groupby)
-        -> pairs inside each bucket -> shuffle by (chunk of a, chunk of b)
-        -> exact cosine of each candidate (each group fetches two vector chunks) -> verified pairs
-        -> driver: de-duplicate pairs, union-find groups
+    index snapshot -> stored codes (64 bytes a vector) once, vectors in chunks, into the object store
+        -> the plan's tables dealt out to tasks: per table, keys, buckets (one sort), pairs within a
+           bucket, Hamming filter (lsh.table_pairs) -> candidates
+        -> shuffle by (chunk of a, chunk of b) (groupby) -> exact cosine, each group fetching two
+           vector chunks (lsh.verify_pairs) -> verified pairs -> driver: union-find groups
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -282,60 +283,65 @@ def index_to_shards(paths: Iterable[str], out: str, *, batch_size: int = 32, sha
 
 # ---- duplicates ----------------------------------------------------------------------------------
 
-def _bucket_entries(batch: dict, code_refs: list, plan: lsh.PairPlan, partitions: int) -> dict:
-    """Task: the (bucket id, row) entries of one chunk of codes, each tagged with its partition."""
+def _table_candidates(batch: dict, words_ref: list, positions: np.ndarray, limit: int, chunk_rows: int,
+                      chunks: int) -> dict:
+    """Task: the candidates of a few tables of the join (over every row's 64-byte words, shared through
+    the object store), each pair once, keyed by (chunk of a, chunk of b) for the verification."""
     import ray
 
-    ids, rows = [], []
-    for chunk, start in zip(batch["chunk"], batch["start"]):
-        codes = ray.get(code_refs[int(chunk)])
-        chunk_ids = lsh.plan_bucket_ids(codes, plan)
-        ids.append(chunk_ids.reshape(-1))
-        rows.append(np.repeat(np.arange(int(start), int(start) + len(codes), dtype=np.int64), chunk_ids.shape[1]))
-    ids, rows = np.concatenate(ids), np.concatenate(rows)
-    # a multiplicative hash spreads the structured ids (table number in the high bits) over partitions
-    spread = (ids * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
-    return {"part": (spread % np.uint64(partitions)).astype(np.int64), "bucket": ids, "row": rows}
-
-
-def _pairs_in_partition(group: dict, chunk_rows: int, chunks: int) -> dict:
-    """map_groups: every pair sharing a bucket of this partition, keyed by (chunk of a, chunk of b)."""
-    found_a, found_b = [], []
-    for a, b in lsh.bucket_pairs(group["bucket"], group["row"]):
-        found_a.append(a), found_b.append(b)
-    a = np.concatenate(found_a) if found_a else np.empty(0, np.int64)
-    b = np.concatenate(found_b) if found_b else np.empty(0, np.int64)
+    words = ray.get(words_ref[0])
+    keys = []
+    for table in batch["table"]:
+        for a, b in lsh.table_pairs(words, positions[int(table)], limit):
+            keys.append(a.astype(np.int64) * len(words) + b)
+    keys = lsh.unique_rows(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+    a, b = keys // len(words), keys % len(words)
     return {"block": (a // chunk_rows) * chunks + b // chunk_rows, "a": a, "b": b}
 
 
-def _verify_block(group: dict, chunk_refs: list, chunk_rows: int, chunks: int, threshold: float, bits: int) -> dict:
-    """map_groups: the candidate pairs between two chunks (codes and vectors fetched from the object
-    store), de-duplicated and checked as the local join checks them."""
+def _verify_block(group: dict, vector_refs: list, chunk_rows: int, chunks: int, threshold: float) -> dict:
+    """map_groups: the exact cosine of the candidates between two chunks of vectors (from the object
+    store), each pair once."""
     import ray
 
     block = int(group["block"][0])
     first, second = block // chunks, block % chunks
-    (words_a, vectors_a), (words_b, vectors_b) = ray.get([chunk_refs[first], chunk_refs[second]])
+    vectors_a, vectors_b = ray.get([vector_refs[first], vector_refs[second]])
     keys = lsh.unique_rows(group["a"].astype(np.int64) * (chunk_rows * chunks) + group["b"])
     a, b = keys // (chunk_rows * chunks), keys % (chunk_rows * chunks)
     found = [], [], []
     step = 1 << 14
     for start in range(0, len(a), step):
         part_a, part_b = a[start : start + step], b[start : start + step]
-        local_a, local_b = part_a - first * chunk_rows, part_b - second * chunk_rows
-        checked = lsh.check_pairs(part_a, part_b, words_a[local_a], words_b[local_b], vectors_a[local_a],
-                                  vectors_b[local_b], threshold, bits)
-        for out, values in zip(found, checked):
+        verified = lsh.verify_pairs(part_a, part_b, vectors_a[part_a - first * chunk_rows],
+                                    vectors_b[part_b - second * chunk_rows], threshold)
+        for out, values in zip(found, verified):
             out.append(values)
     return {"a": np.concatenate(found[0]), "b": np.concatenate(found[1]),
             "score": np.concatenate(found[2]).astype(np.float32)}
+
+
+@contextlib.contextmanager
+def _sort_shuffle(ray):
+    """Group with Ray Data's sort-based shuffle: the default hash shuffle starts aggregator actors
+    (about 10 s on a 2-core machine for a few thousand candidate rows, against 0.5 s sorting)."""
+    from ray.data.context import ShuffleStrategy
+
+    context = ray.data.DataContext.get_current()
+    previous = context.shuffle_strategy
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = previous
 
 
 @dataclass
 class DuplicateSearch:
     groups: list[DuplicateGroup]
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # snapshot positions a < b and their cosine, each pair once
-    candidates: int  # candidate pairs emitted by the buckets, repeats across tables included
+    candidates: int  # pairs that passed the Hamming filter (once per task that found them)
+    plan: lsh.PairPlan | None = None
 
 
 def pair_plan(index: Index, n: int, threshold: float) -> lsh.PairPlan:
@@ -345,10 +351,15 @@ def pair_plan(index: Index, n: int, threshold: float) -> lsh.PairPlan:
 
 
 def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
-               partitions: int | None = None) -> DuplicateSearch:
-    """`index.duplicates(threshold)` computed on the connected Ray cluster: the same tables over the
-    index's stored codes, the same Hamming filter and cosine check, the same grouping, so the same
-    pairs and groups. The driver reads the snapshot once; workers see it only as object-store chunks."""
+               tables_per_task: int | None = None) -> DuplicateSearch:
+    """`index.duplicates(threshold)` computed on the connected Ray cluster: the same plan (tables of
+    random stored bits), the same candidates per table with the same Hamming filter, the same cosine
+    check and grouping, so the same pairs and groups.
+
+    Data movement: the stored codes as 64-byte words go once into the object store (every worker
+    reads them zero-copy); the tables are dealt out to tasks (each sorts n keys per table, which is
+    the local join's work); the candidates are shuffled by (chunk of a, chunk of b) to tasks that
+    fetch those two vector chunks and verify. Only verified pairs come back to the driver."""
     ray = connect()
     snap = index.snapshot()
     n = len(snap)
@@ -357,36 +368,36 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
     plan = pair_plan(index, n, threshold)
     starts = list(range(0, n, chunk_rows))
     chunks = len(starts)
-    code_refs, chunk_refs = [], []
-    for start in starts:
-        positions = np.arange(start, min(start + chunk_rows, n))
-        codes = np.ascontiguousarray(snap.codes(positions))
-        code_refs.append(ray.put(codes))
-        chunk_refs.append(ray.put((lsh.code_words(codes), np.ascontiguousarray(snap.vectors(positions, dtype=None)))))
-    partitions = partitions or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    candidates = (
-        ray.data.from_items([{"chunk": i, "start": s} for i, s in enumerate(starts)], override_num_blocks=chunks)
-        .map_batches(_bucket_entries, batch_size=1, batch_format="numpy",
-                     fn_kwargs={"code_refs": code_refs, "plan": plan, "partitions": partitions})
-        .groupby("part", num_partitions=partitions)
-        .map_groups(_pairs_in_partition, batch_format="numpy", fn_kwargs={"chunk_rows": chunk_rows, "chunks": chunks})
-        .materialize()
-    )
-    count = candidates.count()
+    words_ref = ray.put(lsh.code_words(snap.codes()))
+    vector_refs = [ray.put(np.ascontiguousarray(snap.vectors(np.arange(s, min(s + chunk_rows, n)), dtype=None)))
+                   for s in starts]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    tables_per_task = tables_per_task or max(1, -(-plan.tables // (4 * cpus)))
     found_a, found_b, found_s = [], [], []
-    if count:
-        verified = candidates.groupby("block").map_groups(
-            _verify_block, batch_format="numpy",
-            fn_kwargs={"chunk_refs": chunk_refs, "chunk_rows": chunk_rows, "chunks": chunks, "threshold": threshold,
-                       "bits": plan.bits})
-        for batch in verified.iter_batches(batch_format="numpy", batch_size=None):
-            found_a.append(batch["a"]), found_b.append(batch["b"]), found_s.append(batch["score"])
+    with _sort_shuffle(ray):  # datasets keep the context they were made in
+        candidates = (
+            ray.data.range(plan.tables, override_num_blocks=max(1, -(-plan.tables // tables_per_task)))
+            .rename_columns({"id": "table"})
+            .map_batches(_table_candidates, batch_size=tables_per_task, batch_format="numpy",
+                         fn_kwargs={"words_ref": [words_ref], "positions": plan.positions(),
+                                    "limit": lsh.hamming_limit(threshold, plan.bits), "chunk_rows": chunk_rows,
+                                    "chunks": chunks})
+            .materialize()
+        )
+        count = candidates.count()
+        if count:
+            verified = candidates.groupby("block").map_groups(
+                _verify_block, batch_format="numpy",
+                fn_kwargs={"vector_refs": vector_refs, "chunk_rows": chunk_rows, "chunks": chunks,
+                           "threshold": threshold})
+            for batch in verified.iter_batches(batch_format="numpy", batch_size=None):
+                found_a.append(batch["a"]), found_b.append(batch["b"]), found_s.append(batch["score"])
     if not found_a:
-        return DuplicateSearch([], _no_pairs(), count)
+        return DuplicateSearch([], _no_pairs(), count, plan)
     a, b, s = (np.concatenate(x) for x in (found_a, found_b, found_s))
     a, b = a.astype(np.int64), b.astype(np.int64)
     groups = [
         DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members], g.min_score, g.max_score)
         for g in group_pairs(a, b, s)
     ]
-    return DuplicateSearch(groups, (a, b, s), count)
+    return DuplicateSearch(groups, (a, b, s), count, plan)

@@ -455,29 +455,37 @@ def row_dots(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
 
 # ---- the all-pairs join cut into pure steps, for a join spread over many machines ------------------
 
-def plan_bucket_ids(codes: np.ndarray, plan: PairPlan) -> np.ndarray:
-    """(n, plan.tables) uint64 id of every row's bucket in every table of `plan`: the table number in
-    the high 32 bits, the row's key in that table (`subset_keys`) in the low 32. Two rows share an id
-    exactly when `join_pairs` pairs them in that table, so entries can be partitioned by id anywhere."""
-    bits = bit_rows(codes)
-    ids = np.empty((len(codes), plan.tables), dtype=np.uint64)
-    for t, positions in enumerate(plan.positions()):
-        ids[:, t] = subset_keys(bits, positions).astype(np.uint64) | (np.uint64(t) << np.uint64(32))
-    return ids
+def table_keys(words: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Key (uint32) of every row in one table, read from the stored words (`code_words`): bit j of the
+    key = stored bit positions[j]. Equals `subset_keys(bit_rows(codes), positions)` without the
+    (bits, n) byte matrix, so a worker needs only the 64-byte words of each vector."""
+    keys = np.zeros(len(words), dtype=CODE_DTYPE)
+    for j, position in enumerate(np.asarray(positions, dtype=np.int64).tolist()):
+        bit = (words[:, position // 64] >> np.uint64(position % 64)) & np.uint64(1)
+        keys |= bit.astype(CODE_DTYPE) << CODE_DTYPE(j)
+    return keys
 
 
-def bucket_pairs(ids: np.ndarray, rows: np.ndarray, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Pairs of rows (a < b) whose entries (ids[i], rows[i]) carry the same bucket id, in chunks
-    (`sorted_run_pairs`). A partition holding every entry of each of its ids yields exactly those ids' pairs."""
-    return BucketTable.build(np.asarray(ids, dtype=np.uint64), np.asarray(rows, dtype=np.int64)).pairs(chunk)
+def table_pairs(words: np.ndarray, positions: np.ndarray, limit: int, chunk: int = 1 << 20
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The candidates of one table of the all-pairs join: pairs (a < b) sharing a key of `positions`
+    whose Hamming distance over all stored bits is <= `limit` (`hamming_limit`), in chunks. Over every
+    table of a PairPlan and then `verify_pairs`, exactly the pairs of `join_pairs`, so the tables can be
+    split among workers in any way."""
+    keys = table_keys(words, positions)
+    order = np.argsort(keys)
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else np.empty(0, np.int64)
+    del keys, ordered
+    for a, b in sorted_run_pairs(order, starts, chunk):
+        near = hamming(words[a], words[b]) <= limit
+        if near.any():
+            yield a[near], b[near]
 
 
-def check_pairs(a: np.ndarray, b: np.ndarray, words_a: np.ndarray, words_b: np.ndarray, vectors_a: np.ndarray,
-                vectors_b: np.ndarray, threshold: float, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The candidates (a[i], b[i]) that `join_pairs` keeps: Hamming distance of their stored words
-    within `hamming_limit(threshold, bits)`, then cosine (`row_cosines`) >= threshold."""
-    near = hamming(words_a, words_b) <= hamming_limit(threshold, bits)
-    a, b = a[near], b[near]
-    scores = row_cosines(vectors_a[near], vectors_b[near])
+def verify_pairs(a: np.ndarray, b: np.ndarray, vectors_a: np.ndarray, vectors_b: np.ndarray,
+                 threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate pairs (a[i], b[i]) whose cosine (`row_cosines` of the stored vectors) is >= threshold."""
+    scores = row_cosines(vectors_a, vectors_b)
     keep = scores >= threshold
     return a[keep], b[keep], scores[keep]
