@@ -441,6 +441,13 @@ def _sync_index(store: Store, plan: Plan, entries: Sequence[Entry], *, undo: boo
 # ---- recovery and undo ----------------------------------------------------------------------------
 
 
+def recover_interrupted(index_root: str | os.PathLike, *, wait: bool = True,
+                        on_wait: Callable[[], None] | None = None) -> list[str]:
+    """`recover` under the index's writer lock (run it before planning from the index after a crash)."""
+    with Store.open(index_root, write=True, wait=wait, on_wait=on_wait) as store:
+        return recover(store)
+
+
 def recover(store: Store) -> list[str]:
     """Finish the bookkeeping of runs a crash interrupted: every manifest of this index still marked
     'applying' gets its statuses from the disk, the index is brought in line, leftover temporary links

@@ -18,7 +18,9 @@ segment and drops the old ones.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -73,6 +75,31 @@ class StoreError(Exception):
 
 class IndexLocked(StoreError):
     pass
+
+
+class IndexWriteError(StoreError):
+    """Disk full or another write failure: nothing of the failed write was committed."""
+
+
+def _reporting_write_errors(method):
+    """Turn a failed write (disk full, I/O error, read-only filesystem) into one clear IndexWriteError. The
+    commit point was not reached, so the index keeps its last committed state; files written before the
+    failure are orphans the next writer removes."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, sqlite3.OperationalError) as exc:  # sqlite: "database or disk is full", "disk I/O error"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            with contextlib.suppress(OSError):  # numpy reports a short write without errno: say why
+                stat = os.statvfs(self.root)
+                if "space" not in reason and stat.f_bavail * stat.f_frsize < 1 << 20:
+                    reason = f"no space left on device ({reason})"
+            raise IndexWriteError(f"cannot write the index at {self.root}: {reason}; it keeps its last committed "
+                                  "state (free some space and run the command again)") from exc
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -187,7 +214,7 @@ class Store:
             if lock_file:
                 lock_file.close()
             if isinstance(exc, sqlite3.DatabaseError):
-                raise StoreError(f"cannot read the index catalog {catalog}: {exc}") from exc
+                raise StoreError(f"cannot open the index catalog {catalog}: {exc}") from exc
             raise
 
     def close(self) -> None:
@@ -326,6 +353,7 @@ class Store:
 
     # ---- writes --------------------------------------------------------------------------------
 
+    @_reporting_write_errors
     def commit(self, *, vectors: np.ndarray | None = None, codes: np.ndarray | None = None,
                indexed: Sequence[Record] = (), failed: Sequence[Record] = (),
                touched: Sequence[Record] = (), removed: Sequence[str] = ()) -> None:
@@ -373,7 +401,8 @@ class Store:
             conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in removed])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                conn.execute("ROLLBACK")
             raise
 
     def dead_fraction(self) -> float:
@@ -382,6 +411,7 @@ class Store:
         ).fetchone()
         return 0.0 if total == 0 else 1.0 - live / total
 
+    @_reporting_write_errors
     def compact(self) -> int:
         """Copy the live rows of all segments into one new segment; returns the rows dropped."""
         self._require_write()
@@ -410,7 +440,8 @@ class Store:
             conn.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in old])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                conn.execute("ROLLBACK")
             raise
         self._segment_cache.clear()
         self._remove_orphans()
@@ -470,11 +501,16 @@ def _acquire_lock(root: Path, wait: bool, on_wait: Callable[[], None] | None):
 def _write_array(path: Path, array: np.ndarray) -> None:
     """Write a .npy durably under its final name: temp file, fsync, atomic rename."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # give the space back now (disk full), not at the next open
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,0 +1,427 @@
+"""Reliability under crashes, full disks and concurrent use (issue 7). Real processes, real SIGKILL, real
+photos and model, real SQLite; docs/RELIABILITY.md tabulates what these tests try.
+
+Crash points: a child process runs the real `neardup` command with os.fsync/replace/rename/link/unlink
+counted; at the N-th call (N seeded-random over the calls a full run makes) it SIGKILLs itself — a real
+SIGKILL that lands between two durable steps, reproducibly (tests/test_cli.py adds SIGKILLs from outside
+at wall-clock times). After each kill: the index opens, Store.verify() is clean, counts are those of a
+whole number of commits, re-running completes, and no user file is lost (sha256 of every file before and
+after; for actions the manifest and the disk agree and undo restores the original tree exactly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neardup import actions
+from neardup.index import Index
+from neardup.store import IndexLocked, IndexWriteError, Store, StoreError
+
+SEED = 20261127
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    kill_at, calls = int(os.environ["NEARDUP_KILL_AT"]), 0
+
+    def counted(call):
+        def wrapper(*args, **kwargs):
+            global calls
+            calls += 1
+            if calls == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return call(*args, **kwargs)
+        return wrapper
+
+    for name in ("fsync", "replace", "rename", "link", "unlink"):
+        setattr(os, name, counted(getattr(os, name)))
+    import atexit
+    atexit.register(lambda: print(f"IOCALLS {calls}", file=sys.stderr))
+    if sys.argv[1] == "compact":
+        from neardup.index import Index
+        Index.open(sys.argv[2]).compact()
+    else:
+        from neardup.cli import main
+        main(sys.argv[1:], prog_name="neardup")
+""")
+
+
+def run_child(args, kill_at: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `neardup ARGS` (or `compact INDEX`), SIGKILLed at its kill_at-th durable file operation."""
+    env = {**os.environ, "NEARDUP_KILL_AT": str(kill_at)}
+    return subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def io_calls(result: subprocess.CompletedProcess) -> int:
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.rsplit("IOCALLS ", 1)[1].split()[0])
+
+
+def killed(result: subprocess.CompletedProcess) -> bool:
+    return result.returncode == -signal.SIGKILL
+
+
+def tree_hashes(*folders: Path) -> dict[str, str]:
+    out = {}
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
+
+def check_store(root: Path, *, write: bool = False) -> dict:
+    """Opens, verifies, and the snapshot's ids, paths and vectors agree; with `write` also clears orphans."""
+    with Store.open(root, write=write) as store:
+        assert store.verify() == []
+        snap = store.snapshot()
+        assert len(snap.ids) == len(snap.paths) == len(snap.vectors()) == store.counts()["indexed"]
+        return {"counts": store.counts(), "paths": list(snap.paths),
+                "vectors": dict(zip(snap.paths, snap.vectors().astype(np.float32)))}
+
+
+def no_litter(root: Path) -> None:
+    with Store.open(root) as store:
+        registered = {f"{name}.{kind}.npy" for name in store.segment_names() for kind in ("vectors", "codes")}
+    assert set(os.listdir(root / "segments")) == registered
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, collection) -> Path:
+    """16 originals and 16 half-size copies: 32 files, 16 duplicate pairs."""
+    folder = tmp_path_factory.mktemp("rel-photos")
+    (folder / "originals").mkdir()
+    (folder / "copies").mkdir()
+    for name, path in collection["originals"].items():
+        shutil.copy(path, folder / "originals" / f"{name}.jpg")
+    for copy in collection["copies"]:
+        if copy["edit"] == "half":
+            shutil.copy(copy["path"], folder / "copies" / Path(copy["path"]).name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_index(tmp_path_factory, photos, embedder) -> Path:
+    """An index of the 32 photos in 8 segments (4 files per commit)."""
+    root = tmp_path_factory.mktemp("rel-base") / "idx"
+    with Index.open(root, create=True, embedder=embedder) as index:
+        assert index.add([photos], commit_every=4).added == 32
+    return root
+
+
+# ---- crashes ---------------------------------------------------------------------------------------
+
+
+def test_sigkill_at_20_points_across_index_remove_compact_and_an_applied_action(
+        tmp_path, photos, base_index, embedder):
+    rng = random.Random(SEED)
+    outcomes = []
+    user_files = tree_hashes(photos)
+
+    # index: the 16 originals into a fresh index each time, 4 files per commit -> counts are whole commits
+    originals = photos / "originals"
+    index_args = ["index", originals, "--commit-every", "4", "--batch-size", "4", "--index"]
+    total = io_calls(run_child([*index_args, tmp_path / "probe"]))
+    for kill_at in sorted(rng.sample(range(1, total + 1), 5)):
+        root = tmp_path / f"index-{kill_at}"
+        result = run_child([*index_args, root], kill_at)
+        outcomes.append(("index", kill_at, total, killed(result)))
+        if (root / "catalog.sqlite").exists():
+            state = check_store(root)
+            assert state["counts"]["indexed"] % 4 == 0 and state["counts"]["failed"] == 0
+        with Index.open(root, create=True, embedder=embedder) as index:  # re-running completes
+            index.add([originals])
+        assert check_store(root, write=True)["counts"]["indexed"] == 16
+        no_litter(root)
+    assert tree_hashes(photos) == user_files
+
+    # remove: all or nothing
+    reference = check_store(base_index)
+    probe = tmp_path / "probe-remove"
+    shutil.copytree(base_index, probe)
+    total = io_calls(run_child(["remove", photos / "copies", "--index", probe]))
+    for kill_at in sorted(rng.sample(range(1, total + 1), min(4, total))):
+        root = tmp_path / f"remove-{kill_at}"
+        shutil.copytree(base_index, root)
+        result = run_child(["remove", photos / "copies", "--index", root], kill_at)
+        outcomes.append(("remove", kill_at, total, killed(result)))
+        state = check_store(root)
+        assert state["counts"]["indexed"] in (32, 16)
+        for path, vector in state["vectors"].items():  # nothing half-present: every vector is the original
+            np.testing.assert_array_equal(vector, reference["vectors"][path])
+        with Index.open(root, embedder=embedder) as index:
+            index.remove([photos / "copies"])
+        assert check_store(root, write=True)["counts"]["indexed"] == 16
+        no_litter(root)
+
+    # compaction: 8 segments with 4 dead rows -> 1 segment; the live vectors never change
+    compactable = tmp_path / "compactable"
+    shutil.copytree(base_index, compactable)
+    with Store.open(compactable, write=True) as store:
+        store.commit(removed=[p for p in reference["paths"] if "/copies/" in p][:4])
+    live = check_store(compactable)
+    probe = tmp_path / "probe-compact"
+    shutil.copytree(compactable, probe)
+    total = io_calls(run_child(["compact", probe]))
+    for kill_at in sorted(rng.sample(range(1, total + 1), min(4, total))):
+        root = tmp_path / f"compact-{kill_at}"
+        shutil.copytree(compactable, root)
+        result = run_child(["compact", root], kill_at)
+        outcomes.append(("compact", kill_at, total, killed(result)))
+        state = check_store(root)
+        assert state["counts"]["indexed"] == 28 and state["counts"]["segments"] in (1, 8, 9)
+        for path, vector in state["vectors"].items():
+            np.testing.assert_array_equal(vector, live["vectors"][path])
+        with Index.open(root) as index:
+            index.compact()
+        assert check_store(root, write=True)["counts"]["segments"] == 1
+        no_litter(root)
+
+    # an applied action: move every duplicate; after the kill, the manifest and the disk agree, no file
+    # is lost, re-running completes (recovering the interrupted run), undo restores the original tree
+    pristine, case = tmp_path / "pristine", tmp_path / "case"
+    shutil.copytree(photos, case / "photos")
+    with Index.open(case / "idx", create=True, embedder=embedder) as index:
+        index.add([case / "photos"])
+    shutil.copytree(case, pristine)
+
+    def action_case() -> tuple[Path, Path, Path]:
+        """The same paths every time (so the index built once stays valid), restored from the pristine copy."""
+        shutil.rmtree(case)
+        shutil.copytree(pristine, case)
+        return case / "photos", case / "idx", case / "moved"
+
+    user, root, moved = action_case()
+    move = ["dups", "--index", root, "--threshold", "0.8", "--action", "move", "--to", moved, "--apply"]
+    total = io_calls(run_child(move))
+    for kill_at in sorted(rng.sample(range(1, total + 1), 7)):
+        user, root, moved = action_case()
+        before = tree_hashes(user)
+        move = ["dups", "--index", root, "--threshold", "0.8", "--action", "move", "--to", moved, "--apply"]
+        result = run_child(move, kill_at)
+        outcomes.append(("move", kill_at, total, killed(result)))
+        check_store(root)
+        after = Counter(tree_hashes(user, moved).values())
+        assert not Counter(before.values()) - after  # every file's bytes still somewhere
+        manifests = sorted((root / "actions").glob("*.json"))
+        for manifest in manifests:
+            for entry in actions.load_manifest(manifest).entries:
+                state = actions.disk_state(entry)
+                assert state != "lost"
+                assert entry.status != "done" or state == "done"  # the journal never runs ahead of the disk
+        io_calls(run_child(move))  # re-running completes the job (and settles the interrupted run first)
+        again = actions.load_manifest(max((root / "actions").glob("*.json"), key=os.path.getmtime))
+        assert again.state == "applied" and all(e.status == "done" for e in again.entries)
+        assert Counter(tree_hashes(user, moved).values()) == Counter(before.values())  # no stray second copy
+        state = check_store(root, write=True)
+        assert all(os.path.exists(p) for p in state["paths"])  # the index points only at real files
+        with Index.open(root, embedder=embedder) as index:
+            assert index.duplicates(0.8) == [] or all(
+                sum(not p.startswith(str(moved)) for p in g.files) == 1 for g in index.duplicates(0.8))
+        for manifest in sorted((root / "actions").glob("*.json"), reverse=True):
+            actions.undo(manifest)
+        assert tree_hashes(user) == before and not [f for _, _, f in os.walk(moved) if f]
+        assert all(os.path.exists(p) for p in check_store(root)["paths"])
+        no_litter(root)
+
+    assert len(outcomes) >= 20
+    assert sum(hit for *_, hit in outcomes) >= 18, outcomes  # the kills landed inside the runs
+    print("\n".join(f"{kind:8} kill at I/O call {n}/{total}: {'killed' if hit else 'finished first'}"
+                    for kind, n, total, hit in outcomes))
+
+
+# ---- disk full -------------------------------------------------------------------------------------
+
+
+def test_injected_enospc_on_a_commit_is_one_clear_error_and_the_index_keeps_its_last_commit(
+        tmp_path, photos, embedder, monkeypatch):
+    root = tmp_path / "idx"
+    real_save, saves = np.save, []
+
+    def failing_save(file, array, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 5:  # the planes, two commits of vectors + codes, then the third commit
+            raise OSError(28, "No space left on device")
+        return real_save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with Index.open(root, create=True, embedder=embedder) as index:
+        with pytest.raises(IndexWriteError, match="No space left on device; it keeps its last committed state"):
+            index.add([photos], commit_every=4)
+    monkeypatch.setattr(np, "save", real_save)
+    state = check_store(root)
+    assert state["counts"]["indexed"] == 8  # two whole commits
+    assert not [n for n in os.listdir(root / "segments") if n.startswith(".tmp-")]
+    with Index.open(root, embedder=embedder) as index:
+        index.add([photos])
+    assert check_store(root, write=True)["counts"]["indexed"] == 32
+    no_litter(root)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs root and mount permission; skipped with the reason otherwise)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}); the injected-ENOSPC test covers this")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_real_full_disk_during_index_and_action(small_disk, tmp_path, photos, embedder):
+    root = small_disk / "idx"
+    first = sorted((photos / "originals").iterdir())[:4]
+    with Index.open(root, create=True, embedder=embedder) as index:
+        index.add(first)
+    committed = check_store(root)["counts"]["indexed"]
+    filler = fill(small_disk, leave=160 * 1024)
+    result = run_child(["index", photos, "--index", root, "--commit-every", "2", "--batch-size", "2"])
+    assert result.returncode == 1, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("IOCALLS")]
+    print(error)
+    assert len(error) == 1 and error[0].startswith("neardup: error: ") and ("full" in error[0] or "space" in error[0])
+    assert "Traceback" not in result.stderr
+    try:  # SQLite may need a few bytes even to read (its WAL index): then a clear error, never garbage
+        state = check_store(root)
+    except StoreError as exc:
+        print(f"reading the index on the full disk: {exc}")
+        filler.unlink()
+        state = check_store(root)
+    assert committed <= state["counts"]["indexed"] < 32 and state["counts"]["indexed"] % 2 == 0
+    if filler.exists():
+        filler.unlink()
+    with Index.open(root, embedder=embedder) as index:  # space freed: re-running completes
+        index.add([photos])
+    assert check_store(root, write=True)["counts"]["indexed"] == 32
+    no_litter(root)
+
+    # moving duplicates onto the full disk: each failed copy is skipped with the reason, nothing lost
+    index_root = tmp_path / "idx2"
+    with Index.open(index_root, create=True, embedder=embedder) as index:
+        index.add([photos])
+    filler = fill(small_disk, leave=64 * 1024)
+    before = tree_hashes(photos)
+    with Index.open(index_root) as index:
+        plan = actions.make_plan(index_root, index.duplicates(0.8), "move", to=small_disk / "moved", threshold=0.8)
+    plan = actions.apply_plan(plan)
+    failed = [e for e in plan.entries if e.status == "skipped"]
+    assert failed and all("No space left on device" in e.reason for e in failed)
+    assert sorted(tree_hashes(photos, small_disk / "moved").values()) == sorted(before.values())
+    assert not [p for p in tree_hashes(small_disk / "moved") if ".neardup-tmp-" in p]
+    check_store(index_root)
+    filler.unlink()
+    actions.undo(plan.manifest)
+    assert tree_hashes(photos) == before
+
+
+# ---- concurrency -----------------------------------------------------------------------------------
+
+
+def neardup_process(*args, index: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "neardup.cli", *map(str, args), "--index", str(index)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_locked(root: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if (root / "catalog.sqlite").exists():
+            try:
+                Store.open(root, write=True, wait=False).close()
+            except IndexLocked:
+                return
+        time.sleep(0.05)
+    raise AssertionError("the first writer never held the lock")
+
+
+def test_second_writer_waits_with_a_message_or_fails_with_no_wait(tmp_path, photos, base_index):
+    root = tmp_path / "idx"
+    shutil.copytree(base_index, root)
+    more = tmp_path / "more"
+    for n in range(3):  # 96 new files, 2 per commit: the first writer holds the lock for seconds
+        shutil.copytree(photos, more / str(n))
+    writer = neardup_process("index", more, "--commit-every", "2", "--batch-size", "2", index=root)
+    wait_until_locked(root, writer)
+    waiter = neardup_process("remove", photos / "copies", index=root)
+    refused = subprocess.run([sys.executable, "-m", "neardup.cli", "remove", photos / "copies", "--index", root,
+                              "--no-wait"], capture_output=True, text=True, timeout=120)
+    writer_out, _ = writer.communicate(timeout=300)
+    _, waited = waiter.communicate(timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [f"neardup: error: the index at {root} is being written by another process"]
+    assert waiter.returncode == 0 and writer.returncode == 0
+    assert "another process is writing this index; waiting" in waited
+    assert "96 added" in writer_out  # the first writer finished its whole job
+    assert check_store(root)["counts"]["indexed"] == 32 + 96 - 16
+
+
+def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, photos, embedder):
+    """A writer process adds 32 files, 3 per commit; reader threads snapshot, query and list duplicates in
+    a loop. Every snapshot is a whole number of commits, its ids, paths and vectors agree, and every path
+    a reader saw is in the final index with the same vector."""
+    root = tmp_path / "idx"
+    Index.open(root, create=True, embedder=embedder).close()
+    probe = embedder.embed(embedder.preprocess(
+        __import__("neardup.images", fromlist=["load_image"]).load_image(
+            str(sorted((photos / "originals").iterdir())[0])).image)[None])[0]
+    writer = neardup_process("index", photos, "--commit-every", "3", "--batch-size", "3", index=root)
+    seen_counts, seen = set(), {}
+    problems = []
+
+    def reader() -> None:
+        with Index.open(root) as index:
+            while writer.poll() is None:
+                try:
+                    snap = index._reader.snapshot()
+                    vectors = snap.vectors()
+                    if not len(snap.ids) == len(snap.paths) == len(vectors):
+                        problems.append(f"torn snapshot: {len(snap.ids)} ids, {len(vectors)} vectors")
+                    seen_counts.add(len(snap))
+                    for path, vector in zip(snap.paths, vectors.astype(np.float32)):
+                        seen.setdefault(path, vector)
+                    for match in index.query_vector(probe, k=5):
+                        seen.setdefault(match.path, None)
+                    index.duplicates(0.8)
+                except Exception as exc:  # noqa: BLE001 (any failure of a reader is the finding)
+                    problems.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    _, err = writer.communicate(timeout=300)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert writer.returncode == 0, err
+    assert problems == []
+    final = check_store(root)
+    assert len(seen_counts) >= 3, seen_counts  # the readers really ran while commits landed
+    assert all(n % 3 == 0 or n == 32 for n in seen_counts), seen_counts
+    for path, vector in seen.items():
+        assert path in final["vectors"]
+        if vector is not None:
+            np.testing.assert_array_equal(vector, final["vectors"][path])
