@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 
@@ -96,7 +97,7 @@ def _waiting() -> None:
 
 
 @main.command("index")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, required=True)
 @index_option
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per model call.")
 @click.option("--prune", is_flag=True, help="Remove catalogued files under PATHS that no longer exist.")
@@ -106,9 +107,25 @@ def _waiting() -> None:
 @click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
 @click.option("--workers", type=click.IntRange(1, 256), help="Decoding threads (default: every core).")
 @embedder_options
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Embed on a Ray cluster (ADDRESS, else $RAY_ADDRESS, else a local one), write Parquet shards, "
+                   "merge them. Put it after PATHS or write --ray=ADDRESS. PATHS may be fsspec URLs (s3://...).")
+@click.option("--shards", "shards_dir", help="With --ray: the folder or URL for the shards, writable by every worker "
+                                             "(default: a folder in the index, removed after the merge).")
 def index_command(paths, index_dir, batch_size, prune, show_failures, commit_every, no_wait, workers,
-                  backend, model_path, model_spec, threads) -> None:
+                  backend, model_path, model_spec, threads, ray_address, shards_dir) -> None:
     """Add image files and folders (recursively) to the index; unchanged files are skipped."""
+    if ray_address is not None:
+        if prune:
+            raise click.UsageError("--prune is not supported with --ray (run `neardup index PATH --prune` locally)")
+        _index_on_ray(paths, index_dir, ray_address, shards_dir, batch_size, show_failures, no_wait,
+                      backend, model_path, model_spec, threads)
+        return
+    if shards_dir:
+        raise click.UsageError("--shards goes with --ray")
+    for path in paths:
+        if not os.path.exists(path):
+            raise click.BadParameter(f"Path {path!r} does not exist.", param_hint="'PATHS...'")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -202,14 +219,24 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
 @click.option("--apply", "do_apply", is_flag=True, help="Do the actions (default: print exactly what would be done).")
 @click.option("--yes", is_flag=True, help="Confirm --action delete --apply.")
 @click.option("--no-wait", "action_no_wait", is_flag=True, help="With --apply: fail at once if another process is writing the index.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Search pairs on a Ray cluster (ADDRESS, else $RAY_ADDRESS, else a local one): the same groups.")
 def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, keep, keep_in, do_apply, yes,
-                 action_no_wait) -> None:
+                 action_no_wait, ray_address) -> None:
     """List groups of near-duplicate images, or move, hard-link or delete the duplicates (--action)."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
+    if exact and ray_address is not None:
+        raise click.UsageError("choose one of --exact and --ray")
     _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv)
     with Index.open(index_dir) as index:
-        groups = index.duplicates(threshold, exact=exact)
+        if ray_address is not None:
+            from . import distributed
+
+            distributed.connect(ray_address)
+            groups = distributed.duplicates(index, threshold).groups
+        else:
+            groups = index.duplicates(threshold, exact=exact)
         root = index.root
     if action:
         _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_apply, as_json, action_no_wait)
@@ -462,6 +489,64 @@ def bench_command(count, images_dir, backends, workers, threads, n_queries, json
         Console().print(bench.table(figures))
         for line in bench.summary_lines(figures):
             click.echo(line)
+
+
+def _index_on_ray(paths, index_dir, address, shards_dir, batch_size, show_failures, no_wait,
+                  backend, model_path, model_spec, threads) -> None:
+    """`index --ray`: the Ray Data pipeline writes shards (Ray's progress bars), then they are merged."""
+    import shutil
+    import uuid
+
+    from . import distributed
+
+    for path in paths:
+        if "://" not in path and not os.path.exists(path):
+            raise click.BadParameter(f"Path {path!r} does not exist.", param_hint="'PATHS...'")
+    embedder = _embedder(backend, model_path, model_spec, threads)
+    started = time.perf_counter()
+    with Index.open(index_dir, create=True, embedder=embedder) as index:
+        out = shards_dir or str(index.root / "incoming" / uuid.uuid4().hex[:12])
+        distributed.connect(address)
+        run = distributed.index_to_shards(
+            paths, out, batch_size=batch_size,
+            embedder={"backend": backend, "model": model_path and os.path.abspath(model_path),
+                      "spec": model_spec and os.path.abspath(model_spec)})
+        elapsed = time.perf_counter() - started
+        click.echo(f"{run.files} files embedded on Ray in {elapsed:.1f} s ({run.files / max(elapsed, 1e-9):.1f} files/s): "
+                   f"{len(run.shards)} shards in {out}, {run.failed} failed, {run.skipped} skipped (not images)")
+        with _step_progress("merging shards") as progress:
+            summary = index.merge(run.shards, progress=lambda done, total, failed: progress(done, total),
+                                  wait=not no_wait, on_wait=_waiting)
+    if not shards_dir and "://" not in out:
+        shutil.rmtree(out, ignore_errors=True)
+    _echo_merge(summary, show_failures, run.failures)
+
+
+def _echo_merge(summary, show_failures: bool, extra_failures=()) -> None:
+    click.echo(f"merged {summary.shards} shards, {summary.rows} rows: {summary.added} added, {summary.updated} updated, "
+               f"{summary.unchanged} unchanged, {summary.stale} older than the index, {summary.failed} failed")
+    failures = list(extra_failures) + summary.failures
+    if show_failures:
+        for path, reason in failures:
+            click.echo(f"failed: {path}: {reason}")
+    elif failures:
+        click.echo("(run with --failures to list the failed files and why)")
+
+
+@main.command("merge")
+@click.argument("shards", nargs=-1, required=True)
+@index_option
+@embedder_options
+@click.option("--failures", "show_failures", is_flag=True, help="List every file that failed, with its reason.")
+@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
+def merge_command(shards, index_dir, backend, model_path, model_spec, threads, show_failures, no_wait) -> None:
+    """Import Parquet shards (files or folders, local or URLs) written by `index --ray`; merging the same
+    shards again adds nothing. The shards' model must be the index's (for a new index: the chosen one)."""
+    embedder = _embedder(backend, model_path, model_spec, threads)
+    with Index.open(index_dir, create=True, embedder=embedder) as index, _step_progress("merging shards") as progress:
+        summary = index.merge(shards, progress=lambda done, total, failed: progress(done, total),
+                              wait=not no_wait, on_wait=_waiting)
+    _echo_merge(summary, show_failures)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,180 @@
+"""The Ray path on a real local Ray cluster: shards, merge, and the distributed duplicate search.
+
+One session-scoped `ray.init(num_cpus=2)`; the distributed indexing run happens once per module and
+every test checks it against the local path on the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+ray = pytest.importorskip("ray")
+
+from neardup import distributed, shards  # noqa: E402
+from neardup.cli import main  # noqa: E402
+from neardup.index import Index, _exact_pairs  # noqa: E402
+from neardup.store import Record  # noqa: E402
+
+CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 40  # a JPEG header and nothing after it
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=600 * 1024**2, log_to_driver=False,
+             logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, collection) -> Path:
+    """Four originals, four edited copies of two of them, and a corrupt JPEG."""
+    folder = tmp_path_factory.mktemp("ray-photos")
+    for name in ("chelsea", "coffee", "rocket", "astronaut"):
+        shutil.copy(collection["originals"][name], folder / f"{name}.jpg")
+    for copy in collection["copies"]:
+        if copy["original"] in ("chelsea", "coffee") and copy["edit"] in ("half", "flip"):
+            shutil.copy(copy["path"], folder / Path(copy["path"]).name)
+    (folder / "broken.jpg").write_bytes(CORRUPT)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_index(tmp_path_factory, folder, embedder):
+    index = Index.open(tmp_path_factory.mktemp("ray-local") / "idx", create=True, embedder=embedder)
+    index.add([folder])
+    yield index
+    index.close()
+
+
+@pytest.fixture(scope="module")
+def ray_index(tmp_path_factory, folder, embedder, ray_cluster):
+    """`neardup index FOLDER --ray --shards DIR`: the pipeline on the cluster, then the merge."""
+    root = tmp_path_factory.mktemp("ray-dist")
+    result = CliRunner().invoke(main, ["index", str(folder), "--ray", "--index", str(root / "idx"),
+                                       "--shards", str(root / "shards"), "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    index = Index.open(root / "idx", embedder=embedder)
+    yield index, root / "shards", result.output
+    index.close()
+
+
+def _by_path(index: Index) -> dict[str, np.ndarray]:
+    snap = index.snapshot()
+    return dict(zip(snap.paths, snap.vectors()))
+
+
+def _groups(groups) -> list[list[str]]:
+    return sorted(sorted(g.files) for g in groups)
+
+
+def _pair_set(snap, a, b) -> set[tuple[str, str]]:
+    return {tuple(sorted((snap.paths[i], snap.paths[j]))) for i, j in zip(a.tolist(), b.tolist())}
+
+
+def test_distributed_index_gives_the_local_vectors_groups_and_failures(ray_index, local_index):
+    index, shard_dir, output = ray_index
+    assert "9 files embedded on Ray" in output and "8 added" in output and "1 failed" in output
+    local, merged = _by_path(local_index), _by_path(index)
+    assert sorted(merged) == sorted(local) and len(local) == 8
+    worst = max(float(np.abs(merged[p] - local[p]).max()) for p in local)
+    # the same decode and model; batches of a different size change float32 sums, float16 storage rounds
+    assert worst <= 2e-3, worst
+    assert _groups(index.duplicates()) == _groups(local_index.duplicates())
+    assert len(_groups(index.duplicates())) == 2
+    assert index.failures() == local_index.failures()
+    (path, reason), = index.failures()
+    assert path.endswith("broken.jpg") and reason
+    assert index.stats()["model"] == local_index.stats()["model"]
+
+
+def test_merge_is_idempotent_and_newer_rows_win(ray_index, tmp_path, embedder):
+    index, shard_dir, _ = ray_index
+    target = Index.open(tmp_path / "again", create=True, embedder=embedder)
+    first = target.merge([shard_dir])
+    counts = target.stats()
+    second = target.merge([shard_dir])
+    assert (first.added, first.failed) == (8, 1)
+    assert (second.added, second.updated, second.failed, second.unchanged) == (0, 0, 0, 9)
+    assert target.stats()["images"] == counts["images"] == 8
+    assert target.stats()["segments"] == counts["segments"]
+
+    # a newer shard row for a changed file replaces the old vector; an older one is ignored
+    shard = shards.read_shard(shards.shard_files([shard_dir])[0])
+    i = next(i for i, r in enumerate(shard.records) if r.status == "indexed")
+    old = shard.records[i]
+    other = next(j for j, r in enumerate(shard.records) if r.status == "indexed" and r.sha256 != old.sha256)
+    newer = Record(old.path, old.size + 1, old.mtime_ns + 1, "0" * 64, old.width, old.height)
+    older = Record(old.path, old.size, old.mtime_ns - 1, "1" * 64, old.width, old.height)
+    shards.write_shard([newer], shard.vectors[[other]], shard.model, str(tmp_path / "newer"), "n")
+    shards.write_shard([older], shard.vectors[[other]], shard.model, str(tmp_path / "older"), "o")
+    assert target.merge([tmp_path / "newer"]).updated == 1
+    assert target.merge([tmp_path / "older"]).stale == 1
+    vectors = _by_path(target)
+    assert np.allclose(vectors[old.path], shard.vectors[other], atol=1e-3)
+    assert target.stats()["images"] == 8
+    target.close()
+
+
+def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, embedder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index, shard_dir, _ = ray_index
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"path": ["x"], "vector": [[0.0]]}), foreign)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 this is not parquet")
+    target_dir = tmp_path / "target"
+    for bad, words in ((foreign, "not a neardup shard"), (garbage, "not a readable Parquet file")):
+        result = CliRunner().invoke(main, ["merge", str(shard_dir), str(bad), "--index", str(target_dir), "--backend", "torch"])
+        assert result.exit_code == 1
+        message = result.output.strip()
+        assert words in message and "\n" not in message and "Traceback" not in message
+    target = Index.open(target_dir, create=True, embedder=embedder)
+    assert target.stats()["images"] == 0 and target.failures() == []
+    # a half-written shard from a crashed job is never read
+    (shard_dir / ".tmp-crashed.parquet").write_bytes(b"PAR1")
+    assert all(".tmp-" not in p for p in shards.shard_files([shard_dir]))
+    os.unlink(shard_dir / ".tmp-crashed.parquet")
+    target.close()
+
+
+@pytest.mark.parametrize("threshold", [0.65, 0.9])
+def test_distributed_dups_equal_local_and_exact(full_index, ray_cluster, threshold):
+    snap = full_index.snapshot()
+    found = distributed.duplicates(full_index, threshold, chunk_rows=48, tables_per_task=7)  # several chunks and blocks
+    a, b, scores = found.pairs
+    local = full_index._lsh_pairs(snap, threshold)
+    exact = _exact_pairs(snap, threshold)
+    assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
+    assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2]) == _pair_set(snap, *exact[:2])
+    assert len(a) > 50
+    assert _groups(found.groups) == _groups(full_index.duplicates(threshold)) == _groups(
+        full_index.duplicates(threshold, exact=True))
+    local_scores = {(i, j): s for i, j, s in zip(*(x.tolist() for x in local))}
+    assert all(local_scores[(i, j)] == s for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist()))
+
+
+def test_file_url_goes_through_fsspec(folder, tmp_path, ray_cluster, local_index):
+    pytest.importorskip("fsspec")
+    sub = tmp_path / "two"
+    sub.mkdir()
+    for name in ("coffee.jpg", "broken.jpg"):
+        shutil.copy(folder / name, sub / name)
+    run = distributed.index_to_shards([sub.as_uri()], (tmp_path / "out").as_uri(), embedder={"backend": "torch"})
+    assert run.files == 2 and run.failed == 1 and len(run.shards) == 1 and run.shards[0].startswith("file://")
+    shard = shards.read_shard(run.shards[0])
+    rows = {Path(r.path.removeprefix("file://")).name: (r, v) for r, v in zip(shard.records, shard.vectors)}
+    assert rows["broken.jpg"][0].status == "failed" and rows["broken.jpg"][0].error
+    assert rows["coffee.jpg"][0].path == (sub / "coffee.jpg").as_uri()
+    assert rows["coffee.jpg"][0].mtime_ns == os.stat(sub / "coffee.jpg").st_mtime_ns
+    reference = _by_path(local_index)[str(folder / "coffee.jpg")]
+    assert np.abs(rows["coffee.jpg"][1] - reference).max() <= 2e-3
