@@ -18,7 +18,7 @@ from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
 from .images import ImageError
 from .store import StoreError
 
-USER_ERRORS = (StoreError, NeardupError, ImageError, FileNotFoundError, PermissionError)
+USER_ERRORS = (StoreError, NeardupError, ImageError, OSError)  # OSError: disk full, permission denied, vanished files...
 
 
 class Failure(click.ClickException):
@@ -230,6 +230,10 @@ def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, 
         raise click.UsageError("choose one of --exact and --ray")
     _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv)
     with Index.open(index_dir) as index:
+        if action and do_apply:  # an earlier run cut short by a crash: settle it before planning from the index
+            from .actions import recover_interrupted
+
+            recover_interrupted(index.root, wait=not action_no_wait, on_wait=_waiting)
         if ray_address is not None:
             from . import distributed
 
