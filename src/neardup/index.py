@@ -233,10 +233,12 @@ class Index:
             return store.compact()
 
     def merge(self, shards: Iterable[str], *, progress: ProgressCallback | None = None, wait: bool = True,
-              on_wait: Callable[[], None] | None = None) -> "MergeSummary":
+              on_wait: Callable[[], None] | None = None, commit_rows: int = 1 << 16) -> "MergeSummary":
         """Import Parquet shards written by a distributed run (neardup.shards): idempotent, so merging
-        the same shards again adds nothing; one commit per shard. Every shard's format and model are
-        checked before anything is written; vectors are hashed here with the index's own planes.
+        the same shards again adds nothing. Whole shards are committed together once `commit_rows`
+        rows changed (one segment each time, not one per shard); a crash loses only the uncommitted
+        shards, which the next merge imports. Every shard's format and model are checked before
+        anything is written; vectors are hashed here with the index's own planes.
         progress(done_shards, total_shards, failed_rows)."""
         from . import shards as shard_io
 
@@ -253,12 +255,23 @@ class Index:
                                               f"{self.root} uses {identity.get('name')} "
                                               f"(weights {str(identity.get('weights_sha256'))[:12]})")
             planes, center = self._lsh_state(store)
+            pending: list = []  # plans of shards read since the last commit
+            waiting: dict[str, Record] = {}  # their rows by path: what the catalog will say once committed
+
+            def commit() -> None:
+                indexed = [r for plan in pending for r in plan.indexed]
+                vectors = np.concatenate([plan.vectors for plan in pending]) if indexed else None
+                codes = lsh.hash_vectors(vectors, planes, NUM_TABLES, center) if indexed else None
+                store.commit(vectors=vectors, codes=codes, indexed=indexed,
+                             failed=[r for plan in pending for r in plan.failed],
+                             touched=[r for plan in pending for r in plan.touched])
+                pending.clear(), waiting.clear()
+
             for done, path in enumerate(files, 1):
                 shard = shard_io.read_shard(path)
-                plan = shard_io.plan_merge(shard, store.record)
-                codes = lsh.hash_vectors(plan.vectors, planes, NUM_TABLES, center) if plan.indexed else None
-                store.commit(vectors=plan.vectors if plan.indexed else None, codes=codes, indexed=plan.indexed,
-                             failed=plan.failed, touched=plan.touched)
+                plan = shard_io.plan_merge(shard, lambda p: waiting.get(p) or store.record(p))
+                pending.append(plan)
+                waiting.update((r.path, r) for r in plan.indexed + plan.failed + plan.touched)
                 summary.rows += len(shard.records)
                 summary.added += plan.added
                 summary.updated += plan.updated
@@ -266,8 +279,12 @@ class Index:
                 summary.stale += plan.stale
                 summary.failed += len(plan.failed)
                 summary.failures.extend((r.path, r.error or "unknown error") for r in plan.failed)
+                if sum(len(plan.indexed) + len(plan.failed) + len(plan.touched) for plan in pending) >= commit_rows:
+                    commit()
                 if progress:
                     progress(done, len(files), summary.failed)
+            if pending:
+                commit()
             self._maybe_compact(store)
         return summary
 

@@ -34,15 +34,23 @@ def make_planes(dim: int, num_tables: int, bits: int, seed: int) -> np.ndarray:
     return rng.standard_normal((num_tables * bits, dim), dtype=np.float32)
 
 
-def hash_vectors(
-    vectors: np.ndarray, planes: np.ndarray, num_tables: int, center: np.ndarray | None = None
-) -> np.ndarray:
-    """Codes of shape (n, num_tables), dtype uint32; bit b of table t = sign of projection t*bits+b."""
+def project(vectors: np.ndarray, planes: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
+    """Projections (n, hyperplanes) float32 of the vectors, minus `center`, on every hyperplane."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if center is not None:
         vectors = vectors - center
+    return vectors @ planes.T
+
+
+def hash_vectors(
+    vectors: np.ndarray, planes: np.ndarray, num_tables: int, center: np.ndarray | None = None,
+    projections: np.ndarray | None = None,
+) -> np.ndarray:
+    """Codes of shape (n, num_tables), dtype uint32; bit b of table t = sign of projection t*bits+b.
+    Bit p of the stored bit string (`code_words`, little-endian) is hyperplane p."""
+    vectors = np.asarray(vectors, dtype=np.float32)
     bits = planes.shape[0] // num_tables
-    positive = (vectors @ planes.T) > 0
+    positive = (project(vectors, planes, center) if projections is None else projections) > 0
     positive = positive.reshape(len(vectors), num_tables, bits)
     weights = np.left_shift(CODE_DTYPE(1), np.arange(bits, dtype=CODE_DTYPE))
     return (positive * weights).sum(axis=2, dtype=CODE_DTYPE)
@@ -129,8 +137,56 @@ def probe_masks(k: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=CODE_DTYPE)
 
 
+def range_keys(codes: np.ndarray, k: int) -> np.ndarray:
+    """Cut the stored bit string of every row into bits // k tables of k contiguous bits:
+    (n, words) uint32 codes -> (n, bits // k) uint32 keys; bit i of table t's key is stored bit
+    (hyperplane) t * k + i. Unlike `slices`, k need not divide 32, so no stored bit is wasted."""
+    words = code_words(np.atleast_2d(codes))
+    num_tables = words.shape[1] * 64 // k
+    padded = np.concatenate([words, np.zeros((len(words), 1), np.uint64)], axis=1)
+    out = np.empty((len(words), num_tables), dtype=CODE_DTYPE)
+    mask = np.uint64((1 << k) - 1)
+    for t in range(num_tables):
+        word, shift = divmod(t * k, 64)
+        value = padded[:, word] >> np.uint64(shift)
+        if shift + k > 64:
+            value |= padded[:, word + 1] << np.uint64(64 - shift)
+        out[:, t] = (value & mask).astype(CODE_DTYPE)
+    return out
+
+
+def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int = 8) -> np.ndarray:
+    """Query-directed multiprobe (Lv et al., VLDB 2007) for sign bits: XOR masks (tables, probes) of
+    the most likely buckets of a near neighbour, per table of k contiguous hyperplanes. A bit whose
+    projection is close to zero is the likeliest to differ, so masks flip subsets of the `flippable`
+    least confident bits of each table, cheapest first by the sum of their squared projections
+    (mask 0, the query's own bucket, always first)."""
+    projections = np.asarray(projections, dtype=np.float32)
+    num_tables = len(projections) // k
+    weight = projections[: num_tables * k].reshape(num_tables, k) ** 2
+    m = min(flippable, k)
+    weakest = np.argpartition(weight, m - 1, axis=1)[:, :m] if m < k else np.tile(np.arange(k), (num_tables, 1))
+    subsets = _subsets(m)  # (2^m, m) 0/1
+    cost = np.take_along_axis(weight, weakest, axis=1) @ subsets.T.astype(np.float32)  # (tables, 2^m)
+    probes = min(probes, 1 << m)
+    # the set of probes matters, not their order; mask 0 (cost 0) is always among the cheapest
+    best = np.argpartition(cost, probes - 1, axis=1)[:, :probes] if probes < (1 << m) else np.tile(np.arange(1 << m), (num_tables, 1))
+    chosen = subsets[best]  # (tables, probes, m)
+    return (chosen.astype(CODE_DTYPE) << weakest[:, None, :].astype(CODE_DTYPE)).sum(axis=2, dtype=CODE_DTYPE)
+
+
+_SUBSETS: dict[int, np.ndarray] = {}
+
+
+def _subsets(m: int) -> np.ndarray:
+    if m not in _SUBSETS:
+        _SUBSETS[m] = ((np.arange(1 << m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.uint8)
+    return _SUBSETS[m]
+
+
 class LSHTables:
-    """Every k-bit slice of the stored codes as one CSR bucket table with direct addressing.
+    """The stored bit string cut into tables of k contiguous bits (`range_keys`), each a CSR bucket
+    table with direct addressing.
 
     Table t keeps the rows sorted by their key: `rows[t, offsets[t, key]:offsets[t, key + 1]]` is the
     bucket of `key`. With 2^k + 1 offsets per table a lookup is two array reads, and the buckets of
@@ -142,13 +198,13 @@ class LSHTables:
         if not 1 <= k <= MAX_TABLE_BITS:
             raise ValueError(f"bits per query table must be in 1..{MAX_TABLE_BITS}, got {k}")
         self.k = k
-        sliced = slices(codes, k)
+        sliced = range_keys(codes, k)
         n, self.num_tables = sliced.shape
         self.size = n
         ids = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         index_dtype = np.int32 if max(n, int(ids.max(initial=0)) + 1) < 2**31 else np.int64
         self.rows = np.empty((self.num_tables, n), dtype=index_dtype)
-        self.offsets = np.zeros((self.num_tables, (1 << k) + 1), dtype=np.int64)
+        self.offsets = np.zeros((self.num_tables, (1 << k) + 1), dtype=index_dtype)
         key_dtype = np.uint16 if k <= 16 else CODE_DTYPE  # a stable sort of uint16 is a radix sort
         for t in range(self.num_tables):
             keys = sliced[:, t].astype(key_dtype)
@@ -167,13 +223,18 @@ class LSHTables:
         ends = (self._flat_offsets[slots + 1] + base).ravel()
         return self._flat_rows[_concat_ranges(starts, ends)]
 
-    def candidates(self, query_codes: np.ndarray, multiprobe: bool = True, radius: int | None = None) -> np.ndarray:
-        """Unique rows (ascending) colliding with the query in any table, probing every bucket within
-        Hamming distance `radius` of the query's key (default 1 with multiprobe, 0 without)."""
-        radius = (1 if multiprobe else 0) if radius is None else radius
-        sliced = slices(np.asarray(query_codes)[None], self.k)[0]
-        keys = sliced[:, None] ^ probe_masks(self.k, radius)[None, :]
-        return unique_rows(self.lookup(keys))
+    def candidates(self, query_codes: np.ndarray, multiprobe: bool = True, radius: int | None = None,
+                   projections: np.ndarray | None = None, probes: int = 32) -> np.ndarray:
+        """Unique rows (ascending) colliding with the query in any table. With the query's
+        `projections`, each table is probed at its `probes` likeliest buckets (`directed_probes`);
+        otherwise at every bucket within Hamming distance `radius` (default 1 with multiprobe, else 0)."""
+        keys = range_keys(np.asarray(query_codes)[None], self.k)[0]
+        if projections is not None:
+            masks = directed_probes(projections, self.k, probes)
+        else:
+            radius = (1 if multiprobe else 0) if radius is None else radius
+            masks = np.tile(probe_masks(self.k, radius), (self.num_tables, 1))
+        return unique_rows(self.lookup(keys[:, None] ^ masks))
 
     def candidate_pairs(self, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Pairs of rows sharing a bucket in some table; a pair may repeat across tables."""

@@ -1,0 +1,247 @@
+"""The search path at scale: CSR multi-table lookups, query-directed probes, Hamming re-rank, float16
+scores, the all-pairs join, and recall against the exact oracle on planted synthetic data."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from neardup import lsh
+from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index
+from neardup.store import Record, Store, StoreError
+
+codes_strategy = arrays(np.uint32, st.tuples(st.integers(0, 40), st.just(NUM_TABLES)),
+                        elements=st.integers(0, 2**32 - 1))
+
+
+def stored_bit(codes: np.ndarray, row: int, position: int) -> int:
+    """Bit `position` of a row's stored bit string: bit position % 32 of word position // 32."""
+    return (int(codes[row, position // 32]) >> (position % 32)) & 1
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(codes_strategy, st.integers(0, 2**32 - 1))
+def test_hamming_equals_popcount_of_xor(codes, seed):
+    words = lsh.code_words(codes)
+    query = lsh.code_words(np.random.default_rng(seed).integers(0, 2**32, (1, NUM_TABLES), dtype=np.uint32))[0]
+    expected = [sum(bin(int(w) ^ int(q)).count("1") for w, q in zip(row, query)) for row in words]
+    np.testing.assert_array_equal(lsh.hamming(words, query), expected)
+    if len(words) > 1:  # row against row, as the pair join uses it
+        np.testing.assert_array_equal(lsh.hamming(words[:-1], words[1:]),
+                                      [sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(x, y))
+                                       for x, y in zip(words[:-1], words[1:])])
+
+
+@settings(max_examples=40, deadline=None)
+@given(codes_strategy, st.integers(1, 20))
+def test_range_keys_read_contiguous_stored_bits(codes, k):
+    keys = lsh.range_keys(codes, k) if len(codes) else np.empty((0, 512 // k), np.uint32)
+    assert keys.shape == (len(codes), 512 // k)
+    for row in range(min(len(codes), 5)):
+        for t in range(keys.shape[1]):
+            expected = sum(stored_bit(codes, row, t * k + i) << i for i in range(k))
+            assert int(keys[row, t]) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.uint32, st.tuples(st.integers(1, 60), st.just(NUM_TABLES)), elements=st.integers(0, 2**32 - 1)),
+       st.integers(4, 12), st.integers(0, 2**32 - 1), st.integers(1, 6))
+def test_vectorised_lookup_equals_per_table_lookup(codes, k, seed, probes):
+    codes[len(codes) // 2 :] = codes[: len(codes) - len(codes) // 2]  # force shared buckets
+    tables = lsh.LSHTables(codes, k)
+    keys = lsh.range_keys(codes, k)
+    rng = np.random.default_rng(seed)
+    probe_keys = np.c_[keys[rng.integers(0, len(codes))][:, None], rng.integers(0, 1 << k, (tables.num_tables, probes - 1))]
+    found = np.sort(tables.lookup(probe_keys))
+    expected = np.sort(np.concatenate([
+        np.flatnonzero(keys[:, t] == key) for t in range(tables.num_tables) for key in probe_keys[t]]))
+    np.testing.assert_array_equal(found, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([8, 12, 16, 20]), st.integers(1, 300))
+def test_directed_probes_are_the_cheapest_flips_of_the_weakest_bits(seed, k, probes):
+    projections = np.random.default_rng(seed).standard_normal(512).astype(np.float32)
+    masks = lsh.directed_probes(projections, k, probes)
+    tables = 512 // k
+    m = min(8, k)
+    assert masks.shape == (tables, min(probes, 1 << m))
+    for t in range(tables):
+        weight = projections[t * k : (t + 1) * k].astype(np.float64) ** 2
+        weakest = set(np.argsort(weight)[:m].tolist())
+        chosen = set(masks[t].tolist())
+        assert 0 in chosen and len(chosen) == len(masks[t])
+        assert all(b in weakest for mask in chosen for b in range(k) if mask >> b & 1)
+        # brute force over every subset of the weakest bits: nothing left out is cheaper than what was taken
+        bits = sorted(weakest)
+        every = {}
+        for subset in range(1 << m):
+            flipped = [b for i, b in enumerate(bits) if subset >> i & 1]
+            every[sum(1 << b for b in flipped)] = sum(weight[b] for b in flipped)
+        taken = max(every[mask] for mask in chosen)
+        left = [cost for mask, cost in every.items() if mask not in chosen]
+        assert not left or min(left) >= taken - 1e-4
+
+
+@given(arrays(np.int64, st.integers(0, 300), elements=st.integers(0, 512)), st.integers(1, 50))
+def test_nearest_by_hamming_keeps_the_smallest_distances(distances, count):
+    picked = lsh.nearest_by_hamming(distances, count)
+    assert len(picked) >= min(count, len(distances))
+    if len(picked) < len(distances):
+        assert distances[picked].max() < np.delete(distances, picked).min()
+        assert len(picked) == np.sum(distances <= distances[picked].max())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 80), st.floats(0.5, 0.95))
+def test_join_pairs_equals_its_definition_by_brute_force(seed, n, threshold):
+    """Every pair that shares a key in some plan table, passes the Hamming limit and the cosine
+    threshold, each once; nothing else."""
+    rng = np.random.default_rng(seed)
+    dim = 16
+    vectors = unit(rng.standard_normal((n, dim)))
+    vectors[n // 2 :] = unit(vectors[: n - n // 2] + 0.3 * rng.standard_normal((n - n // 2, dim)))
+    stored = vectors.astype(np.float16)
+    planes = lsh.make_planes(dim, NUM_TABLES, STORED_BITS, seed % 1000)
+    codes = lsh.hash_vectors(vectors, planes, NUM_TABLES)
+    plan = lsh.PairPlan(k=int(rng.integers(2, 6)), tables=int(rng.integers(1, 12)), bits=512, seed=seed % 1000)
+    found = list(lsh.join_pairs(codes, lambda rows: stored[rows], threshold, plan, chunk=7))
+    pairs = [(int(a), int(b)) for part in found for a, b in zip(part[0], part[1])]
+    assert len(pairs) == len(set(pairs)) and all(a < b for a, b in pairs)
+    words = lsh.code_words(codes)
+    limit = lsh.hamming_limit(threshold, 512)
+    keys = [lsh.subset_keys(lsh.bit_rows(codes), positions) for positions in plan.positions()]
+    expected = set()
+    for a in range(n):
+        for b in range(a + 1, n):
+            shared = any(table[a] == table[b] for table in keys)
+            near = lsh.hamming(words[a : a + 1], words[b])[0] <= limit
+            close = lsh.row_cosines(stored[[a]], stored[[b]])[0] >= threshold
+            if shared and near and close:
+                expected.add((a, b))
+    assert set(pairs) == expected
+    scores = np.concatenate([part[2] for part in found]) if found else np.empty(0)
+    assert np.all(scores >= threshold)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.integers(2, 1280))
+def test_float16_scores_stay_within_1e3_of_float32_and_self_match_is_one(seed, n, dim):
+    rng = np.random.default_rng(seed)
+    vectors = unit(rng.standard_normal((n, dim)) + rng.uniform(0, 2) * np.abs(rng.standard_normal(dim)))
+    query = vectors[0]
+    exact = vectors @ query
+    half = lsh.cosines(vectors.astype(np.float16), query)
+    assert np.max(np.abs(half - exact)) <= 1e-3
+    assert half[0] == pytest.approx(1.0, abs=1e-6)
+    # the order can only swap scores closer than the error bound
+    order = np.argsort(-half, kind="stable")
+    assert np.all(np.diff(exact[order]) <= 2e-3)
+
+
+# ---- recall against the exact oracle on planted synthetic data --------------------------------------
+
+
+def planted_index(tmp_path, n: int, dim: int, groups: int, seed: int, cone: bool):
+    """An index of n synthetic vectors written straight through Store (no photos): `groups` originals
+    with two copies each at cosine U(0.8, 0.99); the rest unrelated (uniform or a positive cone with
+    mean cosine ~0.2, like GAP vectors). Returns the index, the float32 vectors and fresh queries."""
+    rng = np.random.default_rng(seed)
+    mu = unit(rng.standard_normal((1, dim)))[0]
+    base = rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    vectors = unit(0.5 * mu + base if cone else base)
+
+    def copies(originals):
+        cos = rng.uniform(0.8, 0.99, len(originals)).astype(np.float32)[:, None]
+        noise = rng.standard_normal(originals.shape).astype(np.float32)
+        noise = unit(noise - np.sum(noise * originals, axis=1, keepdims=True) * originals)
+        return unit(cos * originals + np.sqrt(1 - cos**2) * noise)
+
+    vectors[groups : 2 * groups] = copies(vectors[:groups])
+    vectors[2 * groups : 3 * groups] = copies(vectors[:groups])
+    queries = copies(vectors[rng.integers(0, groups, 200)])
+    planes = lsh.make_planes(dim, NUM_TABLES, STORED_BITS, LSH_SEED)
+    with Store.open(tmp_path / "idx", create=True, write=True) as store:
+        store.save_planes(planes)
+        store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED, "center": None})
+        store.set_meta("model", {"name": "synthetic", "dim": dim})
+        for start in range(0, n, 25_000):
+            part = vectors[start : start + 25_000]
+            store.commit(vectors=part, codes=lsh.hash_vectors(part, planes, NUM_TABLES),
+                         indexed=[Record(f"/v/{i}", 1, 1) for i in range(start, start + len(part))])
+    return Index.open(tmp_path / "idx"), vectors, queries
+
+
+@pytest.mark.parametrize("cone", [False, True], ids=["uniform", "cone"])
+def test_query_recall_of_planted_copies_against_exact_oracle(tmp_path, cone):
+    index, vectors, queries = planted_index(tmp_path, 50_000, 256, 2_000, seed=5, cone=cone)
+    found = total = 0
+    examined = []
+    for q in queries:
+        exact_rows, exact_scores = lsh.exact_search(vectors, q, 10)
+        relevant = set(exact_rows[exact_scores >= 0.8].tolist())
+        matches = index.query_vector(q, k=10, exact=False)
+        found += len(relevant & {int(m.path.rsplit("/", 1)[1]) for m in matches})
+        total += len(relevant)
+        # scores are the float16-stored cosines: within 1e-3 of the float32 oracle
+        for m in matches:
+            assert abs(m.score - float(vectors[int(m.path.rsplit("/", 1)[1])] @ q)) <= 1e-3
+    state = index._search_state(build_tables=True)
+    planes, center = index._lsh_state(index._reader)
+    for q in queries[:20]:
+        projections = lsh.project(q[None], planes, center)
+        codes = lsh.hash_vectors(q[None], planes, NUM_TABLES, projections=projections)
+        examined.append(len(state.tables.candidates(codes[0], projections=projections[0], probes=64)))
+    index.close()
+    assert total > 200 and found / total >= 0.99
+    assert np.mean(examined) < len(vectors) / 5, "the tables must not degenerate into a full scan"
+
+
+def test_duplicates_equal_exact_oracle_on_planted_data(tmp_path):
+    index, vectors, _ = planted_index(tmp_path, 6_000, 128, 600, seed=9, cone=True)
+    lsh_groups = index.duplicates(0.8)
+    exact_groups = index.duplicates(0.8, exact=True)
+    index.close()
+    assert len(exact_groups) >= 550
+    exact_sets = {tuple(g.files) for g in exact_groups}
+    lsh_sets = {tuple(g.files) for g in lsh_groups}
+    # verified pairs only: an LSH group can be an exact group or a part of one (a missed link), never more
+    assert all(any(set(group) <= set(e) for e in exact_sets) for group in lsh_sets)
+    # at least 99 % of the exact groups come out whole
+    assert len(lsh_sets & exact_sets) / len(exact_sets) >= 0.99
+
+
+def test_format_1_index_is_refused_with_a_rebuild_message(tmp_path):
+    Store.open(tmp_path / "idx", create=True, write=True).close()
+    with sqlite3.connect(tmp_path / "idx" / "catalog.sqlite") as conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="rebuild"):
+        Store.open(tmp_path / "idx")
+
+
+def test_segments_store_float16_and_scores_stay_exact_for_identical_vectors(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = unit(rng.standard_normal((50, 1280)) + 0.5)
+    planes = lsh.make_planes(1280, NUM_TABLES, STORED_BITS, LSH_SEED)
+    with Store.open(tmp_path / "idx", create=True, write=True) as store:
+        store.save_planes(planes)
+        store.set_meta("lsh", {"center": None})
+        store.commit(vectors=np.r_[vectors, vectors[:1]], codes=lsh.hash_vectors(np.r_[vectors, vectors[:1]], planes, NUM_TABLES),
+                     indexed=[Record(f"/v/{i}", 1, 1) for i in range(51)])
+        assert store.snapshot().vectors(dtype=None).dtype == np.float16
+    with Index.open(tmp_path / "idx") as index:
+        for exact in (True, False):
+            top = index.query_vector(vectors[0], k=2, exact=exact)
+            assert {m.path for m in top} == {"/v/0", "/v/50"}
+            assert all(m.score == pytest.approx(1.0, abs=1e-6) for m in top)
+        groups = index.duplicates(0.99)
+        assert [g.files for g in groups] == [["/v/0", "/v/50"]] and groups[0].max_score <= 1.0 + 1e-6
