@@ -1,14 +1,22 @@
 """Sign-random-projection LSH over unit vectors: pure numpy, no I/O.
 
 Every vector gets one stored code per word. Bit ``b`` of word ``t`` (value ``1 << b``) is set when the
-vector, minus ``center``, has a positive dot product with hyperplane ``t * bits + b``. Lookups cut the
-stored words into k-bit slices (``slices``), each slice one hash table, so the same stored codes serve a
-100-image folder and a million-image collection: for two vectors at angle θ one bit agrees with
-probability p = 1 − θ/π, a table of k bits collides with probability p^k, and L tables give
-1 − (1 − p^k)^L (``collision_probability``).
+vector, minus ``center``, has a positive dot product with hyperplane ``t * bits + b``; read as one bit
+string (``code_words``: 512 bits = 8 uint64 a vector), bit p is hyperplane p. For two vectors at angle θ
+one bit agrees with probability p = 1 − θ/π, a table of k bits collides with probability p^k, and L
+tables give 1 − (1 − p^k)^L (``collision_probability``). The same stored bits serve every size:
 
-Scores are never derived from codes: candidates are always re-ranked by the exact cosine similarity
-of the unit vectors (their dot product), which is the score neardup reports.
+* queries (``LSHTables``): the bit string cut into 512 // k tables of k contiguous bits (k ~ log2 n),
+  each a CSR table with direct addressing, probed at the query's likeliest buckets
+  (``directed_probes``); candidates ranked by Hamming distance over all 512 bits (``hamming``,
+  ``nearest_by_hamming``) before any vector is read;
+* all pairs (``plan_pairs``, ``join_pairs``): many tables of k random stored bits each, sized from the
+  collision maths so a pair at the threshold meets with probability >= the target recall; candidate
+  pairs are streamed in chunks and filtered by Hamming distance (``hamming_limit``).
+
+Scores are never derived from codes: candidates are always re-ranked by the exact cosine of the stored
+vectors (``cosines``, ``row_cosines``: each row's norm divided out, so float16 storage moves a score by
+at most ~1e-3 and leaves a self-match at 1.0), which is the score neardup reports.
 """
 
 from __future__ import annotations
@@ -511,6 +519,7 @@ def exact_search(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.nda
 def row_dots(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
     """Cosine of each pair of unit rows (a[i] · b[i])."""
     return np.einsum("ij,ij->i", vectors_a, vectors_b, dtype=np.float32)
+
 
 
 
