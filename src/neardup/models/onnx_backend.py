@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..index import NeardupError
-from .efficientnet_lite0 import HEAD_CHANNELS, INPUT_SIZE, PREPROCESSING, weights_sha256
-from .efficientnet_lite0 import preprocess as lite0_preprocess
+from .default_model import HEAD_CHANNELS, INPUT_SIZE, PREPROCESSING, weights_sha256
+from .default_model import preprocess as lite0_preprocess
 
 #: Bump when the exported graph changes (wrapper, opset, exporter options): old cache files are then ignored.
 EXPORT_VERSION = 1

