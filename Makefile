@@ -1,5 +1,6 @@
 # Two entry points, each does its own set-up on a fresh machine:
 #   make demo   build photos + edited copies, index them, print duplicate groups, write demo-out/query.png
+#               and demo-out/report.html
 #   make test   run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,6 +21,8 @@ demo: $(BIN)/.installed
 	$(BIN)/neardup index demo-out/photos --index demo-out/index
 	$(BIN)/neardup dups --index demo-out/index
 	$(BIN)/neardup query demo-out/photos/edited/chelsea__crop80.jpg --index demo-out/index -k 9 --plot demo-out/query.png
+	$(BIN)/neardup report --index demo-out/index --out demo-out/report.html
+	@echo "see the groups in demo-out/report.html, or run: $(BIN)/neardup serve --index demo-out/index"
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
