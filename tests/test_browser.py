@@ -78,7 +78,22 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             assert page.locator("img:not([alt])").count() == 0
             page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
 
-            # compare the query with its best match
+            # drag and drop: a file dropped on the zone searches too (rocket's flipped copy, fetched by id)
+            rocket = next(m for m in gallery.query(str(next(c["path"] for c in collection["copies"]
+                                                             if c["original"] == "rocket" and c["edit"] == "flip")),
+                                                   k=1, exclude_self=False))
+            dropped = page.evaluate_handle(
+                """async id => { const blob = await (await fetch(`/api/images/${id}`)).blob();
+                   const data = new DataTransfer(); data.items.add(new File([blob], "dropped.jpg", {type: blob.type}));
+                   return data; }""", rocket.id)
+            page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+            expect(page.locator("#query-caption")).to_contain_text("dropped.jpg")
+            expect(results.first.locator(".path")).to_have_text(rocket.path)
+            expect(results.first.locator(".score")).to_have_text("1.000")
+
+            # back to chelsea, then compare the query with its best match
+            page.set_input_files("#file", collection["originals"]["chelsea"])
+            expect(results.first.locator(".path")).to_have_text(top_path)
             results.first.locator("button").click()
             expect(page.locator("#view-compare")).to_be_visible()
             expect(page.locator("#compare-score")).to_contain_text(f"{top_score:.3f}")

@@ -246,7 +246,11 @@ async function compareWithQuery(match) {
 
 function wire() {
   const drop = $("drop");
-  $("file").addEventListener("change", (event) => search(event.target.files[0]));
+  $("file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    event.target.value = ""; // so that choosing the same file again searches again
+    search(file);
+  });
   for (const name of ["dragenter", "dragover"]) drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
   for (const name of ["dragleave", "drop"]) drop.addEventListener(name, () => drop.classList.remove("over"));
   drop.addEventListener("drop", (event) => { event.preventDefault(); search(event.dataTransfer.files[0]); });
