@@ -35,11 +35,13 @@ def file_hashes(*folders: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def library(tmp_path, collection, embedder):
+@pytest.fixture(scope="module")
+def pristine_library(tmp_path_factory, collection, embedder) -> Path:
     """photos/a: two originals and a singleton; photos/b: their copies (resized, flipped, re-encoded, a
-    byte-identical copy under an odd name); an index of it all."""
-    photos = tmp_path / "photos"
+    byte-identical copy under an odd name); an index of it all. Built once at base/work, kept in
+    base/pristine; each test gets base/work restored (same paths, so the index stays valid)."""
+    base = tmp_path_factory.mktemp("library")
+    photos = base / "work" / "photos"
     (photos / "a").mkdir(parents=True)
     (photos / "b" / "deep").mkdir(parents=True)
     originals = collection["originals"]
@@ -54,10 +56,20 @@ def library(tmp_path, collection, embedder):
     for path in photos.rglob("*.jpg"):  # the originals are the oldest files
         stamp = 1_000_000_000 if path.parent.name == "a" else 1_500_000_000
         os.utime(path, (stamp, stamp))
-    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
-    summary = index.add([photos])
+    with Index.open(base / "work" / "idx", create=True, embedder=embedder) as index:
+        summary = index.add([photos])
     assert summary.added == 7 and summary.failed == 0
-    yield photos, index
+    shutil.copytree(base / "work", base / "pristine")
+    return base
+
+
+@pytest.fixture
+def library(pristine_library, embedder):
+    work = pristine_library / "work"
+    shutil.rmtree(work)
+    shutil.copytree(pristine_library / "pristine", work)  # copy2 keeps mtimes to the ns: the catalog still matches
+    index = Index.open(work / "idx", embedder=embedder)
+    yield work / "photos", index
     index.close()
 
 
