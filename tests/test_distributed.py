@@ -93,6 +93,12 @@ def test_distributed_index_gives_the_local_vectors_groups_and_failures(ray_index
     (path, reason), = index.failures()
     assert path.endswith("broken.jpg") and reason
     assert index.stats()["model"] == local_index.stats()["model"]
+    # before float16 storage the shard's vectors are the local model's to float32 precision
+    shard = shards.read_shard(next(p for p in shards.shard_files([shard_dir])))
+    checked = [float(np.abs(vector - local_index.embed(record.path)).max())
+               for record, vector in zip(shard.records, shard.vectors)
+               if record.status == "indexed" and Path(record.path).stem in ("coffee", "chelsea__flip")]
+    assert len(checked) == 2 and max(checked) <= 1e-5, checked
 
 
 def test_merge_is_idempotent_and_newer_rows_win(ray_index, tmp_path, embedder):
