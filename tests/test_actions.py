@@ -190,7 +190,7 @@ def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
     env = {**os.environ, "NEARDUP_INDEX": str(index.root)}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "neardup.cli", *args], capture_output=True, text=True, env=env,
+        return subprocess.run([sys.executable, "-m", "neardup.cli", *args], capture_output=True, text=True, check=False, env=env,
                               timeout=300)
 
     refused = cli("dups", "--threshold", "0.8", "--action", "delete", "--apply")
@@ -298,6 +298,6 @@ def test_cli_usage_errors_for_action_options(library, tmp_path):
         (["--action", "hardlink", "--to", str(tmp_path)], "--to goes with --action move"),
         (["--action", "move", "--to", str(tmp_path), "--keep", "biggest"], "unknown keep criterion"),
     ):
-        result = subprocess.run([sys.executable, "-m", "neardup.cli", "dups", *args], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "neardup.cli", "dups", *args], capture_output=True, text=True, check=False,
                                 env=env, timeout=120)
         assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr, args

@@ -12,7 +12,6 @@ after; for actions the manifest and the disk agree and undo restores the origina
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 
 from neardup import actions
+from neardup.images import load_image
 from neardup.index import Index
 from neardup.store import IndexLocked, IndexWriteError, Store, StoreError
 
@@ -62,7 +62,7 @@ CHILD = textwrap.dedent("""
 def run_child(args, kill_at: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `neardup ARGS` (or `compact INDEX`), SIGKILLed at its kill_at-th durable file operation."""
     env = {**os.environ, "NEARDUP_KILL_AT": str(kill_at)}
-    return subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, check=False, env=env,
                           timeout=timeout)
 
 
@@ -260,9 +260,9 @@ def test_injected_enospc_on_a_commit_is_one_clear_error_and_the_index_keeps_its_
         return real_save(file, array, *args, **kwargs)
 
     monkeypatch.setattr(np, "save", failing_save)
-    with Index.open(root, create=True, embedder=embedder) as index:
-        with pytest.raises(IndexWriteError, match="No space left on device; it keeps its last committed state"):
-            index.add([photos / "originals"], commit_every=4)
+    with Index.open(root, create=True, embedder=embedder) as index, \
+            pytest.raises(IndexWriteError, match="No space left on device; it keeps its last committed state"):
+        index.add([photos / "originals"], commit_every=4)
     monkeypatch.setattr(np, "save", real_save)
     state = check_store(root)
     assert state["counts"]["indexed"] == 8  # two whole commits
@@ -278,7 +278,7 @@ def small_disk(tmp_path):
     """A 3 MB tmpfs (needs root and mount permission; skipped with the reason otherwise)."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}); the injected-ENOSPC test covers this")
     yield mount
@@ -377,7 +377,7 @@ def test_second_writer_waits_with_a_message_or_fails_with_no_wait(tmp_path, phot
     wait_until_locked(root, writer)
     waiter = neardup_process("remove", photos / "copies", index=root)
     refused = subprocess.run([sys.executable, "-m", "neardup.cli", "remove", photos / "copies", "--index", root,
-                              "--no-wait"], capture_output=True, text=True, timeout=120)
+                              "--no-wait"], capture_output=True, text=True, check=False, timeout=120)
     writer_out, _ = writer.communicate(timeout=300)
     _, waited = waiter.communicate(timeout=300)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
@@ -394,9 +394,7 @@ def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, photos, embe
     a reader saw is in the final index with the same vector."""
     root = tmp_path / "idx"
     Index.open(root, create=True, embedder=embedder).close()
-    probe = embedder.embed(embedder.preprocess(
-        __import__("neardup.images", fromlist=["load_image"]).load_image(
-            str(sorted((photos / "originals").iterdir())[0])).image)[None])[0]
+    probe = embedder.embed(embedder.preprocess(load_image(str(min((photos / "originals").iterdir()))).image)[None])[0]
     writer = neardup_process("index", photos, "--commit-every", "3", "--batch-size", "3", index=root)
     seen_counts, seen, reads = set(), {}, []
     problems = []

@@ -41,9 +41,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class Plan:
         return {"version": MANIFEST_VERSION, **data}
 
     @classmethod
-    def from_json(cls, data: dict, manifest: str | None = None) -> "Plan":
+    def from_json(cls, data: dict, manifest: str | None = None) -> Plan:
         data = dict(data)
         version = data.pop("version", None)
         if version != MANIFEST_VERSION:
@@ -165,7 +165,7 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trash = str(root / TRASH_DIR / run_id) if action in ("delete", "hardlink") else None
     target = os.path.abspath(to) if action == "move" else trash
-    plan = Plan(run_id, action, str(root), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    plan = Plan(run_id, action, str(root), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 list(keep), protected_folders, os.path.abspath(to) if to else None, trash, threshold)
     with Store.open(root) as store:
         chosen: list[tuple[int, Record, list[Record]]] = []
