@@ -358,10 +358,11 @@ def disk_state(entry: Entry) -> str:
     """'done' when the entry's step is complete on disk, 'undone' when the source still is its old self
     (never done, or undone), 'lost' when its bytes are found nowhere (must never happen)."""
     if entry.action == "hardlink":
-        linked = _same_file(entry.source, entry.survivor)
-        if not linked and _holds(entry.source, entry.sha256, entry.size):
+        # the source is "undone" only while it is its own inode with its old bytes: byte-identical copies
+        # hold the same sha256 after the link too; a survivor edited or moved later breaks neither case
+        if not _same_file(entry.source, entry.survivor) and _holds(entry.source, entry.sha256, entry.size):
             return "undone"
-        if linked and entry.destination and _holds(entry.destination, entry.sha256, entry.size):
+        if entry.destination and _holds(entry.destination, entry.sha256, entry.size):
             return "done"
         return "lost"
     if _holds(entry.source, entry.sha256, entry.size):
