@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from neardup import distributed, shards  # noqa: E402
-from neardup.cli import main  # noqa: E402
-from neardup.index import Index, _exact_pairs  # noqa: E402
-from neardup.store import Record  # noqa: E402
+from neardup import distributed, shards
+from neardup.cli import main
+from neardup.index import Index, _exact_pairs
+from neardup.store import Record
 
 CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 40  # a JPEG header and nothing after it
 
@@ -102,7 +102,7 @@ def test_distributed_index_gives_the_local_vectors_groups_and_failures(ray_index
 
 
 def test_merge_is_idempotent_and_newer_rows_win(ray_index, tmp_path, embedder):
-    index, shard_dir, _ = ray_index
+    _, shard_dir, _ = ray_index
     target = Index.open(tmp_path / "again", create=True, embedder=embedder)
     first = target.merge([shard_dir])
     counts = target.stats()
@@ -141,7 +141,7 @@ def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, e
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    index, shard_dir, _ = ray_index
+    _, shard_dir, _ = ray_index
     foreign = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"path": ["x"], "vector": [[0.0]]}), foreign)
     garbage = tmp_path / "garbage.parquet"

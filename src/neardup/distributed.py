@@ -29,16 +29,26 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
 from . import lsh, shards
 from .groups import group_pairs
 from .images import IMAGE_EXTENSIONS, discover
-from .index import (LSH_SEED, NUM_TABLES, PAIR_RECALL, STORED_BITS, DuplicateGroup, Index, NeardupError, _no_pairs,
-                    _prepare_bytes, _prepare_file)
+from .index import (
+    LSH_SEED,
+    NUM_TABLES,
+    PAIR_RECALL,
+    STORED_BITS,
+    DuplicateGroup,
+    Index,
+    NeardupError,
+    _no_pairs,
+    _prepare_bytes,
+    _prepare_file,
+)
 from .store import Record
 
 #: Rows per Parquet shard: ~25 MB of 1280-d float32 vectors, one catalog commit per shard at merge.
@@ -132,10 +142,10 @@ def _mtime_ns(info: dict) -> int:
         if isinstance(value, (int, float)):
             return int(value * 1e9) if value < 1e12 else int(value)
         if isinstance(value, str):
-            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            value = datetime.datetime.fromisoformat(value)
         if isinstance(value, datetime.datetime):
-            if value.tzinfo is None:
-                value = value.replace(tzinfo=datetime.timezone.utc)
+            if value.tzinfo is None:  # naive times in listings are UTC
+                value = value.replace(tzinfo=datetime.UTC)
             return int(value.timestamp() * 1e9)
     return 0
 
