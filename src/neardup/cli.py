@@ -498,6 +498,7 @@ def bench_command(count, images_dir, backends, workers, threads, n_queries, json
 def _index_on_ray(paths, index_dir, address, shards_dir, batch_size, show_failures, no_wait,
                   backend, model_path, model_spec, threads) -> None:
     """`index --ray`: the Ray Data pipeline writes shards (Ray's progress bars), then they are merged."""
+    import contextlib
     import shutil
     import uuid
 
@@ -521,8 +522,10 @@ def _index_on_ray(paths, index_dir, address, shards_dir, batch_size, show_failur
         with _step_progress("merging shards") as progress:
             summary = index.merge(run.shards, progress=lambda done, total, failed: progress(done, total),
                                   wait=not no_wait, on_wait=_waiting)
-    if not shards_dir and "://" not in out:
+    if not shards_dir:
         shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(out))  # the index's "incoming" folder, unless another run still uses it
     _echo_merge(summary, show_failures, run.failures)
 
 
