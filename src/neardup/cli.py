@@ -556,5 +556,68 @@ def merge_command(shards, index_dir, backend, model_path, model_spec, threads, s
     _echo_merge(summary, show_failures)
 
 
+@main.group("eval", cls=NeardupGroup)
+def eval_group() -> None:
+    """Measure accuracy: build a copy-detection set from real photos, run neardup and baselines on it."""
+
+
+@eval_group.command("build")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", default=1, show_default=True, type=int, help="Seed of the edit parameters.")
+@click.option("--sources", default="skimage,sklearn,debian", show_default=True,
+              help="Comma-separated photo sources: skimage, sklearn (pip download), debian (apt-get download).")
+@click.option("--no-download", is_flag=True, help="Use only what is installed or already in the cache.")
+@click.option("--max-originals", type=click.IntRange(1), help="Photos beyond this many become distractors.")
+def eval_build_command(out, seed, sources, no_download, max_originals) -> None:
+    """Write an evaluation set to OUT: gallery/ (originals, distractors), queries/ (edited copies), truth.json."""
+    from .benchmark_set import SOURCE_NAMES, build_set
+
+    chosen = tuple(s.strip() for s in sources.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in SOURCE_NAMES]
+    if unknown:
+        raise click.UsageError(f"unknown source(s) {', '.join(unknown)}; choose from {', '.join(SOURCE_NAMES)}")
+    report = build_set(out, seed=seed, sources=chosen, download=not no_download, max_originals=max_originals,
+                       log=lambda line: click.echo(line, err=True) if line.startswith("missing") else None)
+    click.echo(f"{report.originals} originals, {report.distractors} distractors, {report.queries} queries -> {out}")
+    if report.missing:
+        click.echo(f"{len(report.missing)} source(s) missing (listed above and in truth.json); "
+                   "the set was built from the rest", err=True)
+
+
+@eval_group.command("run")
+@click.argument("set_path", metavar="SET", type=click.Path(exists=True))
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Results kept per query.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), help="dups threshold to score (default: the default).")
+@click.option("--no-baselines", is_flag=True, help="Skip the seed recipe and pHash.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result (schema neardup.schemas.EVAL_RESULT).")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write precision-recall curves (PNG).")
+def eval_run_command(set_path, k, threshold, no_baselines, json_out, plot_out) -> None:
+    """Index SET's gallery, search every query, print top-1, recall@k, mAP, micro-AP per edit kind, and
+    the pairwise precision/recall of `dups`, for neardup and (unless --no-baselines) two baselines."""
+    from . import evaluation
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    try:
+        with bar:
+            task = bar.add_task("evaluating", total=None)
+            result = evaluation.run(set_path, k=k, baselines=not no_baselines, threshold=threshold,
+                                    progress=lambda stage, done, total: bar.update(task, description=stage,
+                                                                                   completed=done, total=total))
+    except evaluation.EvalSetError as exc:
+        raise Failure(str(exc)) from exc
+    click.echo(evaluation.table(result))
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(evaluation.public(result), f, indent=1)
+        click.echo(f"wrote {json_out}", err=True)
+    if plot_out:
+        evaluation.plot(result, plot_out)
+        click.echo(f"wrote {plot_out}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -271,3 +271,227 @@ BENCH = {
         },
     },
 }
+
+_METRICS = {
+    "type": "object",
+    "required": ["queries", "top1", "mAP", "micro_AP"],
+    "description": "top1: share of queries whose best match is true; recall@k; mAP: mean AP@k; micro_AP: DISC21 pooled AP",
+    "properties": {"queries": {"type": "integer", "minimum": 0}, "top1": {"type": "number", "minimum": 0, "maximum": 1},
+                   "mAP": {"type": "number", "minimum": 0, "maximum": 1},
+                   "micro_AP": {"type": "number", "minimum": 0, "maximum": 1}},
+    "patternProperties": {"^recall@[0-9]+$": {"type": "number", "minimum": 0, "maximum": 1}},
+}
+
+#: truth.json of an evaluation set (`neardup eval build` writes one; an outside set in this format runs
+#: with `neardup eval run`). Paths are relative to the folder holding truth.json.
+EVAL_SET = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "neardup evaluation set (truth.json)",
+    "type": "object",
+    "required": ["gallery", "queries"],
+    "properties": {
+        "version": {"type": "integer"},
+        "name": {"type": "string"},
+        "seed": {"type": ["integer", "null"], "description": "edit parameters were drawn with this seed"},
+        "edits": {"type": "array", "items": {"type": "string"}},
+        "missing": {"type": "array", "items": {"type": "string"}, "description": "sources the builder could not obtain"},
+        "gallery": {
+            "type": "array",
+            "description": "what gets indexed: originals and distractors",
+            "items": {
+                "type": "object",
+                "required": ["id", "path"],
+                "properties": {
+                    "id": {"type": "string", "minLength": 1},
+                    "path": {"type": "string", "description": "relative to the set folder"},
+                    "role": {"enum": ["original", "distractor"]},
+                    "source": {"type": "string", "description": "where the pixels come from; tiles of one image share it"},
+                    "licence": {"type": "string"},
+                },
+            },
+        },
+        "queries": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "path", "matches"],
+                "properties": {
+                    "id": {"type": "string", "minLength": 1},
+                    "path": {"type": "string", "description": "relative to the set folder"},
+                    "edit": {"type": "string", "description": "edit kind, for the per-kind table"},
+                    "matches": {"type": "array", "items": {"type": "string"},
+                                "description": "gallery ids this query is a copy of; empty: a query with no copy in the gallery"},
+                    "params": {"type": "object", "description": "the drawn edit parameters"},
+                },
+            },
+        },
+    },
+}
+
+_CURVE = {"type": "object", "required": ["threshold", "precision", "recall"],
+          "properties": {key: {"type": "array", "items": {"type": "number"}} for key in ("threshold", "precision", "recall")}}
+_CALIBRATION = {"type": "object", "required": ["threshold", "precision", "recall", "target_precision"],
+                "properties": {"threshold": {"type": ["number", "null"]}, "precision": {"type": ["number", "null"]},
+                               "recall": {"type": "number"}, "target_precision": {"type": "number"}}}
+_DUPS_RUN = {"type": "object",
+             "required": ["threshold", "groups", "predicted_pairs", "correct_pairs", "true_pairs", "precision", "recall"],
+             "properties": {"precision": {"type": "number", "minimum": 0, "maximum": 1},
+                            "recall": {"type": "number", "minimum": 0, "maximum": 1}}}
+_METHOD = {
+    "type": "object",
+    "required": ["overall", "per_edit", "calibration", "pairs_curve"],
+    "properties": {
+        "overall": _METRICS,
+        "per_edit": {"type": "object", "additionalProperties": _METRICS},
+        "calibration": {**_CALIBRATION, "description": "lowest threshold whose dups groups keep pair precision >= target"},
+        "pairs_curve": {**_CURVE, "description": "group-pair precision/recall as the threshold falls (thinned)"},
+        "at_default_threshold": {"type": "object"},
+        "lsh_search": _METRICS,
+        "dups": {"type": "object", "properties": {"lsh": _DUPS_RUN, "exact": _DUPS_RUN}},
+    },
+}
+
+#: `neardup eval run --json`.
+EVAL_RESULT = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "neardup eval run --json",
+    "type": "object",
+    "required": ["set", "k", "default_threshold", "gallery", "queries", "edits", "methods", "timings"],
+    "properties": {
+        "set": {"type": "string"},
+        "k": {"type": "integer", "minimum": 1},
+        "default_threshold": {"type": "number"},
+        "gallery": {"type": "integer"}, "originals": {"type": "integer"}, "distractors": {"type": "integer"},
+        "queries": {"type": "integer"},
+        "unreadable": {"type": "array", "items": {"type": "string"}},
+        "edits": {"type": "array", "items": {"type": "string"}},
+        "methods": {"type": "object", "required": ["neardup"],
+                    "properties": {"neardup": _METHOD, "seed_lsh": _METHOD, "phash": _METHOD}},
+        "timings": {"type": "object", "additionalProperties": {"type": "number"}},
+    },
+}
+
+#: `dups --action ... --json` (the plan; a dry run's entries are all 'planned') and the manifest file an
+#: applied action writes (neardup/actions.py); `neardup undo MANIFEST` reads it back.
+MANIFEST = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "neardup action manifest",
+    "type": "object",
+    "required": ["version", "id", "action", "index", "created", "keep", "keep_in", "to", "trash", "threshold",
+                 "entries", "state"],
+    "additionalProperties": False,
+    "properties": {
+        "version": {"const": 1},
+        "id": {"type": "string", "description": "run id; also the trash subfolder's name"},
+        "action": {"enum": ["move", "hardlink", "delete"]},
+        "index": {"type": "string", "description": "the index folder (absolute)"},
+        "created": {"type": "string", "description": "ISO 8601 UTC time the plan was made"},
+        "keep": {"type": "array", "items": {"enum": ["pixels", "size", "oldest", "newest", "shortest-path"]},
+                 "description": "survivor criteria, in order"},
+        "keep_in": {"type": "array", "items": {"type": "string"}, "description": "protected folders"},
+        "to": {"type": ["string", "null"], "description": "--to folder of a move"},
+        "trash": {"type": ["string", "null"], "description": "where delete/hardlink keep the replaced bytes"},
+        "threshold": _THRESHOLD,
+        "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone"]},
+        "entries": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["group", "action", "source", "destination", "survivor", "sha256", "size",
+                             "survivor_sha256", "status", "reason"],
+                "additionalProperties": False,
+                "properties": {
+                    "group": {"type": "integer", "minimum": 1},
+                    "action": {"enum": ["move", "hardlink", "delete"]},
+                    "source": {"type": "string", "description": "the duplicate's path (absolute)"},
+                    "destination": {"type": ["string", "null"],
+                                    "description": "where the source's bytes go; null when skipped"},
+                    "survivor": {"type": "string", "description": "the file kept in this group"},
+                    "sha256": {"type": "string", "description": "the source's bytes, checked before and after"},
+                    "size": {"type": "integer", "minimum": 0},
+                    "survivor_sha256": {"type": "string"},
+                    "status": {"enum": ["planned", "done", "skipped", "undone"]},
+                    "reason": {"type": ["string", "null"], "description": "why an entry was skipped"},
+                },
+            },
+        },
+    },
+}
+
+_RATE = {"type": "number", "exclusiveMinimum": 0, "description": "images per second"}
+_GUARD = {
+    "type": "object",
+    "required": ["images", "mean_cosine", "min_cosine", "top1_changed", "min_mean_cosine", "passed"],
+    "properties": {
+        "images": {"type": "integer", "description": "guard images: photos and their edited copies"},
+        "mean_cosine": {"type": "number", "description": "mean cosine of int8 vectors to their fp32 vectors"},
+        "min_cosine": {"type": "number"},
+        "top1_changed": {"type": "integer", "description": "copies whose nearest original differs from fp32's"},
+        "min_mean_cosine": {"type": "number"},
+        "passed": {"type": "boolean"},
+        "calibration_images": {"type": "integer"},
+    },
+}
+BENCH = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "neardup bench --json",
+    "type": "object",
+    "required": ["machine", "images", "flops", "seed_style", "backends", "queries"],
+    "additionalProperties": False,
+    "properties": {
+        "machine": {
+            "type": "object",
+            "required": ["cpu", "cores", "gpu", "python", "torch", "onnxruntime", "ort_providers"],
+            "properties": {"cpu": {"type": "string"}, "cores": {"type": "integer"}, "gpu": {"type": ["string", "null"]},
+                           "python": {"type": "string"}, "torch": {"type": "string"}, "onnxruntime": {"type": "string"},
+                           "ort_providers": {"type": "array", "items": {"type": "string"}}},
+        },
+        "images": {
+            "type": "object", "required": ["count", "source", "mean_megapixels"],
+            "properties": {"count": {"type": "integer", "minimum": 1}, "source": {"type": "string"},
+                           "mean_megapixels": {"type": "number"}},
+        },
+        "flops": {
+            "type": "object", "required": ["macs_per_image", "sgemm_gflops", "threads", "bound_images_per_s"],
+            "properties": {
+                "macs_per_image": {"type": "integer", "description": "multiply-adds of one 224x224 image (convolutions)"},
+                "sgemm_gflops": {"type": "number", "description": "measured float32 matmul rate, 2 flops per multiply-add"},
+                "threads": {"type": "integer"},
+                "bound_images_per_s": {**_RATE, "description": "sgemm_gflops / (2 * macs_per_image)"},
+            },
+        },
+        "seed_style": {
+            "type": "object", "required": ["images", "seconds", "images_per_s", "model_images_per_s"],
+            "description": "torch eager, one image at a time, full-size decode, no overlap (the seed's predict loop)",
+            "properties": {"images": {"type": "integer"}, "seconds": {"type": "number"}, "images_per_s": _RATE,
+                           "model_images_per_s": {**_RATE, "description": "model time only"}},
+        },
+        "backends": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["backend", "available", "error"],
+                "properties": {
+                    "backend": {"enum": ["torch", "onnx", "onnx-int8"]},
+                    "available": {"type": "boolean"},
+                    "error": {"type": ["string", "null"], "description": "why the backend cannot run here"},
+                    "providers": {"type": "array", "items": {"type": "string"}},
+                    "model_images_per_s": {**_RATE, "description": "preprocessed tensors through embed(), batches of 32"},
+                    "model_ratio": {"type": "number", "description": "model_images_per_s / seed model_images_per_s"},
+                    "model_fraction_of_bound": {"type": "number", "description": "model_images_per_s / bound_images_per_s"},
+                    "index_images_per_s": {**_RATE, "description": "Index.add end to end: read, decode, embed, store"},
+                    "index_ratio": {"type": "number", "description": "index_images_per_s / seed images_per_s"},
+                    "int8_guard": _GUARD,
+                },
+            },
+        },
+        "queries": {
+            "type": ["object", "null"],
+            "required": ["count", "index_size", "exact_ms", "lsh_ms", "lsh_recall_at_10"],
+            "properties": {"count": {"type": "integer"}, "index_size": {"type": "integer"},
+                           "exact_ms": {"type": "number", "description": "ms per Index.query_vector(exact=True)"},
+                           "lsh_ms": {"type": "number", "description": "ms per Index.query_vector(exact=False)"},
+                           "lsh_recall_at_10": {"type": "number", "description": "LSH top-10 ids found by exact top-10"}},
+        },
+    },
+}
