@@ -6,6 +6,7 @@ every test checks it against the local path on the same files.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -192,3 +193,14 @@ def test_file_url_goes_through_fsspec(folder, tmp_path, ray_cluster, local_index
     assert rows["coffee.jpg"][0].mtime_ns == os.stat(sub / "coffee.jpg").st_mtime_ns
     reference = _by_path(local_index)[str(folder / "coffee.jpg")]
     assert np.abs(rows["coffee.jpg"][1] - reference).max() <= 2e-3
+
+
+def test_dups_ray_command_prints_the_local_groups(full_index, ray_cluster):
+    runner = CliRunner()
+    local = runner.invoke(main, ["dups", "--index", str(full_index.root), "--json"])
+    spread = runner.invoke(main, ["dups", "--ray", "--index", str(full_index.root), "--json"])
+    assert local.exit_code == spread.exit_code == 0, spread.output
+    assert json.loads(spread.stdout) == json.loads(local.stdout)
+    assert len(json.loads(local.stdout)["groups"]) >= 10
+    both = runner.invoke(main, ["dups", "--ray", "--exact", "--index", str(full_index.root)])
+    assert both.exit_code == 2 and "choose one of --exact and --ray" in both.output

@@ -1,9 +1,10 @@
 """Ray adapter: index and deduplicate collections larger than one machine (extra ``neardup[ray]``).
 
 This module only moves data. Decoding and hashing files (`index._prepare_file` / `_prepare_bytes`),
-the embedder (`models.default_embedder`), bucket ids, pairs within a bucket and their verification
-(`lsh.table_pairs`, `lsh.verify_pairs`) and grouping (`groups.group_pairs`) are the
-functions the local index runs; Ray Data only ships their inputs and outputs between machines.
+the embedder (`models.load_embedder`), the all-pairs join's plan, per-table candidates and their
+verification (`lsh.plan_pairs`, `lsh.table_pairs`, `lsh.verify_pairs`: the steps of `lsh.join_pairs`)
+and grouping (`groups.group_pairs`) are the functions the local index runs; Ray Data only ships their
+inputs and outputs between machines.
 
 Indexing (``neardup index PATH --ray [ADDRESS]``)::
 
@@ -51,7 +52,7 @@ from .index import (
 )
 from .store import Record
 
-#: Rows per Parquet shard: ~25 MB of 1280-d float32 vectors, one catalog commit per shard at merge.
+#: Rows per Parquet shard: ~21 MB of 1280-d float32 vectors.
 SHARD_ROWS = 4096
 #: Vectors per object-store chunk in the duplicate search: ~330 MB of 1280-d float32 per chunk.
 CHUNK_ROWS = 1 << 16
@@ -163,14 +164,14 @@ def _decode_batch(batch: dict, embedder: dict) -> dict:
     embedder = _load_embedder(embedder, threads=1)  # only its preprocess runs here
     size, preprocess = embedder.input_size, embedder.preprocess
     records, pixels = [], []
-    for path, listed_size, listed_mtime in zip(batch["path"], batch["size"], batch["mtime_ns"]):
+    for path, listed_mtime in zip(batch["path"], batch["mtime_ns"]):
         path = str(path)
         if shards.is_url(path):
             prepared = _prepare_url(path, int(listed_mtime), size, preprocess)
-        else:
+        else:  # local files are stat-ed and read here, exactly as `neardup index` does
             prepared = _prepare_file(path, None, size, preprocess)
         records.append(prepared.record)
-        pixels.append(prepared.pixels if prepared.pixels is not None else None)
+        pixels.append(prepared.pixels)
     shape = next((p.shape for p in pixels if p is not None), (3, size, size))
     stacked = np.zeros((len(records),) + tuple(shape), dtype=np.float32)
     for i, p in enumerate(pixels):
