@@ -63,6 +63,10 @@ def ray_index(tmp_path_factory, folder, embedder, ray_cluster):
                                        "--shards", str(root / "shards"), "--backend", "torch"])
     assert result.exit_code == 0, result.output
     index = Index.open(root / "idx", embedder=embedder)
+    # a second run sends nothing: the index has every file with this size and mtime
+    again = CliRunner().invoke(main, ["index", str(folder), "--ray", "--index", str(root / "idx"), "--backend", "torch"])
+    assert again.exit_code == 0, again.output
+    assert "0 files embedded on Ray" in again.output and "9 unchanged (not sent)" in again.output
     yield index, root / "shards", result.output
     index.close()
 

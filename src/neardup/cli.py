@@ -515,10 +515,11 @@ def _index_on_ray(paths, index_dir, address, shards_dir, batch_size, show_failur
         run = distributed.index_to_shards(
             paths, out, batch_size=batch_size,
             embedder={"backend": backend, "model": model_path and os.path.abspath(model_path),
-                      "spec": model_spec and os.path.abspath(model_spec)})
+                      "spec": model_spec and os.path.abspath(model_spec)}, known=index.record)
         elapsed = time.perf_counter() - started
         click.echo(f"{run.files} files embedded on Ray in {elapsed:.1f} s ({run.files / max(elapsed, 1e-9):.1f} files/s): "
-                   f"{len(run.shards)} shards in {out}, {run.failed} failed, {run.skipped} skipped (not images)")
+                   f"{len(run.shards)} shards in {out}, {run.failed} failed, {run.unchanged} unchanged (not sent), "
+                   f"{run.skipped} skipped (not images)")
         with _step_progress("merging shards") as progress:
             summary = index.merge(run.shards, progress=lambda done, total, failed: progress(done, total),
                                   wait=not no_wait, on_wait=_waiting)

@@ -93,6 +93,7 @@ class ShardRun:
 
     shards: list[str] = field(default_factory=list)
     files: int = 0
+    unchanged: int = 0  # left out: the index already has them with this size and mtime
     failed: int = 0
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed
@@ -101,16 +102,22 @@ class ShardRun:
 def list_files(paths: Iterable[str]) -> tuple[list[dict], list[tuple[str, str]], int]:
     """(files as {"path", "size", "mtime_ns"}, folders that could not be listed, files skipped).
 
-    Local paths are found like `neardup index` finds them (`images.discover`: size and mtime are read
-    later, with the bytes); URLs are listed through fsspec (recursively, hidden names and non-image
-    extensions left out) with the size and mtime the listing reports."""
+    Local paths are found like `neardup index` finds them (`images.discover`, then one stat each: the
+    decoding task reads them again with the bytes); URLs are listed through fsspec (recursively, hidden
+    names and non-image extensions left out) with the size and mtime the listing reports."""
     local = [str(p) for p in paths if not shards.is_url(str(p))]
     files: list[dict] = []
     errors: list[tuple[str, str]] = []
     skipped = 0
     if local:
         found = discover(local)
-        files += [{"path": str(f), "size": -1, "mtime_ns": -1} for f in found.files]
+        for f in found.files:
+            try:
+                stat = os.stat(f)
+            except OSError:  # the decoding task records why
+                files.append({"path": str(f), "size": -1, "mtime_ns": -1})
+            else:
+                files.append({"path": str(f), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
         errors += [(str(folder), f"cannot list folder: {reason}") for folder, reason in found.errors]
         skipped += len(found.skipped)
     for url in (str(p) for p in paths if shards.is_url(str(p))):
@@ -157,6 +164,11 @@ def _load_embedder(choice: dict, threads: int | None = None):
     from .models import load_embedder
 
     return load_embedder(choice.get("backend"), model=choice.get("model"), spec=choice.get("spec"), threads=threads)
+
+
+def _unchanged(record: Record | None, listed: dict) -> bool:
+    return record is not None and listed["size"] >= 0 and (record.size, record.mtime_ns) == (
+        listed["size"], listed["mtime_ns"])
 
 
 def _decode_batch(batch: dict, embedder: dict) -> dict:
@@ -251,16 +263,21 @@ def _write_batch(batch: dict, folder: str, run: str) -> dict:
 
 
 def index_to_shards(paths: Iterable[str], out: str, *, batch_size: int = 32, shard_rows: int = SHARD_ROWS,
-                    embedders: int | None = None, embedder: dict | None = None) -> ShardRun:
+                    embedders: int | None = None, embedder: dict | None = None, known=None) -> ShardRun:
     """Run the distributed indexing pipeline over `paths` on the connected cluster, writing Parquet
     shards into `out` (a folder every worker can write: shared disk or an fsspec URL). Ray Data shows
     its own progress bars. `embedders`: actor pool size (default: one per GPU, else half the CPUs).
     `embedder`: `models.load_embedder` arguments {"backend", "model", "spec"} (default: auto); a
-    custom model file must be readable at the same path on every worker."""
+    custom model file must be readable at the same path on every worker. `known(path)`: the index's
+    record of a path, if any; files it has with the same size and mtime are left out, as `neardup index`
+    leaves them."""
     embedder = dict(embedder or {})
     ray = connect()
     files, errors, skipped = list_files(paths)
-    run = ShardRun(files=len(files), skipped=skipped, failures=errors)
+    listed = len(files)
+    if known is not None:
+        files = [f for f in files if not _unchanged(known(f["path"]), f)]
+    run = ShardRun(files=len(files), unchanged=listed - len(files), skipped=skipped, failures=errors)
     if not files:
         return run
     resources = ray.cluster_resources()

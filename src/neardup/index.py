@@ -297,6 +297,10 @@ class Index:
         """The indexed images (ids, paths, vectors, codes) as of now, for adapters that move them elsewhere."""
         return self._reader.snapshot()
 
+    def record(self, path: str) -> Record | None:
+        """The catalog record of one path (as given: absolute path or URL), indexed or failed; None if unknown."""
+        return self._reader.record(path)
+
     # ---- reading -------------------------------------------------------------------------------
 
     def embed(self, source) -> np.ndarray:
