@@ -157,8 +157,12 @@ def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, e
         assert result.exit_code == 1
         message = result.output.strip()
         assert words in message and "\n" not in message and "Traceback" not in message
+    assert not target_dir.exists()  # refused before any index folder was made
     target = Index.open(target_dir, create=True, embedder=embedder)
-    assert target.stats()["images"] == 0 and target.failures() == []
+    target.merge([shard_dir])
+    with pytest.raises(shards.ShardError, match="not a neardup shard"):
+        target.merge([foreign])
+    assert target.stats()["images"] == 8 and len(target.failures()) == 1
     # a half-written shard from a crashed job is never read
     (shard_dir / ".tmp-crashed.parquet").write_bytes(b"PAR1")
     assert all(".tmp-" not in p for p in shards.shard_files([shard_dir]))

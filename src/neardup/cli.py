@@ -550,9 +550,14 @@ def _echo_merge(summary, show_failures: bool, extra_failures=()) -> None:
 def merge_command(shards, index_dir, backend, model_path, model_spec, threads, show_failures, no_wait) -> None:
     """Import Parquet shards (files or folders, local or URLs) written by `index --ray`; merging the same
     shards again adds nothing. The shards' model must be the index's (for a new index: the chosen one)."""
+    from .shards import read_model, shard_files
+
+    files = shard_files(shards)
+    for path in files:  # a foreign or damaged file fails here, before an index folder is made
+        read_model(path)
     embedder = _embedder(backend, model_path, model_spec, threads)
     with Index.open(index_dir, create=True, embedder=embedder) as index, _step_progress("merging shards") as progress:
-        summary = index.merge(shards, progress=lambda done, total, failed: progress(done, total),
+        summary = index.merge(files, progress=lambda done, total, failed: progress(done, total),
                               wait=not no_wait, on_wait=_waiting)
     _echo_merge(summary, show_failures)
 
