@@ -90,8 +90,9 @@ def test_distributed_index_gives_the_local_vectors_groups_and_failures(ray_index
     local, merged = _by_path(local_index), _by_path(index)
     assert sorted(merged) == sorted(local) and len(local) == 8
     worst = max(float(np.abs(merged[p] - local[p]).max()) for p in local)
-    # the same decode and model; batches of a different size change float32 sums, float16 storage rounds
-    assert worst <= 2e-3, worst
+    # the same decode and model; batches of another size move float32 sums by ~1e-7, which can move a
+    # float16 stored component by one step (measured: 1.5e-5)
+    assert worst <= 1e-4, worst
     assert _groups(index.duplicates()) == _groups(local_index.duplicates())
     assert len(_groups(index.duplicates())) == 2
     assert index.failures() == local_index.failures()
