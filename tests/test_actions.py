@@ -146,6 +146,7 @@ def test_move_apply_updates_index_and_undo_restores_everything(library, tmp_path
     assert set(moved.values()) <= set(catalog) and not set(moved) & set(catalog) and len(catalog) == 7
     grouped = {p for g in index.duplicates(0.8) for p in g.files}
     assert set(moved.values()) <= grouped  # the moved files keep their vectors under their new paths
+    assert plan_for(index, "move", to=tmp_path / "moved").entries == []  # a second run leaves --to alone
 
     undone, reembed = actions.undo(plan.manifest)
     assert reembed == [] and undone.state == "undone"

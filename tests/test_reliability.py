@@ -227,6 +227,7 @@ def test_sigkill_at_20_points_across_index_remove_compact_and_an_applied_action(
         io_calls(run_child(move))  # re-running completes the job (and settles the interrupted run first)
         again = actions.load_manifest(max((root / "actions").glob("*.json"), key=os.path.getmtime))
         assert again.state == "applied" and all(e.status == "done" for e in again.entries)
+        assert not any(e.source.startswith(str(moved)) for e in again.entries)  # what was moved stays put
         assert Counter(tree_hashes(user, moved).values()) == Counter(before.values())  # no stray second copy
         state = check_store(root, write=True)
         assert all(os.path.exists(p) for p in state["paths"])  # the index points only at real files

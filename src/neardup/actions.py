@@ -162,15 +162,19 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
     root = Path(index_root).absolute()
     keep = tuple(keep)
     protected_folders = [os.path.abspath(f) for f in keep_in]
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    now = time.time()
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex[:6]}"
     trash = str(root / TRASH_DIR / run_id) if action in ("delete", "hardlink") else None
     target = os.path.abspath(to) if action == "move" else trash
     plan = Plan(run_id, action, str(root), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 list(keep), protected_folders, os.path.abspath(to) if to else None, trash, threshold)
+    # files an earlier move already put in --to are done with: neither acted on again nor survivors
+    handled = [os.path.abspath(to)] if action == "move" else []
     with Store.open(root) as store:
         chosen: list[tuple[int, Record, list[Record]]] = []
         for number, group in enumerate(groups, 1):
-            records = [r for r in (store.record(p) for p in group.files) if r is not None and r.status == "indexed"]
+            records = [r for r in (store.record(p) for p in group.files)
+                       if r is not None and r.status == "indexed" and not _is_under(r.path, handled)]
             if len(records) < 2:
                 continue
             ranked = sorted(records, key=lambda r: _rank_key(r, keep, _is_under(r.path, protected_folders)))
@@ -534,7 +538,8 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
         _write_manifest(plan)
     if lost:
         raise ActionError(f"{len(lost)} files of {manifest} are neither at their source nor at their "
-                          f"destination with their recorded sha256, e.g. {lost[0]}")
+                          f"destination with their recorded sha256, e.g. {lost[0]} (changed since, or moved "
+                          "by a later action: undo later manifests first)")
     return plan, reembed
 
 
