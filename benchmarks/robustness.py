@@ -116,13 +116,14 @@ def score(evalset, gvec: np.ndarray, qvec: np.ndarray, qvec_alt: np.ndarray | No
     # dups: every gallery image and query together; with the mirror trick a pair scores its best orientation
     allv = np.concatenate([gvec, qvec])
     labels = [g["id"] for g in evalset.gallery] + [q["matches"][0] if q["matches"] else q["id"] for q in evalset.queries]
+    parts = [g.get("source") if g.get("role") == "distractor" else None for g in evalset.gallery] + [None] * len(qvec)
     full = allv @ allv.T
     if qvec_alt is not None:
         alt = np.concatenate([gvec_mirror_placeholder(gvec), qvec_alt])
         full = np.maximum(full, allv @ alt.T)
         full = np.maximum(full, full.T)
     a, b = np.nonzero(np.triu(full >= 0.2, 1))
-    curve = evaluation.group_pair_curve(a, b, full[a, b].astype(np.float64), labels)
+    curve = evaluation.group_pair_curve(a, b, full[a, b].astype(np.float64), labels, parts)
     cal = evaluation.calibrate(curve)
     return {**metrics, "threshold": cal["threshold"], "dups_recall": cal["recall"],
             "per_edit": evaluation._by_edit(rankings, truths, [q.get("edit", "") for q in evalset.queries], k)}
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("set")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: SET/.features)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread avoids OpenMP spin contention
     evalset = evaluation.load_set(args.set)
     ng = len(evalset.gallery)
     paths = [evalset.path(g) for g in evalset.gallery] + [evalset.path(q) for q in evalset.queries]
