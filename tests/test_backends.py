@@ -237,6 +237,7 @@ def test_custom_model_indexes_and_queries_and_refuses_other_models(tmp_path, tri
     assert result.exit_code == 0, result.output
     stored = Index.open(index_dir).stats()["model"]
     assert stored["name"] == "lite0-trimmed" and stored["dim"] == 80
+    assert load_embedder(model=trimmed_model, spec=dict(TRIMMED_SPEC)).identity == stored  # spec as a dict: same model
     copies = [c for c in collection["copies"] if c["edit"] in ("half", "jpeg30", "bright")]
     for copy in copies:
         result = runner.invoke(main, ["query", copy["path"], "--index", index_dir, "--model", str(trimmed_model),

@@ -24,6 +24,7 @@ identity (file sha256 + spec).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -106,18 +107,19 @@ def load_embedder(backend: str | None = None, *, model: str | os.PathLike | None
             from .onnx_backend import BackendError
 
             raise BackendError(f"a custom --model runs in ONNX Runtime; --backend {backend} applies only to the built-in model")
-        key_spec = spec if not isinstance(spec, dict) else tuple(sorted((k, repr(v)) for k, v in spec.items()))
-        return _load_custom(str(Path(model).absolute()), key_spec if key_spec is None or isinstance(key_spec, tuple) else str(key_spec), threads)
+        # a dict spec is passed as canonical JSON so that the loaded model can be cached by value
+        key = json.dumps(spec, sort_keys=True) if isinstance(spec, dict) else (None if spec is None else str(spec))
+        return _load_custom(str(Path(model).absolute()), key, isinstance(spec, dict), threads)
     return _load_builtin(backend, threads)
 
 
 @functools.cache
-def _load_custom(model: str, spec, threads: int | None) -> Embedder:
+def _load_custom(model: str, spec: str | None, spec_is_json: bool, threads: int | None) -> Embedder:
     from .custom import CustomOnnxEmbedder
     from .onnx_backend import gpu_providers
 
     providers = [*gpu_providers(), "CPUExecutionProvider"]
-    return CustomOnnxEmbedder(model, dict(spec) if isinstance(spec, tuple) else spec, threads=threads, providers=providers)
+    return CustomOnnxEmbedder(model, json.loads(spec) if spec_is_json else spec, threads=threads, providers=providers)
 
 
 def resolve_backend(backend: str | None = None) -> str:
