@@ -28,12 +28,12 @@ def main() -> None:
         work = Path(work)
         paths = bench.make_images(work / "images", args.n)
         print(f"{args.n} JPEGs {bench.LARGE_SIZE[0]}x{bench.LARGE_SIZE[1]}, backend {args.backend}, {cores} cores")
-        print("model threads  decode workers  images/s")
+        print("model threads  decode workers  images/s  CPU ms/image")
         for threads in sorted({1, cores}):
             embedder = load_embedder(args.backend, threads=threads)
             for workers in sorted({1, cores, cores + 1, 2 * cores}):
-                rate, _ = bench.index_run(embedder, paths, work / f"idx-{threads}-{workers}", workers)
-                print(f"{threads:>13}  {workers:>14}  {rate:8.1f}", flush=True)
+                rate, cpu_ms, _ = bench.index_run(embedder, paths, work / f"idx-{threads}-{workers}", workers)
+                print(f"{threads:>13}  {workers:>14}  {rate:8.1f}  {cpu_ms:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -332,9 +332,10 @@ def test_bench_command_writes_valid_figures(tmp_path, cache, collection):
     jsonschema.validate(figures, schemas.BENCH)
     assert figures["images"]["count"] == 12 and figures["queries"]["count"] == 20
     assert [row["backend"] for row in figures["backends"]] == ["onnx"]
-    assert all(row["available"] and row["index_images_per_s"] > 0 for row in figures["backends"])
+    assert all(row["available"] and row["index_images_per_s"] > 0 and row["index_cpu_ms_per_image"] > 0
+               for row in figures["backends"])
     assert 300e6 < figures["flops"]["macs_per_image"] < 450e6  # EfficientNet-Lite0 at 224 px: ~385 M
     assert figures["queries"]["lsh_recall_at_10"] > 0.5
-    assert "seed-style" in result.output and "FLOPs bound" in result.output
+    assert "seed-style" in result.output and "FLOPs bound" in result.output and "ms of CPU per image" in result.output
     result = CliRunner().invoke(main, ["bench", "--backends", "tpu"])
     assert result.exit_code == 2
