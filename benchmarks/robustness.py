@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from neardup import evaluation
@@ -97,7 +96,7 @@ def pca_whiten(gallery: np.ndarray, dims: int, shrink: float = 0.0):
     """PCA whitening fitted on the gallery: project on the top `dims` components, divide by
     sqrt(eigenvalue + shrink * mean eigenvalue) (shrinkage keeps tiny components from dominating)."""
     mean = gallery.mean(axis=0)
-    u, s, vt = np.linalg.svd(gallery - mean, full_matrices=False)
+    _, s, vt = np.linalg.svd(gallery - mean, full_matrices=False)
     eig = s ** 2 / len(gallery)
     dims = min(dims, len(eig))
     scale = 1.0 / np.sqrt(eig[:dims] + shrink * eig[:dims].mean())

@@ -15,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from neardup.index import DEFAULT_THRESHOLD
 from neardup.schemas import DUPS, QUERY
 from neardup.store import Store
 
@@ -57,7 +58,7 @@ def test_query_json_validates_and_finds_the_original(cli_index, collection):
 def test_dups_json_and_csv(cli_index):
     payload = json.loads(neardup("dups", "--json", index=cli_index).stdout)
     jsonschema.validate(payload, DUPS)
-    assert payload["threshold"] == 0.65 and len(payload["groups"]) == 16
+    assert payload["threshold"] == DEFAULT_THRESHOLD and len(payload["groups"]) == 16
     rows = list(csv.DictReader(io.StringIO(neardup("dups", "--csv", index=cli_index).stdout)))
     assert list(rows[0]) == ["group", "path", "min_score", "max_score"]
     assert len(rows) == sum(len(g["files"]) for g in payload["groups"])

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from webserver import serve_in_thread
 
 from neardup.cli import main
-from neardup.index import Index
+from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.report import html_report
 from neardup.schemas import COMPARE, DUPS_PAGE, ERROR, IMAGE, QUERY
 from neardup.web.app import create_app
@@ -160,7 +160,7 @@ def test_duplicates_pages_cover_every_group_once(client, full_index):
     strict = client.get("/api/duplicates", params={"threshold": 0.99}).json()
     assert strict["total_files"] < first.json()["total_files"]  # only the near-identical copies remain
     default = client.get("/api/duplicates").json()
-    assert default["threshold"] == 0.65 and default["page"] == 1
+    assert default["threshold"] == DEFAULT_THRESHOLD and default["page"] == 1
 
 
 @pytest.mark.parametrize("params", [{"threshold": 0.1}, {"threshold": "x"}, {"page": 0}, {"per_page": 10_000}])

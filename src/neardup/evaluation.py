@@ -27,9 +27,9 @@ import os
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -307,8 +307,8 @@ def _curve_summary(curve: dict, threshold: float | None, points: int = 200) -> d
 def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, threshold: float | None = None,
         index_dir: str | os.PathLike | None = None, embedder=None, progress: Progress | None = None) -> dict:
     """Evaluate neardup (and the baselines) on a set; returns the result (schema neardup.schemas.EVAL_RESULT)."""
-    from .index import DEFAULT_THRESHOLD, Index
     from .images import ImageError
+    from .index import DEFAULT_THRESHOLD, Index
 
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     progress = progress or (lambda stage, done, total: None)
@@ -450,8 +450,8 @@ LABELS = {"neardup": "neardup (CNN, cosine)", "seed_lsh": "seed recipe (8 bit x 
 def table(result: dict) -> str:
     """A plain-text report: per method and per edit kind, then the `dups` figures."""
     k = result["k"]
-    rows = [f"set {result['set']}: {result['originals']} originals, {result['distractors']} distractors, "
-            f"{result['queries']} queries, k = {k}"]
+    rows = [(f"set {result['set']}: {result['originals']} originals, {result['distractors']} distractors, "
+             f"{result['queries']} queries, k = {k}")]
     methods = [m for m in METHODS if m in result["methods"]]
     head = f"{'edit':<26}" + "".join(f"{m + ' top1/R@k/mAP/uAP':>36}" for m in methods)
     rows.append(head)
