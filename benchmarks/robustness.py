@@ -162,6 +162,11 @@ def main() -> None:
         for shrink in (0.0, 1.0):
             w = pca_whiten(base[:ng], dims, shrink)
             variants[f"GAP, PCA-whitened {dims}-d, shrink {shrink}"] = (w(base), None, "1.0x")
+    # does the gain need the originals in the fit? fit on the distractors alone
+    distractor = np.array([g.get("role") == "distractor" for g in evalset.gallery])
+    for dims in (128, 256):
+        w = pca_whiten(base[:ng][distractor], dims, 1.0)
+        variants[f"GAP, PCA-whitened {dims}-d shrink 1, fitted on distractors only"] = (w(base), None, "1.0x")
     w = pca_whiten(base[:ng], 256, 1.0)
     variants["GAP, PCA-whitened 256-d shrink 1 + query mirror"] = (w(base), w(gap(m224f))[ng:], "1.0x (query 2x)")
 
