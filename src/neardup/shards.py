@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
