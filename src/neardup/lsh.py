@@ -323,6 +323,8 @@ def hamming_limit(cosine: float, bits: int, sigmas: float = 5.0) -> int:
 
 # ---- all-pairs join ----------------------------------------------------------------------------
 
+#: Candidate pairs whose vectors are read and compared at once (2 x 8192 x 1280 float16 = 42 MB).
+VERIFY_CHUNK = 1 << 13
 #: Relative cost of one row in one pair table (key extraction + sort) against one emitted candidate pair
 #: (Hamming check); measured on this machine: ~30 ns per row-table, ~170 ns per candidate pair.
 _ROW_COST, _PAIR_COST = 30.0, 170.0
@@ -423,7 +425,8 @@ def join_pairs(codes: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray], t
     filtered by Hamming distance over all stored bits (`hamming_limit`: a pair at the threshold passes
     with probability ~1 − 1e-6), then verified by the exact cosine of the stored vectors
     (`vectors(rows)`, any float dtype). Memory: the codes, one byte per stored bit per row, one sort,
-    `chunk` candidate pairs and the pairs verified so far (for de-duplication across tables).
+    `chunk` candidate pairs, 2 x VERIFY_CHUNK vectors and the pairs verified so far (for
+    de-duplication across tables).
     """
     n = len(codes)
     if n < 2 or plan.tables == 0:
@@ -442,8 +445,8 @@ def join_pairs(codes: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray], t
             slot = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
             keys = keys[seen[slot] != keys]
         seen = np.union1d(seen, keys)
-        for start in range(0, len(keys), chunk):
-            part = keys[start : start + chunk]
+        for start in range(0, len(keys), VERIFY_CHUNK):  # 2 x VERIFY_CHUNK vectors read at a time
+            part = keys[start : start + VERIFY_CHUNK]
             a, b = part // n, part % n
             scores = row_cosines(vectors(a), vectors(b))
             keep = scores >= threshold
