@@ -57,36 +57,24 @@ def test_hash_equals_naive_definition(n, dim, num_tables, bits, seed, centred):
                 assert (int(codes[i, t]) >> b) & 1 == (int(naive[i, t]) >> b) & 1
 
 
-@given(arrays(np.uint32, st.tuples(st.integers(0, 30), st.integers(1, 3))), st.sampled_from([1, 3, 8, 11, 16, 32]))
-def test_slices_cut_each_word_into_k_bit_tables(codes, k):
-    sliced = lsh.slices(codes, k)
-    per_word = 32 // k
-    assert sliced.shape == (codes.shape[0], codes.shape[1] * per_word)
-    for j in range(per_word):
-        for t in range(codes.shape[1]):
-            expected = (codes[:, t].astype(np.uint64) >> (j * k)) & ((1 << k) - 1)
-            np.testing.assert_array_equal(sliced[:, j * codes.shape[1] + t], expected)
-
-
 @given(arrays(np.uint32, st.integers(0, 200), elements=st.integers(0, 7)))
-def test_bucket_table_lookup_and_pairs_match_brute_force(codes):
-    table = lsh.BucketTable.build(codes)
-    for key in range(9):
-        np.testing.assert_array_equal(np.sort(table.lookup(np.array([key], np.uint32))), np.flatnonzero(codes == key))
-    pairs = set()
-    for a, b in table.pairs(chunk=7):
-        assert np.all(a < b)
-        pairs.update(zip(a.tolist(), b.tolist()))
-    expected = {(i, j) for i in range(len(codes)) for j in range(i + 1, len(codes)) if codes[i] == codes[j]}
-    assert pairs == expected
+def test_sorted_runs_emit_exactly_the_pairs_of_equal_keys(keys):
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else np.empty(0, np.int64)
+    pairs = []
+    for a, b in lsh.sorted_run_pairs(order, starts, chunk=7):
+        assert np.all(a < b) and len(a) <= 7
+        pairs += list(zip(a.tolist(), b.tolist()))
+    expected = {(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys)) if keys[i] == keys[j]}
+    assert len(pairs) == len(set(pairs)) and set(pairs) == expected
 
 
-@given(st.integers(0, 2**16 - 1), st.integers(1, 16))
-def test_multiprobe_keys_are_code_and_one_bit_neighbours(code, k):
-    code &= (1 << k) - 1
-    keys = lsh.probe_keys(code, k, multiprobe=True)
-    assert keys[0] == code and len(set(keys.tolist())) == k + 1
-    assert all(bin(int(key) ^ code).count("1") == 1 for key in keys[1:])
+@given(st.integers(1, 16), st.integers(0, 3))
+def test_probe_masks_are_every_pattern_within_the_radius(k, radius):
+    masks = lsh.probe_masks(k, radius).tolist()
+    assert masks[0] == 0 and len(set(masks)) == len(masks)
+    assert set(masks) == {m for m in range(1 << k) if bin(m).count("1") <= radius}
 
 
 @given(arrays(np.float32, st.integers(1, 50), elements=st.floats(-1, 1, width=32)), st.integers(1, 60))

@@ -64,19 +64,6 @@ def hash_vectors(
     return (positive * weights).sum(axis=2, dtype=CODE_DTYPE)
 
 
-def slices(codes: np.ndarray, k: int) -> np.ndarray:
-    """Cut every stored code into MAX_BITS // k independent k-bit codes: (n, tables) -> (n, tables * (MAX_BITS // k)).
-
-    Fewer bits per table means more, coarser tables from the same stored hyperplanes: the knob that
-    trades recall against random candidates without re-hashing anything.
-    """
-    codes = np.asarray(codes, dtype=CODE_DTYPE)
-    if k >= MAX_BITS:
-        return codes
-    low = CODE_DTYPE((1 << k) - 1)
-    return np.concatenate([(codes >> CODE_DTYPE(j * k)) & low for j in range(MAX_BITS // k)], axis=1)
-
-
 def collision_probability(cosine: float, k: int, num_tables: int, multiprobe: bool = False) -> float:
     """P(a pair at this cosine lands in one bucket of some table) = 1 − (1 − p^k)^L, p = 1 − θ/π."""
     p = 1.0 - math.acos(max(-1.0, min(1.0, cosine))) / math.pi
@@ -84,38 +71,6 @@ def collision_probability(cosine: float, k: int, num_tables: int, multiprobe: bo
     if multiprobe:
         per_table += k * p ** (k - 1) * (1 - p)
     return 1.0 - (1.0 - per_table) ** num_tables
-
-
-@dataclass(frozen=True)
-class BucketTable:
-    """One hash table as sorted arrays: rows[offsets[i]:offsets[i+1]] hold the rows whose code is keys[i]."""
-
-    keys: np.ndarray
-    offsets: np.ndarray
-    rows: np.ndarray
-
-    @classmethod
-    def build(cls, codes: np.ndarray, rows: np.ndarray | None = None) -> "BucketTable":
-        if rows is None:
-            rows = np.arange(len(codes), dtype=np.int64)
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
-        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if len(codes) else np.empty(0, np.int64)
-        offsets = np.r_[starts, len(codes)].astype(np.int64)
-        return cls(keys=sorted_codes[starts], offsets=offsets, rows=np.asarray(rows, dtype=np.int64)[order])
-
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Rows of every bucket whose key is in `keys` (missing keys contribute nothing)."""
-        keys = np.asarray(keys, dtype=self.keys.dtype)
-        slots = np.searchsorted(self.keys, keys)
-        inside = slots < len(self.keys)
-        slots, keys = slots[inside], keys[inside]
-        slots = slots[self.keys[slots] == keys]
-        return self.rows[_concat_ranges(self.offsets[slots], self.offsets[slots + 1])]
-
-    def pairs(self, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All pairs of rows sharing a bucket, as (a, b) row arrays with a < b, in chunks (`sorted_run_pairs`)."""
-        return sorted_run_pairs(self.rows, self.offsets[:-1], chunk)
 
 
 def _concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -126,15 +81,6 @@ def _concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     shifts = np.repeat(starts - np.cumsum(np.r_[0, lengths[:-1]]), lengths)
     return np.arange(total, dtype=np.int64) + shifts
-
-
-def probe_keys(code: int, k: int, multiprobe: bool) -> np.ndarray:
-    """The bucket keys to visit for one table: the code itself and, with multiprobe, its k one-bit neighbours."""
-    code = CODE_DTYPE(code)
-    if not multiprobe:
-        return np.array([code], dtype=CODE_DTYPE)
-    flips = np.left_shift(CODE_DTYPE(1), np.arange(k, dtype=CODE_DTYPE))
-    return np.r_[code, code ^ flips].astype(CODE_DTYPE)
 
 
 def probe_masks(k: int, radius: int) -> np.ndarray:
@@ -148,7 +94,7 @@ def probe_masks(k: int, radius: int) -> np.ndarray:
 def range_keys(codes: np.ndarray, k: int) -> np.ndarray:
     """Cut the stored bit string of every row into bits // k tables of k contiguous bits:
     (n, words) uint32 codes -> (n, bits // k) uint32 keys; bit i of table t's key is stored bit
-    (hyperplane) t * k + i. Unlike `slices`, k need not divide 32, so no stored bit is wasted."""
+    (hyperplane) t * k + i; k need not divide 32, so no stored bit is wasted."""
     words = code_words(np.atleast_2d(codes))
     num_tables = words.shape[1] * 64 // k
     padded = np.concatenate([words, np.zeros((len(words), 1), np.uint64)], axis=1)
