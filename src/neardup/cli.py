@@ -76,7 +76,6 @@ def _embedder(backend, model_path, model_spec, threads):
     return load_embedder(backend, model=model_path, spec=model_spec, threads=threads)
 
 
-
 @click.group(cls=NeardupGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="neardup")
