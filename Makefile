@@ -29,6 +29,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/neardup bench -n 1000
 
 clean:
 	rm -rf $(VENV) demo-out
