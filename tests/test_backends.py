@@ -86,7 +86,7 @@ def test_onnx_matches_torch_on_photos(embedder, onnx_embedder, guard_inputs):
 def test_export_is_cached_by_weights_hash(cache, onnx_embedder):
     path = ob.fp32_model_path()
     assert path == onnx_embedder.path and path.parent == cache
-    assert weights_sha256()[:16] in path.name
+    assert weights_sha256()[:16] in path.name and f"-{ob.POOLING}-" in path.name  # an export of another pooling is never reused
     before = path.stat()
     again = ob.fp32_model_path()
     ob.OnnxEmbedder(threads=1)
@@ -101,6 +101,8 @@ def test_exported_graph_has_constant_padding(onnx_embedder):
     ops = [node.op_type for node in onnx.load(onnx_embedder.path).graph.node]
     assert "Shape" not in ops[: ops.index("Conv")]  # padding computed at export, not from the input's shape
     assert ops.count("Conv") == 49
+    pooling = [op for op in ops[len(ops) - ops[::-1].index("Conv"):] if op in ("Pow", "ReduceMean")]
+    assert pooling == ["Pow", "ReduceMean", "Pow"]  # GeM: (mean of x^3)^(1/3), not the plain mean
 
 
 # ---- int8 --------------------------------------------------------------------------------------------

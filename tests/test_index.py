@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,11 +16,15 @@ from neardup.store import Store
 
 from conftest import PEER_DATA, needs_peer_data
 
-#: A fine texture rotated with black corners is the known weak spot of the GAP descriptor (README,
-#: "Known limits": gravel__rotate5 scores 0.61 against its original); every other copy must group.
-# Copies scoring below the calibrated DEFAULT_THRESHOLD (0.75) against their original: 5° rotations of
-# fine textures and star fields (black corners), a watermark across a small motion-blurred photo.
-KNOWN_MISSES = {("gravel", "rotate5"), ("grass", "rotate5"), ("hubble_deep_field", "rotate5"), ("clock", "text")}
+#: A fine texture rotated with black corners is the known weak spot of the descriptor (README,
+#: "Known limits": gravel__rotate5 scores 0.50 against its original); every other copy must group.
+# Copies that do not group with their original at the calibrated DEFAULT_THRESHOLD (0.77): 5° rotations
+# of fine textures, star fields and the moon (black corners), and watermark text across a small
+# motion-blurred photo and across the dark retina and star-field photos. The last three joined the list
+# with GeM pooling and the threshold moving from 0.75 to 0.77 (cosine to the original, GeM / average
+# pooling: moon rotate5 0.74 / 0.75, retina text 0.73 / 0.77, hubble_deep_field text 0.74 / 0.73).
+KNOWN_MISSES = {("gravel", "rotate5"), ("grass", "rotate5"), ("hubble_deep_field", "rotate5"), ("clock", "text"),
+                ("moon", "rotate5"), ("retina", "text"), ("hubble_deep_field", "text")}
 
 
 def test_every_copy_finds_its_original_top1_with_lsh_equal_to_exact(collection, originals_index):
@@ -142,7 +147,7 @@ def test_peer_data_groups_like_imagededup_expects(tmp_path, embedder):
     assert list(failures) == [str(PEER_DATA / "mixed_nested_images" / "ukbench09268_corrupt.jpg")]
     groups = [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates()]
     # alpha_channel_image.png is ukbench00120 saved as RGBA: composited on white it is the same photo.
-    # ukbench00120_rotation.jpg scores 0.651 against it: below the calibrated default 0.75, found at 0.65
+    # ukbench00120_rotation.jpg scores 0.717 against it: below the calibrated default 0.77, found at 0.65
     assert ["alpha_channel_image.png", "ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg"] in groups
     assert ["alpha_channel_image.png", "ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg",
             "ukbench00120_rotation.jpg"] in [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates(0.65)]
@@ -168,6 +173,19 @@ def test_opening_with_another_model_is_a_clear_error(tmp_path, photo_folder, emb
     with pytest.raises(ModelMismatch):
         other.add([photo_folder / "coffee.jpg"])
     other.close()
+
+
+def test_an_index_of_the_earlier_average_pooled_descriptor_is_refused(tmp_path, photo_folder, embedder):
+    # indexes built before GeM pooling stored this identity; their vectors must not mix with GeM ones
+    earlier_descriptor = SimpleNamespace(
+        name=embedder.name, dim=embedder.dim, input_size=embedder.input_size, preprocess=embedder.preprocess,
+        embed=embedder.embed, identity={**embedder.identity, "preprocessing": "resize224-bicubic,(x-127)/128,gap,l2"})
+    with Index.open(tmp_path / "idx", create=True, embedder=earlier_descriptor) as earlier:
+        earlier.add([photo_folder / "chelsea.jpg"])
+    current = Index.open(tmp_path / "idx", embedder=embedder)
+    with pytest.raises(ModelMismatch, match=r"gap,l2\); this run uses .*gem3,l2"):
+        current.query(photo_folder / "coffee.jpg")
+    current.close()
 
 
 def test_compaction_keeps_answers_and_drops_dead_rows(tmp_path, photo_folder, embedder):

@@ -26,6 +26,8 @@ from torch import nn
 
 # torch-free parts, re-exported here: the weights file, the input size and the preprocessing
 from .default_model import (  # noqa: F401
+    GEM_EPS,
+    GEM_P,
     HEAD_CHANNELS,
     INPUT_SIZE,
     PIXEL_MEAN,
@@ -163,8 +165,21 @@ class EfficientNetLite0(nn.Module):
         return F.relu6(self._bn1(self._conv_head(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, 3, h, w] -> ImageNet logits [n, 1000] (dropout is a training-only no-op)."""
+        """[n, 3, h, w] -> ImageNet logits [n, 1000] (dropout is a training-only no-op). The classifier
+        was trained on average-pooled features, so it keeps them; the embedding pools with GeM."""
         return self._fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 3, h, w] -> unit descriptors [n, 1280]: GeM-pooled features, L2-normalised. The torch
+        embedder and the ONNX export both run this, so their vectors agree."""
+        return F.normalize(gem(self.forward_features(x)), dim=1)
+
+
+def gem(features: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch.Tensor:
+    """Generalised-mean pooling [n, c, h, w] -> [n, c]: (mean of clamp(x, eps)^p)^(1/p), between the
+    mean (p = 1) and the max; the clamp keeps the root defined. p = 3: measured on the eval sets
+    (default_model.GEM_P)."""
+    return features.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
 def load_pretrained() -> EfficientNetLite0:
@@ -211,9 +226,6 @@ class TorchEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         images = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         with torch.inference_mode():
-            pooled = [
-                self._model.forward_features(chunk.to(self.device).contiguous(memory_format=torch.channels_last))
-                .mean(dim=(2, 3))
-                for chunk in images.split(self._micro_batch)
-            ]
-            return F.normalize(torch.cat(pooled), dim=1).cpu().numpy()
+            vectors = [self._model.embedding(chunk.to(self.device).contiguous(memory_format=torch.channels_last))
+                       for chunk in images.split(self._micro_batch)]
+            return torch.cat(vectors).cpu().numpy()

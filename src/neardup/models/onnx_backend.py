@@ -1,9 +1,10 @@
 """The default model exported to ONNX and run in ONNX Runtime: fp32, int8, and GPU providers.
 
-Export. The embedding function (features -> global average pool -> L2 normalise) is exported
+Export. The embedding function (features -> GeM pool -> L2 normalise) is exported
 once with the TorchScript exporter (``dynamo=False``, opset 17, dynamic batch axis) and cached
-in the user cache dir under a name that holds the weights' sha256 and EXPORT_VERSION, so new
-weights or a changed export wrapper give a new file and a stale one is never used. The file is
+in the user cache dir under a name that holds the weights' sha256, the pooling and EXPORT_VERSION,
+so new weights, another pooling or a changed export wrapper give a new file and a stale one (such as
+an export of the earlier average-pooled descriptor) is never used. The file is
 written to a temporary name and renamed, so a killed export leaves no half file. torch 2.13 still
 has the TorchScript exporter (``dynamo=False``); it is used because it exports in ~1 s here, where the
 dynamo exporter (onnxscript, opset 18) took 68 s (under load) for a graph whose outputs agree with it
@@ -34,11 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from ..index import NeardupError
-from .default_model import HEAD_CHANNELS, INPUT_SIZE, PREPROCESSING, weights_sha256
+from .default_model import (
+    HEAD_CHANNELS,
+    INPUT_SIZE,
+    POOLING,
+    PREPROCESSING,
+    weights_sha256,
+)
 from .default_model import preprocess as lite0_preprocess
 
 #: Bump when the exported graph changes (wrapper, opset, exporter options): old cache files are then ignored.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 #: Bump when the quantisation recipe changes.
 INT8_VERSION = 1
@@ -81,7 +88,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def fp32_model_path() -> Path:
     """The cached ONNX export of the default model, exported now if missing."""
-    path = cache_dir() / f"efficientnet-lite0-{weights_sha256()[:16]}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
+    path = cache_dir() / f"efficientnet-lite0-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
     if not path.exists():
         _atomic_write(path, export_default_model)
     return path
@@ -99,8 +106,7 @@ def export_default_model(path: Path) -> None:
             self.model = load_pretrained().fix_padding(INPUT_SIZE)
 
         def forward(self, x):
-            pooled = self.model.forward_features(x).mean(dim=(2, 3))
-            return nn.functional.normalize(pooled, dim=1)
+            return self.model.embedding(x)
 
     example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
     with torch.inference_mode():
@@ -351,7 +357,7 @@ def int8_model(photos: Sequence | None = None, *, threads: int | None = None) ->
 
 
 def _int8_prefix() -> str:
-    return f"efficientnet-lite0-{weights_sha256()[:16]}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
+    return f"efficientnet-lite0-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
 
 
 def guarded_int8_model() -> Path | None:
