@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,18 @@ import pytest
 from neardup.demo import EDITS, build_collection
 from neardup.index import Index
 from neardup.models import default_embedder
+
+
+def tree_hashes(*folders: Path) -> dict[str, str]:
+    """sha256 of every file under the folders, by path: what "no user file lost or changed" compares."""
+    out = {}
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
 
 def _peer_data() -> Path | None:
     """imagededup's test images (not part of this repo): $NEARDUP_PEER_DATA, or shared/peer-data beside the repo."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import tree_hashes
 from PIL import Image
 
 from neardup import actions
@@ -23,16 +24,6 @@ from neardup.schemas import MANIFEST
 from neardup.store import Record, Store
 
 ODD_NAME = "coffee copy\nnew ünïcode 写真.jpg"  # spaces, a newline, non-ASCII
-
-
-def file_hashes(*folders: Path) -> dict[str, str]:
-    out = {}
-    for folder in folders:
-        for dirpath, _, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +100,9 @@ def test_keep_policy_ranks_by_criteria_in_order():
 
 def test_dry_run_is_exactly_what_apply_does_and_touches_nothing(library, tmp_path):
     photos, index = library
-    before, catalog = file_hashes(photos), records(index)
+    before, catalog = tree_hashes(photos), records(index)
     dry = plan_for(index, "move", to=tmp_path / "moved")
-    assert file_hashes(photos) == before and records(index) == catalog and not (tmp_path / "moved").exists()
+    assert tree_hashes(photos) == before and records(index) == catalog and not (tmp_path / "moved").exists()
     assert {e.group for e in dry.entries} == {1, 2} and all(e.status == "planned" for e in dry.entries)
     assert {e.survivor for e in dry.entries} == {str(photos / "a" / "chelsea.jpg"), str(photos / "a" / "coffee.jpg")}
     default = plan_for(index, "move", keep=actions.DEFAULT_KEEP, to=tmp_path / "moved")
@@ -128,7 +119,7 @@ def test_dry_run_is_exactly_what_apply_does_and_touches_nothing(library, tmp_pat
 
 def test_move_apply_updates_index_and_undo_restores_everything(library, tmp_path):
     photos, index = library
-    before = file_hashes(photos)
+    before = tree_hashes(photos)
     plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved"))
     manifest = json.loads(Path(plan.manifest).read_text(encoding="utf-8"))
     jsonschema.validate(manifest, MANIFEST)
@@ -137,7 +128,7 @@ def test_move_apply_updates_index_and_undo_restores_everything(library, tmp_path
     assert len(moved) == 4 and str(photos / "b" / ODD_NAME) in moved
     # relative structure kept below the deepest common folder of the moved files (photos/b)
     assert moved[str(photos / "b" / "deep" / "chelsea_flip.jpg")] == str(tmp_path / "moved" / "deep" / "chelsea_flip.jpg")
-    after = file_hashes(photos, tmp_path / "moved")
+    after = tree_hashes(photos, tmp_path / "moved")
     for source, destination in moved.items():
         assert source not in after and after[destination] == before[source]
     assert {p: h for p, h in after.items() if p not in moved.values()} == {p: h for p, h in before.items() if p not in moved}
@@ -150,17 +141,17 @@ def test_move_apply_updates_index_and_undo_restores_everything(library, tmp_path
 
     undone, reembed = actions.undo(plan.manifest)
     assert reembed == [] and undone.state == "undone"
-    assert file_hashes(photos) == before and not any(files for _, _, files in os.walk(tmp_path / "moved"))
+    assert tree_hashes(photos) == before and not any(files for _, _, files in os.walk(tmp_path / "moved"))
     catalog = records(index)
     check_index(index)
     assert set(moved) <= set(catalog) and not set(moved.values()) & set(catalog)
     actions.undo(plan.manifest)  # idempotent
-    assert file_hashes(photos) == before
+    assert tree_hashes(photos) == before
 
 
 def test_hardlink_replaces_copies_by_links_and_undo_brings_the_bytes_back(library, embedder):
     photos, index = library
-    before = file_hashes(photos)
+    before = tree_hashes(photos)
     plan = actions.apply_plan(plan_for(index, "hardlink"))
     done = [e for e in plan.entries if e.status == "done"]
     assert len(done) == 4
@@ -181,7 +172,7 @@ def test_hardlink_replaces_copies_by_links_and_undo_brings_the_bytes_back(librar
     os.rename(survivor + ".away", survivor)
     assert sorted(reembed) == sorted(e.source for e in done)
     index.add(reembed)
-    assert file_hashes(photos) == before
+    assert tree_hashes(photos) == before
     assert not any(os.path.samefile(e.source, e.survivor) for e in done)
     catalog = records(index)
     check_index(index)
@@ -190,7 +181,7 @@ def test_hardlink_replaces_copies_by_links_and_undo_brings_the_bytes_back(librar
 
 def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
     photos, index = library
-    before = file_hashes(photos)
+    before = tree_hashes(photos)
     env = {**os.environ, "NEARDUP_INDEX": str(index.root)}
 
     def cli(*args):
@@ -198,7 +189,7 @@ def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
                               timeout=300)
 
     refused = cli("dups", "--threshold", "0.8", "--action", "delete", "--apply")
-    assert refused.returncode == 2 and "--yes" in refused.stderr and file_hashes(photos) == before
+    assert refused.returncode == 2 and "--yes" in refused.stderr and tree_hashes(photos) == before
     dry = cli("dups", "--threshold", "0.8", "--action", "delete", "--json")
     assert dry.returncode == 0 and "would delete 4 files" in dry.stderr
     jsonschema.validate(json.loads(dry.stdout), MANIFEST)
@@ -212,7 +203,7 @@ def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
     assert len(records(index)) == 3 and check_index(index)
     undone = cli("undo", str(manifest))
     assert undone.returncode == 0, undone.stderr
-    assert file_hashes(photos) == before
+    assert tree_hashes(photos) == before
     assert len(records(index)) == 7 and check_index(index)
     assert {p for g in index.duplicates(0.8) for p in g.files} >= gone  # re-embedded, found again
 
@@ -220,12 +211,12 @@ def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
 def test_keep_in_folder_is_preferred_and_never_touched(library, tmp_path):
     photos, index = library
     reference = photos / "b"
-    before = file_hashes(reference)
+    before = tree_hashes(reference)
     plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved", keep_in=[reference]))
     assert all(Path(e.survivor).is_relative_to(reference) for e in plan.entries)
     assert all(e.status == "skipped" and "--keep-in" in e.reason
                for e in plan.entries if Path(e.source).is_relative_to(reference))
-    assert file_hashes(reference) == before
+    assert tree_hashes(reference) == before
     moved = {e.source for e in plan.entries if e.status == "done"}
     assert moved == {str(photos / "a" / "chelsea.jpg"), str(photos / "a" / "coffee.jpg")}
 
@@ -245,15 +236,15 @@ def test_files_changed_or_missing_since_indexing_are_skipped_with_reasons(librar
     assert "sha256 differs" in reasons["coffee_jpeg30.jpg"]
     assert reasons["chelsea_flip.jpg"].startswith("missing")
     assert reasons[ODD_NAME] is None
-    before = file_hashes(photos)
+    before = tree_hashes(photos)
     actions.apply_plan(plan)
-    after = file_hashes(photos)
+    after = tree_hashes(photos)
     assert all(after[str(photos / "b" / n)] == before[str(photos / "b" / n)] for n in ("chelsea_half.jpg", "coffee_jpeg30.jpg"))
 
 
 def test_move_never_overwrites_and_crosses_filesystems_by_verified_copy(library, tmp_path):
     photos, index = library
-    before = file_hashes(photos)
+    before = tree_hashes(photos)
     other_fs = Path("/dev/shm")
     cross = other_fs.is_dir() and os.stat(other_fs).st_dev != os.stat(tmp_path).st_dev
     target = (other_fs / f"neardup-test-{os.getpid()}-{tmp_path.name}") if cross else tmp_path / "moved"
@@ -265,11 +256,11 @@ def test_move_never_overwrites_and_crosses_filesystems_by_verified_copy(library,
         flip = next(e for e in plan.entries if e.source.endswith("chelsea_flip.jpg"))
         assert flip.status == "done" and flip.destination == str(target / "deep" / "chelsea_flip (1).jpg")
         assert squatter.read_bytes() == b"someone else's file"
-        after = file_hashes(target)
+        after = tree_hashes(target)
         assert all(after[e.destination] == before[e.source] for e in plan.entries)
         assert not [p for p in after if ".neardup-tmp-" in p]
         actions.undo(plan.manifest)
-        assert file_hashes(photos) == before
+        assert tree_hashes(photos) == before
     finally:
         shutil.rmtree(target, ignore_errors=True)
     if not cross:

@@ -11,7 +11,6 @@ after; for actions the manifest and the disk agree and undo restores the origina
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tree_hashes
 
 from neardup import actions
 from neardup.images import load_image
@@ -73,16 +73,6 @@ def io_calls(result: subprocess.CompletedProcess) -> int:
 
 def killed(result: subprocess.CompletedProcess) -> bool:
     return result.returncode == -signal.SIGKILL
-
-
-def tree_hashes(*folders: Path) -> dict[str, str]:
-    out = {}
-    for folder in folders:
-        for dirpath, _, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return out
 
 
 def check_store(root: Path, *, write: bool = False) -> dict:

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .index import COMPACT_DEAD_FRACTION, DuplicateGroup, NeardupError
-from .store import Record, Store
+from .store import Record, Store, fsync_dir
 
 ACTIONS = ("move", "hardlink", "delete")
 KEEP_CRITERIA = ("pixels", "size", "oldest", "newest", "shortest-path")
@@ -304,9 +304,9 @@ def _move_file(source: str, destination: str, sha256: str) -> None:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         _copy_verified(source, destination, sha256)
-    _fsync_dir(os.path.dirname(destination))
+    fsync_dir(os.path.dirname(destination))
     os.unlink(source)
-    _fsync_dir(os.path.dirname(source))
+    fsync_dir(os.path.dirname(source))
 
 
 def _copy_verified(source: str, destination: str, sha256: str) -> None:
@@ -341,13 +341,13 @@ def _hardlink(plan: Plan, entry: Entry) -> None:
         if exc.errno != errno.EXDEV:
             raise
         _copy_verified(entry.source, entry.destination, entry.sha256)
-    _fsync_dir(os.path.dirname(entry.destination))
+    fsync_dir(os.path.dirname(entry.destination))
     tmp = _link_tmp(plan, entry)
     if os.path.lexists(tmp):
         os.unlink(tmp)
     os.link(entry.survivor, tmp)
     os.replace(tmp, entry.source)
-    _fsync_dir(os.path.dirname(entry.source))
+    fsync_dir(os.path.dirname(entry.source))
 
 
 def _link_tmp(plan: Plan, entry: Entry) -> str:
@@ -556,7 +556,7 @@ def _restore(entry: Entry) -> None:
             raise
         _copy_verified(entry.destination, tmp, entry.sha256)
     os.replace(tmp, entry.source)
-    _fsync_dir(os.path.dirname(entry.source))
+    fsync_dir(os.path.dirname(entry.source))
     os.unlink(entry.destination)
 
 
@@ -587,7 +587,7 @@ def _write_manifest(plan: Plan) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(str(path.parent))
+    fsync_dir(str(path.parent))
 
 
 class _Journal:
@@ -642,11 +642,3 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -257,7 +257,7 @@ class Store:
     def save_planes(self, planes: np.ndarray) -> None:
         self._require_write()
         _write_array(self.root / PLANES, planes)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def load_planes(self) -> np.ndarray:
         try:
@@ -377,7 +377,7 @@ class Store:
             base = self.root / SEGMENTS / name
             _write_array(Path(f"{base}.vectors.npy"), np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE))
             _write_array(Path(f"{base}.codes.npy"), np.ascontiguousarray(codes))
-            _fsync_dir(self.root / SEGMENTS)
+            fsync_dir(self.root / SEGMENTS)
         now = time.time()
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
@@ -435,7 +435,7 @@ class Store:
         if len(snap):
             _write_array(Path(f"{base}.vectors.npy"), vectors)
             _write_array(Path(f"{base}.codes.npy"), codes)
-            _fsync_dir(self.root / SEGMENTS)
+            fsync_dir(self.root / SEGMENTS)
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -521,7 +521,8 @@ def _write_array(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or unlink inside `folder` durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_backend import ORT_BATCH, BackendError, make_session
+from .onnx_backend import ORT_BATCH, BackendError, checked_batch, make_session
 
 SPEC_KEYS = {"name", "input_size", "mean", "std", "resize", "resample", "layout", "output", "pooling"}
 
@@ -145,12 +145,10 @@ class CustomOnnxEmbedder:
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        expected = (3, self.input_size, self.input_size)
-        if batch.ndim != 4 or batch.shape[1:] != expected:
-            raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected))}], got {list(batch.shape)}")
+        batch = checked_batch(batch, self.input_size)
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        return self._run(batch)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         step = 1 if self._one_at_a_time else ORT_BATCH

@@ -175,6 +175,14 @@ def make_session(path: Path, *, threads: int | None = None, providers: Sequence 
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
+def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
+    """The model input as contiguous float32 [n, 3, size, size]; a wrong shape is a ValueError."""
+    expected = (3, input_size, input_size)
+    if batch.ndim != 4 or batch.shape[1:] != expected:
+        raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected))}], got {list(batch.shape)}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
 class OnnxEmbedder:
     """EfficientNet-Lite0 run by ONNX Runtime; same preprocessing, identity and vectors as torch
     (fp32: max abs difference < 1e-4 on unit vectors, tested)."""
@@ -198,12 +206,9 @@ class OnnxEmbedder:
         return lite0_preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        expected = (3, self.input_size, self.input_size)
-        if batch.ndim != 4 or batch.shape[1:] != expected:
-            raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected))}], got {list(batch.shape)}")
+        batch = checked_batch(batch, self.input_size)
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
         step = self._batch
         out = [self.session.run(None, {"pixels": batch[i:i + step]})[0] for i in range(0, len(batch), step)]
         return np.concatenate(out) if len(out) > 1 else out[0]
