@@ -6,7 +6,8 @@ Backends (``load_embedder(backend)``, CLI ``--backend``, env NEARDUP_BACKEND):
 * ``torch``      the model in torch eager mode (on CUDA when torch sees a GPU).
 * ``onnx``       the model exported to ONNX (cached by weights hash) in ONNX Runtime: on a GPU
                  through TensorRT (FP16) or CUDA when onnxruntime-gpu provides them, else on CPU.
-* ``onnx-int8``  statically quantised on real photos; used only if it passes its accuracy guard
+* ``onnx-int8``  statically quantised on real photos (mixed precision: stem, first block and GeM
+                 pooling in float); used only if it passes its accuracy guard
                  (mean cosine to fp32 >= 0.99, nearest original of every guard copy unchanged).
 * ``auto``       the fastest that is usable here: ONNX Runtime on a GPU, else torch on a GPU,
                  else int8 when its guarded model is built (and passed), else fp32 ONNX.
