@@ -36,19 +36,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import lsh, shards
-from .groups import group_pairs
 from .images import IMAGE_EXTENSIONS, discover
 from .index import (
-    LSH_SEED,
-    NUM_TABLES,
-    PAIR_RECALL,
-    STORED_BITS,
     DuplicateGroup,
     Index,
     NeardupError,
+    _failed,
     _no_pairs,
     _prepare_bytes,
     _prepare_file,
+    duplicate_groups,
 )
 from .store import Record
 
@@ -124,18 +121,19 @@ def list_files(paths: Iterable[str]) -> tuple[list[dict], list[tuple[str, str]],
         fs, base = shards.filesystem(url)
         if not fs.exists(base):
             raise FileNotFoundError(f"no such file or folder: {url}")
-        listing = fs.find(base, detail=True) if fs.isdir(base) else {base: fs.info(base)}
+        is_dir = fs.isdir(base)
+        on_local_disk = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+        listing = fs.find(base, detail=True) if is_dir else {base: fs.info(base)}
         for name, info in sorted(listing.items()):
-            parts = name[len(base):].split("/") if fs.isdir(base) else []
+            parts = name[len(base):].split("/") if is_dir else []
             if any(part.startswith(".") for part in parts):
                 continue
-            if fs.isdir(base) and os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if is_dir and os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 skipped += 1
                 continue
-            local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
             files.append({"path": fs.unstrip_protocol(name), "size": int(info.get("size") or 0),
                           # fsspec reports float seconds; a local file keeps the exact ns `neardup index` stores
-                          "mtime_ns": os.stat(name).st_mtime_ns if local else _mtime_ns(info)})
+                          "mtime_ns": os.stat(name).st_mtime_ns if on_local_disk else _mtime_ns(info)})
     return files, errors, skipped
 
 
@@ -199,14 +197,8 @@ def _prepare_url(url: str, mtime_ns: int, input_size: int, preprocess):
     try:
         data = fs.cat_file(inner)
     except OSError as exc:
-        return _prepare_bytes_failure(url, f"cannot read file: {exc.strerror or exc}")
+        return _failed(url, None, f"cannot read file: {exc.strerror or exc}")
     return _prepare_bytes(url, data, mtime_ns, None, input_size, preprocess)
-
-
-def _prepare_bytes_failure(path: str, reason: str):
-    from .index import _Prepared
-
-    return _Prepared("failed", Record(path, 0, 0, None, status="failed", error=reason), None)
 
 
 def _record_columns(records: list[Record]) -> dict:
@@ -372,12 +364,6 @@ class DuplicateSearch:
     plan: lsh.PairPlan | None = None
 
 
-def pair_plan(index: Index, n: int, threshold: float) -> lsh.PairPlan:
-    """The join plan `Index.duplicates` uses for n vectors (same tables, same bit positions)."""
-    return lsh.plan_pairs(n, threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=index._unrelated_cosine(),
-                          recall=PAIR_RECALL, seed=LSH_SEED)
-
-
 def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
                tables_per_task: int | None = None) -> DuplicateSearch:
     """`index.duplicates(threshold)` computed on the connected Ray cluster: the same plan (tables of
@@ -393,7 +379,7 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
     n = len(snap)
     if n < 2:
         return DuplicateSearch([], _no_pairs(), 0)
-    plan = pair_plan(index, n, threshold)
+    plan = index.pair_plan(n, threshold)
     starts = list(range(0, n, chunk_rows))
     chunks = len(starts)
     words_ref = ray.put(lsh.code_words(snap.codes()))
@@ -424,8 +410,4 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
         return DuplicateSearch([], _no_pairs(), count, plan)
     a, b, s = (np.concatenate(x) for x in (found_a, found_b, found_s))
     a, b = a.astype(np.int64), b.astype(np.int64)
-    groups = [
-        DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members], g.min_score, g.max_score)
-        for g in group_pairs(a, b, s)
-    ]
-    return DuplicateSearch(groups, (a, b, s), count, plan)
+    return DuplicateSearch(duplicate_groups(snap, a, b, s), (a, b, s), count, plan)

@@ -369,12 +369,7 @@ class Index:
         `exact` compares every pair instead (the oracle; O(n²))."""
         snap = self._search_state().snap
         pairs = _exact_pairs(snap, threshold) if exact else self._lsh_pairs(snap, threshold)
-        groups = group_pairs(*pairs)
-        return [
-            DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members],
-                           g.min_score, g.max_score)
-            for g in groups
-        ]
+        return duplicate_groups(snap, *pairs)
 
     def stats(self) -> dict:
         counts = self._reader.counts()
@@ -455,11 +450,15 @@ class Index:
         """Cosine of unrelated vectors as the hyperplanes see them: ~0 once a center is subtracted."""
         return UNRELATED_COSINE if (self._reader.get_meta("lsh") or {}).get("center") is None else 0.0
 
+    def pair_plan(self, n: int, threshold: float) -> lsh.PairPlan:
+        """The all-pairs join plan for n of this index's vectors (local and Ray joins use the same)."""
+        return lsh.plan_pairs(n, threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=self._unrelated_cosine(),
+                              recall=PAIR_RECALL, seed=LSH_SEED)
+
     def _lsh_pairs(self, snap: Snapshot, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(snap) < 2:
             return _no_pairs()
-        plan = lsh.plan_pairs(len(snap), threshold, NUM_TABLES * STORED_BITS,
-                              unrelated_cosine=self._unrelated_cosine(), recall=PAIR_RECALL, seed=LSH_SEED)
+        plan = self.pair_plan(len(snap), threshold)
         found = list(lsh.join_pairs(snap.codes(), lambda rows: snap.vectors(rows, dtype=None), threshold, plan))
         if not found:
             return _no_pairs()
@@ -503,6 +502,15 @@ def query_bits(n: int) -> int:
     return min(lsh.MAX_TABLE_BITS, max(8, math.ceil(math.log2(max(n, 2)))))
 
 
+def duplicate_groups(snap: Snapshot, a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> list[DuplicateGroup]:
+    """Verified pairs (snapshot positions) merged into groups of paths and catalog ids, largest first."""
+    return [
+        DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members],
+                       g.min_score, g.max_score)
+        for g in group_pairs(a, b, scores)
+    ]
+
+
 def pair_bits(threshold: float, n: int = 1_000_000, unrelated_cosine: float = UNRELATED_COSINE) -> int:
     """Bits per `duplicates` table (`lsh.plan_pairs`) for n vectors at this threshold: grows with n and
     with the threshold."""
@@ -510,10 +518,12 @@ def pair_bits(threshold: float, n: int = 1_000_000, unrelated_cosine: float = UN
                           recall=PAIR_RECALL).k
 
 
-def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) -> _Prepared:
-    def failed(reason: str, size: int = 0, mtime_ns: int = 0, sha256: str | None = None) -> _Prepared:
-        return _Prepared("failed", Record(path, size, mtime_ns, sha256, status="failed", error=reason), known)
+def _failed(path: str, known: Record | None, reason: str, size: int = 0, mtime_ns: int = 0,
+            sha256: str | None = None) -> _Prepared:
+    return _Prepared("failed", Record(path, size, mtime_ns, sha256, status="failed", error=reason), known)
 
+
+def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) -> _Prepared:
     try:
         stat = os.stat(path)
         if known is not None and known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
@@ -521,7 +531,7 @@ def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) 
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        return failed(f"cannot read file: {exc.strerror or exc}")
+        return _failed(path, known, f"cannot read file: {exc.strerror or exc}")
     return _prepare_bytes(path, data, stat.st_mtime_ns, known, input_size, preprocess)
 
 
@@ -529,10 +539,6 @@ def _prepare_bytes(path: str, data: bytes, mtime_ns: int, known: Record | None, 
                    preprocess) -> _Prepared:
     """The bytes of one file -> its record and model input (shared with the Ray path, which reads
     files from other filesystems, so both decode and hash exactly alike)."""
-
-    def failed(reason: str, size: int = 0, mtime_ns: int = 0, sha256: str | None = None) -> _Prepared:
-        return _Prepared("failed", Record(path, size, mtime_ns, sha256, status="failed", error=reason), known)
-
     size = len(data)
     sha256 = hashlib.sha256(data).hexdigest()
     if known is not None and known.sha256 == sha256 and known.status == "indexed":
@@ -541,7 +547,7 @@ def _prepare_bytes(path: str, data: bytes, mtime_ns: int, known: Record | None, 
         decoded = load_image(data, min_side=input_size)
         pixels = preprocess(decoded.image)
     except ImageError as exc:
-        return failed(exc.reason, size, mtime_ns, sha256)
+        return _failed(path, known, exc.reason, size, mtime_ns, sha256)
     return _Prepared("embed", Record(path, size, mtime_ns, sha256, decoded.width, decoded.height), known, pixels)
 
 

@@ -309,12 +309,6 @@ def subset_collision(cosine: float, k: int, bits: int) -> np.ndarray:
     return weights / weights.sum(), agree
 
 
-def subset_recall(cosine: float, k: int, tables: int, bits: int) -> float:
-    """P(a pair at this cosine shares a bucket in at least one of `tables` random k-bit tables)."""
-    weights, agree = subset_collision(cosine, k, bits)
-    return float(np.sum(weights * (1.0 - (1.0 - agree) ** tables)))
-
-
 def plan_pairs(n: int, threshold: float, bits: int, *, unrelated_cosine: float = 0.0, recall: float = 0.999,
                max_tables: int = 4096, seed: int = 0) -> PairPlan:
     """The cheapest PairPlan (estimated time: rows sorted per table + random candidate pairs) whose
@@ -324,12 +318,16 @@ def plan_pairs(n: int, threshold: float, bits: int, *, unrelated_cosine: float =
     best: tuple[float, PairPlan] | None = None
     for k in range(4, min(MAX_BITS, bits) + 1):
         weights, agree = subset_collision(threshold, k, bits)
+
+        def recall_with(tables: int) -> float:  # P(a pair at the threshold shares some table's bucket)
+            return float(np.sum(weights * (1.0 - (1.0 - agree) ** tables)))
+
         lo, hi = 1, max_tables
-        if np.sum(weights * (1.0 - (1.0 - agree) ** hi)) < recall:
+        if recall_with(hi) < recall:
             continue
         while lo < hi:
             mid = (lo + hi) // 2
-            if np.sum(weights * (1.0 - (1.0 - agree) ** mid)) >= recall:
+            if recall_with(mid) >= recall:
                 hi = mid
             else:
                 lo = mid + 1
@@ -394,22 +392,14 @@ def join_pairs(codes: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray], t
         for start in range(0, len(keys), VERIFY_CHUNK):  # 2 x VERIFY_CHUNK vectors read at a time
             part = keys[start : start + VERIFY_CHUNK]
             a, b = part // n, part % n
-            scores = row_cosines(vectors(a), vectors(b))
-            keep = scores >= threshold
-            if keep.any():
-                yield a[keep], b[keep], scores[keep]
+            a, b, scores = verify_pairs(a, b, vectors(a), vectors(b), threshold)
+            if len(a):
+                yield a, b, scores
 
     for t, positions in enumerate(plan.positions()):
-        keys = subset_keys(planes, positions)
-        order = np.argsort(keys)
-        ordered = keys[order]
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        del keys, ordered
-        for a, b in sorted_run_pairs(order, starts, chunk):
-            near = hamming(words[a], words[b]) <= limit
-            if near.any():
-                pending.append(a[near].astype(np.int64) * n + b[near])
-                pending_size += int(near.sum())
+        for a, b in key_run_pairs(subset_keys(planes, positions), words, limit, chunk):
+            pending.append(a.astype(np.int64) * n + b)
+            pending_size += len(a)
             if pending_size >= chunk:
                 yield from verify(np.concatenate(pending))
                 pending, pending_size = [], 0
@@ -491,11 +481,17 @@ def table_pairs(words: np.ndarray, positions: np.ndarray, limit: int, chunk: int
     whose Hamming distance over all stored bits is <= `limit` (`hamming_limit`), in chunks. Over every
     table of a PairPlan and then `verify_pairs`, exactly the pairs of `join_pairs`, so the tables can be
     split among workers in any way."""
-    keys = table_keys(words, positions)
+    yield from key_run_pairs(table_keys(words, positions), words, limit, chunk)
+
+
+def key_run_pairs(keys: np.ndarray, words: np.ndarray, limit: int, chunk: int = 1 << 20
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pairs (a < b) of rows with equal `keys` whose Hamming distance over the stored `words` is <=
+    `limit`, in chunks (empty chunks left out): one table's step of the all-pairs join."""
     order = np.argsort(keys)
     ordered = keys[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else np.empty(0, np.int64)
-    del keys, ordered
+    del ordered
     for a, b in sorted_run_pairs(order, starts, chunk):
         near = hamming(words[a], words[b]) <= limit
         if near.any():

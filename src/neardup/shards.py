@@ -23,7 +23,7 @@ import numpy as np
 
 from .index import NeardupError
 from .schemas import SHARD_COLUMNS, SHARD_VERSION
-from .store import Record
+from .store import Record, fsync_dir
 
 VERSION_KEY = b"neardup.shard"
 MODEL_KEY = b"neardup.model"
@@ -114,11 +114,7 @@ def write_shard(records: Sequence[Record], vectors: np.ndarray, model: dict, fol
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
     return final
 
 
