@@ -438,7 +438,8 @@ def _sync_index(store: Store, plan: Plan, entries: Sequence[Entry], *, undo: boo
     if records:
         rows_array = np.asarray(rows, dtype=np.int64)
         vectors, codes = snap.vectors(rows_array), snap.codes(rows_array)
-    store.commit(vectors=vectors, codes=codes, indexed=records, removed=[p for p in removed if p not in {r.path for r in records}])
+    kept_paths = {r.path for r in records}
+    store.commit(vectors=vectors, codes=codes, indexed=records, removed=[p for p in removed if p not in kept_paths])
     if store.dead_fraction() > COMPACT_DEAD_FRACTION:
         store.compact()
 
@@ -468,13 +469,18 @@ def recover(store: Store) -> list[str]:
             continue
         if plan.state != "applying":
             continue
-        _settle(plan)
-        _sync_index(store, plan, [e for e in plan.entries if e.status == "done"])
-        plan.state = "interrupted"
-        _write_manifest(plan)
-        _Journal(plan.manifest).remove()
+        _recover_plan(store, plan)
         recovered.append(str(path))
     return recovered
+
+
+def _recover_plan(store: Store, plan: Plan) -> None:
+    """One interrupted run: statuses from the disk, the index in line, the journal folded into the manifest."""
+    _settle(plan)
+    _sync_index(store, plan, [e for e in plan.entries if e.status == "done"])
+    plan.state = "interrupted"
+    _write_manifest(plan)
+    _Journal(plan.manifest).remove()
 
 
 def _settle(plan: Plan) -> None:
@@ -515,8 +521,7 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
         recover(store)
         plan = load_manifest(manifest)
         if plan.state == "applying":  # recover() only handles this index's own actions folder
-            _settle(plan)
-            _sync_index(store, plan, [e for e in plan.entries if e.status == "done"])
+            _recover_plan(store, plan)
         todo = [e for e in plan.entries if e.status in ("done", "undone")]
         lost = []
         for n, entry in enumerate(reversed(todo), 1):
