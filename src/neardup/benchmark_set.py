@@ -264,7 +264,7 @@ def _text_overlay(img: Image.Image, rng: random.Random) -> tuple[Image.Image, di
     out = img.copy()
     draw = ImageDraw.Draw(out)
     font = demo._font(size)
-    tw = draw.textlength(text, font=font) if hasattr(draw, "textlength") else size * len(text) // 2
+    tw = draw.textlength(text, font=font)
     x = rng.uniform(0, max(1.0, w - tw))
     y = rng.choice([rng.uniform(0.02, 0.2), rng.uniform(0.7, 0.9), rng.uniform(0.4, 0.6)]) * h
     draw.text((x, y), text, font=font, fill=colour, stroke_width=max(1, size // 12),

@@ -77,16 +77,12 @@ def precision_recall_curve(scores: np.ndarray, relevant: np.ndarray, n_positives
 def ranking_metrics(rankings: list[list[tuple[str, float]]], truths: list[set[str]], k: int) -> dict:
     """top-1, recall@k, mAP and micro-AP over queries that have at least one true match; queries without
     one only add false triples to micro-AP."""
+    rankings = [ranked[:k] for ranked in rankings]
     top1, recall, aps = [], [], []
-    pooled_scores, pooled_relevant, n_true = [], [], 0
     for ranked, truth in zip(rankings, truths):
-        ranked = ranked[:k]
         relevant = np.array([gid in truth for gid, _ in ranked], dtype=bool)
-        pooled_scores += [s for _, s in ranked]
-        pooled_relevant += relevant.tolist()
         if not truth:
             continue
-        n_true += len(truth)
         top1.append(bool(relevant[:1].any()))
         recall.append(relevant.sum() / len(truth))
         aps.append(average_precision(relevant, len(truth)))
@@ -95,7 +91,7 @@ def ranking_metrics(rankings: list[list[tuple[str, float]]], truths: list[set[st
         "top1": float(np.mean(top1)) if top1 else 0.0,
         f"recall@{k}": float(np.mean(recall)) if recall else 0.0,
         "mAP": float(np.mean(aps)) if aps else 0.0,
-        "micro_AP": micro_average_precision(np.array(pooled_scores), np.array(pooled_relevant, bool), n_true),
+        "micro_AP": micro_average_precision(*_pooled(rankings, truths)),
     }
 
 
@@ -295,13 +291,12 @@ def _by_edit(rankings, truths, edits, k) -> dict:
             for edit, idx in sorted(per.items())}
 
 
-def _curve_summary(curve: dict, threshold: float | None, points: int = 200) -> dict:
+def _curve_summary(curve: dict, points: int = 200) -> dict:
     """A thinned copy of a curve for the JSON (every point would be one per distinct pair score)."""
     n = len(curve["threshold"])
     keep = np.unique(np.linspace(0, n - 1, min(points, n)).astype(int)) if n else np.zeros(0, int)
-    out = {"threshold": curve["threshold"][keep].round(6).tolist(), "precision": curve["precision"][keep].round(6).tolist(),
-           "recall": curve["recall"][keep].round(6).tolist()}
-    return out
+    return {"threshold": curve["threshold"][keep].round(6).tolist(), "precision": curve["precision"][keep].round(6).tolist(),
+            "recall": curve["recall"][keep].round(6).tolist()}
 
 
 def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, threshold: float | None = None,
@@ -353,7 +348,7 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
             gok = [ok and p not in failed for ok, p in zip(gok, gallery_paths)]
 
             # dups: queries join the gallery in the index; ground truth clusters by original
-            cluster = {p: gid for p, gid in zip(gallery_paths, gallery_ids)}
+            cluster = dict(id_of_path)
             part_of = {p: g["source"] for p, g in zip(gallery_paths, evalset.gallery)
                        if g.get("role") == "distractor" and g.get("source")}
             for p, q in zip(query_paths, evalset.queries):
@@ -431,7 +426,7 @@ def _masked(vectors: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 def _method_result(rankings, truths, edits, k, curve, threshold) -> dict:
     out = {"overall": ranking_metrics(rankings, truths, k), "per_edit": _by_edit(rankings, truths, edits, k),
-           "calibration": calibrate(curve), "pairs_curve": _curve_summary(curve, threshold)}
+           "calibration": calibrate(curve), "pairs_curve": _curve_summary(curve)}
     if threshold is not None:
         out["at_default_threshold"] = at_threshold(curve, threshold)
     return out
@@ -508,6 +503,7 @@ def plot(result: dict, out: str | os.PathLike) -> None:
 
 
 def _pooled(rankings, truths):
+    """Every (score, is-true) of the rankings pooled over queries, and the number of true pairs."""
     scores, relevant, n_true = [], [], 0
     for ranked, truth in zip(rankings, truths):
         scores += [s for _, s in ranked]
