@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_backend import ORT_BATCH, BackendError, checked_batch, make_session
+from .default_model import checked_batch
+from .onnx_backend import ORT_BATCH, BackendError, make_session
 
 SPEC_KEYS = {"name", "input_size", "mean", "std", "resize", "resample", "layout", "output", "pooling"}
 

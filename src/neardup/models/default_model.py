@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+NAME = "efficientnet-lite0"
 HEAD_CHANNELS = 1280
 INPUT_SIZE = 224
 # The preprocessing the embedder applies; PIXEL_* are the TF EfficientNet-Lite constants.
@@ -36,6 +37,20 @@ def weights_path() -> Path:
 @functools.cache
 def weights_sha256() -> str:
     return hashlib.sha256(weights_path().read_bytes()).hexdigest()
+
+
+def identity() -> dict:
+    """What an index stores of the vector space these weights and this preprocessing make; every
+    backend of the default model (torch, ONNX fp32, guarded int8) shares it."""
+    return {"name": NAME, "weights_sha256": weights_sha256(), "preprocessing": PREPROCESSING, "dim": HEAD_CHANNELS}
+
+
+def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
+    """The model input as contiguous float32 [n, 3, size, size]; a wrong shape is a ValueError."""
+    expected = (3, input_size, input_size)
+    if batch.ndim != 4 or batch.shape[1:] != expected:
+        raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected))}], got {list(batch.shape)}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
 
 
 def preprocess(image: Image.Image) -> np.ndarray:

@@ -30,9 +30,12 @@ from .default_model import (  # noqa: F401
     GEM_P,
     HEAD_CHANNELS,
     INPUT_SIZE,
+    NAME,
     PIXEL_MEAN,
     PIXEL_SCALE,
     PREPROCESSING,
+    checked_batch,
+    identity,
     preprocess,
     weights_path,
     weights_sha256,
@@ -193,7 +196,7 @@ def load_pretrained() -> EfficientNetLite0:
 class TorchEmbedder:
     """The ``neardup.models.Embedder`` backed by EfficientNet-Lite0 on torch (CPU, or a CUDA device)."""
 
-    name = "efficientnet-lite0"
+    name = NAME
     dim = HEAD_CHANNELS
     input_size = INPUT_SIZE
 
@@ -206,25 +209,17 @@ class TorchEmbedder:
         self._model = load_pretrained().to(self.device, memory_format=torch.channels_last)
         # a GPU takes whole batches; on CPU small micro-batches keep activations in cache
         self._micro_batch = MICRO_BATCH if self.device.type == "cpu" else 256
-        self.identity = {
-            "name": self.name,
-            "weights_sha256": weights_sha256(),
-            "preprocessing": PREPROCESSING,
-            "dim": self.dim,
-        }
+        self.identity = identity()
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """float32 [n, 3, 224, 224] -> float32 [n, 1280], each row L2-normalised."""
-        expected_shape = (3, self.input_size, self.input_size)
-        if batch.ndim != 4 or batch.shape[1:] != expected_shape:
-            raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected_shape))}], "
-                             f"got {list(batch.shape)}")
+        batch = checked_batch(batch, self.input_size)
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        images = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        images = torch.from_numpy(batch)
         with torch.inference_mode():
             vectors = [self._model.embedding(chunk.to(self.device).contiguous(memory_format=torch.channels_last))
                        for chunk in images.split(self._micro_batch)]

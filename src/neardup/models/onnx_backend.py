@@ -40,8 +40,10 @@ from ..index import NeardupError
 from .default_model import (
     HEAD_CHANNELS,
     INPUT_SIZE,
+    NAME,
     POOLING,
-    PREPROCESSING,
+    checked_batch,
+    identity,
     weights_sha256,
 )
 from .default_model import preprocess as lite0_preprocess
@@ -95,7 +97,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def fp32_model_path() -> Path:
     """The cached ONNX export of the default model, exported now if missing."""
-    path = cache_dir() / f"efficientnet-lite0-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
+    path = cache_dir() / f"{NAME}-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
     if not path.exists():
         _atomic_write(path, export_default_model)
     return path
@@ -182,19 +184,11 @@ def make_session(path: Path, *, threads: int | None = None, providers: Sequence 
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
-    """The model input as contiguous float32 [n, 3, size, size]; a wrong shape is a ValueError."""
-    expected = (3, input_size, input_size)
-    if batch.ndim != 4 or batch.shape[1:] != expected:
-        raise ValueError(f"expected a batch of shape [n, {', '.join(map(str, expected))}], got {list(batch.shape)}")
-    return np.ascontiguousarray(batch, dtype=np.float32)
-
-
 class OnnxEmbedder:
     """EfficientNet-Lite0 run by ONNX Runtime; same preprocessing, identity and vectors as torch
     (fp32: max abs difference < 1e-4 on unit vectors, tested)."""
 
-    name = "efficientnet-lite0"
+    name = NAME
     dim = HEAD_CHANNELS
     input_size = INPUT_SIZE
 
@@ -206,8 +200,7 @@ class OnnxEmbedder:
         self.providers = self.session.get_providers()
         # a GPU wants big batches; on CPU ORT is as fast per image at 8 and keeps activations in cache
         self._batch = ORT_BATCH if self.providers[0] == "CPUExecutionProvider" else TRT_MAX_BATCH
-        self.identity = {"name": self.name, "weights_sha256": weights_sha256(),
-                         "preprocessing": PREPROCESSING, "dim": self.dim}
+        self.identity = identity()
 
     def preprocess(self, image):
         return lite0_preprocess(image)
@@ -400,7 +393,7 @@ def int8_model(photos: Sequence | None = None, *, threads: int | None = None) ->
 
 
 def _int8_prefix() -> str:
-    return f"efficientnet-lite0-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
+    return f"{NAME}-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
 
 
 def guarded_int8_model() -> Path | None:
