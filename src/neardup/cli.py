@@ -14,8 +14,10 @@ import time
 
 import click
 
-from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
+from .actions import ACTIONS, DEFAULT_KEEP
 from .images import ImageError
+from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
+from .models import BACKENDS
 from .store import StoreError
 
 USER_ERRORS = (StoreError, NeardupError, ImageError, OSError)  # OSError: disk full, permission denied, vanished files...
@@ -54,7 +56,7 @@ threshold_help = "Keep only matches with cosine similarity >= T (1.0 = identical
 def embedder_options(command):
     """--backend, --model, --model-spec, --threads: which model computes the vectors, and how (neardup.models)."""
     options = [
-        click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]), envvar="NEARDUP_BACKEND",
+        click.option("--backend", type=click.Choice(BACKENDS), envvar="NEARDUP_BACKEND",
                      default="auto", show_default=True,
                      help="How to run the model (env NEARDUP_BACKEND): auto = the fastest usable here."),
         click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
@@ -126,7 +128,14 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
         if not os.path.exists(path):
             raise click.BadParameter(f"Path {path!r} does not exist.", param_hint="'PATHS...'")
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     columns = (
@@ -208,10 +217,10 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
 @click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.DUPS).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV: group,path,min_score,max_score.")
-@click.option("--action", type=click.Choice(["move", "hardlink", "delete"]),
+@click.option("--action", type=click.Choice(ACTIONS),
               help="Act on every group's duplicates (all but the survivor). A dry run unless --apply.")
 @click.option("--to", "move_to", type=click.Path(file_okay=False), help="With --action move: the folder to move into.")
-@click.option("--keep", default="pixels,size,oldest", show_default=True,
+@click.option("--keep", default=",".join(DEFAULT_KEEP), show_default=True,
               help="Survivor policy: criteria in order, from pixels, size, oldest, newest, shortest-path.")
 @click.option("--keep-in", "keep_in", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Reference folder: its files are preferred as survivors and never touched (repeatable).")
@@ -266,7 +275,7 @@ def _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv)
     if not action:
         used = [name for name, value in (("--to", move_to), ("--keep-in", keep_in), ("--apply", do_apply), ("--yes", yes))
                 if value]
-        if used or keep != "pixels,size,oldest":
+        if used or keep != ",".join(DEFAULT_KEEP):
             raise click.UsageError(f"{', '.join(used) or '--keep'} needs --action")
         return
     if as_csv:
@@ -288,7 +297,7 @@ def _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_a
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2, ensure_ascii=False))
     else:
-        verb = {"move": "move", "hardlink": "hardlink", "delete": "delete"}[action]
+        verb = action
         group = None
         for entry in plan.entries:
             if entry.group != group:
@@ -319,7 +328,13 @@ class _step_progress:
 
     def __init__(self, label: str):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                              TimeRemainingColumn(), console=Console(stderr=True), transient=True)
@@ -441,16 +456,11 @@ def serve_command(index_dir, host, port, token, max_upload_mb) -> None:
 @click.option("--max-groups", type=click.IntRange(1), help="Only the first (largest) N groups.")
 def report_command(index_dir, out, threshold, exact, thumb_size, thumbs_beside, max_groups) -> None:
     """Write a static HTML gallery of the duplicate groups (opens from disk, no server, can be mailed)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .report import html_report
 
-    columns = (TextColumn("[bold]thumbnails"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Index.open(index_dir) as index, Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("thumbnails", total=None)
+    with Index.open(index_dir) as index, _step_progress("thumbnails") as progress:
         summary = html_report(index, out, threshold, exact=exact, thumb_size=thumb_size, thumbs_beside=thumbs_beside,
-                              max_groups=max_groups, progress=lambda done, total: bar.update(task, completed=done, total=total))
+                              max_groups=max_groups, progress=progress)
     click.echo(f"wrote {summary.out}: {summary.groups} groups, {summary.files} files"
                + (f", thumbnails in {summary.thumbs_dir}" if summary.thumbs_dir else "")
                + (f"; {summary.unreadable} images could not be read now (shown as such)" if summary.unreadable else ""))
@@ -475,7 +485,6 @@ def bench_command(count, images_dir, backends, workers, threads, n_queries, json
     from rich.console import Console
 
     from . import bench
-    from .models import BACKENDS
 
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BACKENDS or b == "auto"]
@@ -599,21 +608,24 @@ def eval_build_command(out, seed, sources, no_download, max_originals) -> None:
 def eval_run_command(set_path, k, threshold, no_baselines, json_out, plot_out) -> None:
     """Index SET's gallery, search every query, print top-1, recall@k, mAP, micro-AP per edit kind, and
     the pairwise precision/recall of `dups`, for neardup and (unless --no-baselines) two baselines."""
-    from . import evaluation
-
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from . import evaluation
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    try:
-        with bar:
-            task = bar.add_task("evaluating", total=None)
-            result = evaluation.run(set_path, k=k, baselines=not no_baselines, threshold=threshold,
-                                    progress=lambda stage, done, total: bar.update(task, description=stage,
-                                                                                   completed=done, total=total))
-    except evaluation.EvalSetError as exc:
-        raise Failure(str(exc)) from exc
+    with bar:
+        task = bar.add_task("evaluating", total=None)
+        result = evaluation.run(set_path, k=k, baselines=not no_baselines, threshold=threshold,
+                                progress=lambda stage, done, total: bar.update(task, description=stage,
+                                                                               completed=done, total=total))
     click.echo(evaluation.table(result))
     if json_out:
         with open(json_out, "w", encoding="utf-8") as f:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .benchmark_set import TRUTH_FILE
+from .index import NeardupError
 
 TARGET_PRECISION = 0.99
 SEED_TABLES, SEED_BITS, SEED_PLANES_SEED = 10, 8, 0
@@ -246,7 +247,7 @@ class EvalSet:
         return str((self.root / item["path"]).resolve())
 
 
-class EvalSetError(ValueError):
+class EvalSetError(NeardupError, ValueError):
     """A set that cannot be evaluated (missing truth file, bad schema, unknown match ids)."""
 
 
