@@ -296,3 +296,32 @@ def test_cli_usage_errors_for_action_options(library, tmp_path):
         result = subprocess.run([sys.executable, "-m", "neardup.cli", "dups", *args], capture_output=True, text=True, check=False,
                                 env=env, timeout=120)
         assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_undo_of_an_interrupted_run_with_its_manifest_elsewhere_folds_the_journal(library, tmp_path):
+    """A run whose manifest lives outside the index's actions folder and that a crash left 'applying'
+    (statuses only in its journal): undo settles it, restores the files, and the manifest read back
+    says 'undone' (a leftover journal would replay 'done' over it)."""
+    photos, index = library
+    before = tree_hashes(photos)
+    manifest = tmp_path / "elsewhere" / "run.json"
+    plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved"), manifest=manifest)
+    assert len(plan.entries) == 4
+    # what a crash after the last journal line leaves: the manifest as written before the first step
+    statuses = [e.status for e in plan.entries]
+    plan.state = "applying"
+    for entry in plan.entries:
+        entry.status = "planned"
+    actions._write_manifest(plan)
+    journal = actions._Journal(plan.manifest)
+    for i, status in enumerate(statuses):
+        journal.record(i, status)
+    journal.close()
+
+    undone, _ = actions.undo(manifest)
+    assert undone.state == "undone"
+    assert tree_hashes(photos) == before
+    assert not Path(str(manifest) + ".journal").exists()
+    reread = actions.load_manifest(manifest)
+    assert reread.state == "undone" and all(e.status == "undone" for e in reread.entries)
+    check_index(index)
