@@ -31,6 +31,7 @@ from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.report import html_report
 from neardup.schemas import COMPARE, DUPS_PAGE, ERROR, IMAGE, QUERY
 from neardup.web.app import create_app
+from neardup.web.thumbnails import ThumbnailCache
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "correct-horse-battery"
@@ -188,6 +189,49 @@ def test_images_served_by_catalog_id_only(client, full_index, collection, app):
     for traversal in ["../../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"]:
         response = client.get(f"/api/images/{traversal}")
         assert response.status_code in (404, 422) and "root:" not in response.text
+
+
+_LISTED: list[str] | None = None  # folders listed while a test records them (see _record_listings)
+
+
+def _record_listings(event: str, args: tuple) -> None:
+    if _LISTED is not None and event in ("os.scandir", "os.listdir", "glob.glob"):
+        _LISTED.append(os.fspath(args[0]) if args and args[0] is not None else ".")
+
+
+def test_thumbnail_miss_lists_only_its_own_image_and_a_changed_file_gets_a_fresh_one(tmp_path, photo_folder, embedder):
+    global _LISTED
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    index.add([photo_folder])
+    records = sorted(index._reader.records(), key=lambda r: r.id)
+    cache = ThumbnailCache(tmp_path / "thumbs")
+    sys.addaudithook(_record_listings)  # audit hooks stay for the process; it records only while _LISTED is set
+    _LISTED = []
+    try:
+        first = {r.id: cache.get(r) for r in records}  # a first browse: every one a miss
+    finally:
+        listed, _LISTED = _LISTED, None
+    # a miss may list the image's own entry, never the whole cache folder (O(N) per miss, O(N²) per browse)
+    assert str(tmp_path / "thumbs") not in listed, listed
+    for record in records:
+        with Image.open(io.BytesIO(first[record.id])) as img, Image.open(record.path) as original:
+            assert img.format == "JPEG" and max(img.size) == min(256, max(original.size))
+        assert cache.get(record) == first[record.id]  # a hit
+    before = {p for p in (tmp_path / "thumbs").rglob("*") if p.is_file()}
+    assert len(before) == len(records)
+
+    # chelsea.jpg gets coffee's bytes: re-indexed under its id, its thumbnail shows the new content
+    chelsea = next(r for r in records if r.path.endswith("chelsea.jpg"))
+    coffee = next(r for r in records if r.path.endswith("coffee.jpg"))
+    shutil.copy(coffee.path, chelsea.path)
+    index.add([photo_folder])
+    changed = index.image(chelsea.id)
+    assert changed.sha256 == coffee.sha256 != chelsea.sha256
+    assert cache.get(changed) == first[coffee.id] != first[chelsea.id]
+    after = {p for p in (tmp_path / "thumbs").rglob("*") if p.is_file()}
+    assert len(before - after) == 1 and len(after - before) == 1  # the stale thumbnail went, no other
+    assert cache.get(changed) == first[coffee.id]
+    index.close()
 
 
 def test_compare_gives_the_cosine_of_two_images(client, full_index, collection):
