@@ -290,8 +290,32 @@ def test_without_token_only_loopback_names_are_answered(app):
         assert client.get("/api/stats").status_code == 200
         assert client.get("/api/stats", headers={"host": "localhost:8000"}).status_code == 200
         assert client.get("/api/stats", headers={"host": "[::1]:8000"}).status_code == 200
+        # all of 127.0.0.0/8 is loopback, as for `serve` starting without a token
+        assert client.get("/api/stats", headers={"host": "127.0.0.2:8000"}).status_code == 200
+        assert client.get("/api/stats", headers={"host": "127.255.0.9"}).status_code == 200
         # a DNS-rebinding page reaches 127.0.0.1 under its own name: refused
         assert_error(client.get("/api/stats", headers={"host": "evil.example:8000"}), 403)
+        for foreign in ("192.0.2.10:8000", "[2001:db8::1]:8000", "localhost.evil.example", "127.0.0.1.evil.example"):
+            assert_error(client.get("/api/stats", headers={"host": foreign}), 403)
+
+
+def test_serve_without_token_on_another_loopback_address_answers_it(full_index):
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k != "NEARDUP_TOKEN"}
+    server = subprocess.Popen([sys.executable, "-m", "neardup.cli", "serve", "--index", str(full_index.root),
+                               "--host", "127.0.0.2", "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stderr.readline()
+        url = re.search(r"http://127\.0\.0\.2:\d+/", line)
+        assert url and "token" not in line, line
+        with httpx.Client(base_url=url.group(0), timeout=60) as client:
+            stats = client.get("/api/stats")
+            assert stats.status_code == 200 and stats.json()["images"] == 128
+            assert_error(client.get("/api/stats", headers={"host": "evil.example"}), 403)  # still no DNS rebinding
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0
 
 
 def test_broken_index_gives_json_errors_not_tracebacks(tmp_path, photo_folder, embedder, collection):

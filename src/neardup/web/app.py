@@ -51,7 +51,6 @@ MAX_K = 200
 MIN_DUPS_THRESHOLD = 0.5
 MAX_PER_PAGE = 200
 TOKEN_COOKIE = "neardup_token"
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _MAX_ID = 2**63 - 1
 _DUPS_CACHE_SIZE = 8
 
@@ -65,6 +64,9 @@ class ApiError(Exception):
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` (an address to listen on, or the name in a Host header) is loopback: 'localhost'
+    or any address of 127.0.0.0/8 or ::1. The one rule both for `serve` starting without a token and for
+    the server answering without one."""
     if host.strip("[]").lower() == "localhost":
         return True
     try:
@@ -133,7 +135,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if token is None:
-            if _host_name(request.headers.get("host", "")) not in LOOPBACK_NAMES:
+            if not is_loopback(_host_name(request.headers.get("host", ""))):
                 return _error(403, "this server answers loopback addresses only (start it with --token to allow others)")
         elif request.url.path.startswith("/api/") and not _token_ok(request, token):
             return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or open /?token=<token>")
