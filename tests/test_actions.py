@@ -325,3 +325,32 @@ def test_undo_of_an_interrupted_run_with_its_manifest_elsewhere_folds_the_journa
     reread = actions.load_manifest(manifest)
     assert reread.state == "undone" and all(e.status == "undone" for e in reread.entries)
     check_index(index)
+
+
+def test_an_action_compacts_by_the_index_rule_too_many_segments(library, tmp_path):
+    """The index compacts after a write that leaves many dead rows OR more than COMPACT_MAX_SEGMENTS
+    segments; an applied action follows the same rule (it used to check dead rows only)."""
+    from neardup.index import COMPACT_DEAD_FRACTION, COMPACT_MAX_SEGMENTS
+
+    photos, index = library
+    (photos / "c").mkdir()
+    rocket = photos / "a" / "rocket.jpg"
+    with Store.open(index.root) as store:
+        have = store.counts()["segments"]
+    for n in range(COMPACT_MAX_SEGMENTS - have):  # byte-identical copies share the computed vector: no embedding
+        shutil.copy(rocket, photos / "c" / f"rocket-{n}.jpg")
+    index.add([photos / "c"], commit_every=1)  # one segment per file, up to the limit but not past it
+    with Store.open(index.root) as store:
+        assert store.counts()["segments"] == COMPACT_MAX_SEGMENTS and store.dead_fraction() == 0
+    groups = [g for g in index.duplicates(0.8) if not any(f.startswith(str(photos / "c")) for f in g.files)]
+    plan = actions.apply_plan(actions.make_plan(index.root, groups, "move", to=tmp_path / "moved",
+                                                keep=("pixels", "oldest"), threshold=0.8))
+    assert sum(e.status == "done" for e in plan.entries) == 4
+    check_index(index)
+    with Store.open(index.root) as store:
+        # the action's one commit made it one segment past the limit, with few dead rows: compacted
+        assert store.dead_fraction() < COMPACT_DEAD_FRACTION
+        assert store.counts()["segments"] == 1
+    catalog = records(index)
+    assert len(catalog) == 7 + COMPACT_MAX_SEGMENTS - have
+    assert {e.destination for e in plan.entries} <= set(catalog)

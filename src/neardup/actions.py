@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import COMPACT_DEAD_FRACTION, DuplicateGroup, NeardupError
+from .index import DuplicateGroup, NeardupError, maybe_compact
 from .store import Record, Store, fsync_dir
 
 ACTIONS = ("move", "hardlink", "delete")
@@ -440,8 +440,7 @@ def _sync_index(store: Store, plan: Plan, entries: Sequence[Entry], *, undo: boo
         vectors, codes = snap.vectors(rows_array), snap.codes(rows_array)
     kept_paths = {r.path for r in records}
     store.commit(vectors=vectors, codes=codes, indexed=records, removed=[p for p in removed if p not in kept_paths])
-    if store.dead_fraction() > COMPACT_DEAD_FRACTION:
-        store.compact()
+    maybe_compact(store)
 
 
 # ---- recovery and undo ----------------------------------------------------------------------------

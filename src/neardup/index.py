@@ -222,7 +222,7 @@ class Index:
                 batch.removed.extend(gone)
                 summary.removed = len(gone)
             batch.flush()
-            self._maybe_compact(store)
+            maybe_compact(store)
         return summary
 
     def remove(self, paths: Iterable[str | os.PathLike], *, wait: bool = True,
@@ -232,7 +232,7 @@ class Index:
         with Store.open(self.root, write=True, wait=wait, on_wait=on_wait) as store:
             gone = store.paths_under(targets)
             store.commit(removed=gone)
-            self._maybe_compact(store)
+            maybe_compact(store)
         return len(gone)
 
     def compact(self) -> int:
@@ -292,7 +292,7 @@ class Index:
                     progress(done, len(files), summary.failed)
             if pending:
                 commit()
-            self._maybe_compact(store)
+            maybe_compact(store)
         return summary
 
     def snapshot(self) -> Snapshot:
@@ -489,10 +489,12 @@ class Index:
             while pending:
                 yield pending.popleft().result()
 
-    def _maybe_compact(self, store: Store) -> None:
-        counts = store.counts()
-        if store.dead_fraction() > COMPACT_DEAD_FRACTION or counts["segments"] > COMPACT_MAX_SEGMENTS:
-            store.compact()
+
+def maybe_compact(store: Store) -> None:
+    """Compact after a write that left too many dead rows or too many segments: the one rule for every
+    writer (add, remove, merge, actions)."""
+    if store.dead_fraction() > COMPACT_DEAD_FRACTION or store.counts()["segments"] > COMPACT_MAX_SEGMENTS:
+        store.compact()
 
 
 def query_bits(n: int) -> int:
