@@ -81,6 +81,29 @@ def test_builder_names_missing_sources_and_continues(tmp_path, monkeypatch):
     assert truth["missing"] == report.missing and len(report.missing) == len(missing) >= 6
 
 
+def test_builder_cache_follows_the_model_cache_rule(tmp_path, monkeypatch):
+    """$NEARDUP_CACHE, else $XDG_CACHE_HOME/neardup, else ~/.cache/neardup: for the fetched photo
+    packages as for the exported models (the set builder used to ignore $XDG_CACHE_HOME)."""
+    from neardup import benchmark_set
+    from neardup.models import onnx_backend
+
+    monkeypatch.delenv("NEARDUP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert benchmark_set.cache_dir() == onnx_backend.cache_dir() == tmp_path / "xdg" / "neardup"
+    lines = []
+    build_set(tmp_path / "set", sources=("skimage", "sklearn"), download=False, max_originals=2,
+              edits=("flip",), tiles_per_distractor=0, log=lines.append)
+    sklearn = [line for line in lines if line.startswith("missing:") and "scikit-learn" in line]
+    if not sklearn:
+        pytest.skip("scikit-learn is installed: its samples are not looked up in the cache")
+    assert str(tmp_path / "xdg" / "neardup" / "sklearn") in sklearn[0]
+    monkeypatch.setenv("NEARDUP_CACHE", str(tmp_path / "mine"))
+    assert benchmark_set.cache_dir() == onnx_backend.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("NEARDUP_CACHE")
+    assert benchmark_set.cache_dir() == onnx_backend.cache_dir() == Path.home() / ".cache" / "neardup"
+
+
 def test_cli_build_reports_missing_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("NEARDUP_CACHE", str(tmp_path / "empty-cache"))
     result = CliRunner().invoke(main, ["eval", "build", str(tmp_path / "s"), "--sources", "sklearn",

@@ -126,7 +126,11 @@ class SourceImage:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NEARDUP_CACHE") or Path.home() / ".cache" / "neardup")
+    """The model cache's folder, by its one rule ($NEARDUP_CACHE, else $XDG_CACHE_HOME/neardup, else
+    ~/.cache/neardup): fetched packages and wheels are kept beside the exported models."""
+    from .models.onnx_backend import cache_dir as model_cache_dir
+
+    return model_cache_dir()
 
 
 def _skimage_images() -> tuple[list[SourceImage], list[str]]:
