@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,38 @@ def test_dups_ray_command_prints_the_local_groups(full_index, ray_cluster):
     assert len(json.loads(local.stdout)["groups"]) >= 10
     both = runner.invoke(main, ["dups", "--ray", "--exact", "--index", str(full_index.root)])
     assert both.exit_code == 2 and "choose one of --exact and --ray" in both.output
+
+
+_OPENED: list[str] | None = None  # files opened while a test records them (see _record_opens)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], str):
+        _OPENED.append(args[0])
+
+
+def test_merge_reads_each_shard_footer_once(full_index, tmp_path, embedder):
+    """Index.merge checks every shard's footer before writing, then reads its columns: the footer is
+    read once (it used to be read again for the columns, twice: three opens of each shard)."""
+    global _OPENED
+    snap = full_index.snapshot()
+    records = [full_index.record(p) for p in snap.paths]
+    vectors = snap.vectors()
+    model = full_index.stats()["model"]
+    written = [shards.write_shard(records[i::3], vectors[i::3], model, str(tmp_path / "shards"), f"part-{i}")
+               for i in range(3)]
+    target = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    sys.addaudithook(_record_opens)  # audit hooks stay for the process; it records only while _OPENED is set
+    _OPENED = []
+    try:
+        summary = target.merge([tmp_path / "shards"])
+    finally:
+        opened, _OPENED = _OPENED, None
+    assert (summary.shards, summary.added, summary.failed) == (3, len(records), 0)
+    assert target.stats()["images"] == len(records)
+    for path in written:  # once for the footer (checked before anything is written), once for the columns
+        assert opened.count(path) == 2, (path, opened)
+    # the merged index holds the same vectors (float16 storage, so to ~1e-3) under the same paths
+    merged = dict(zip(target.snapshot().paths, target.snapshot().vectors()))
+    assert max(float(np.abs(merged[p] - v).max()) for p, v in zip(snap.paths, vectors)) < 2e-3
+    target.close()

@@ -250,12 +250,12 @@ class Index:
         from . import shards as shard_io
 
         files = shard_io.shard_files(shards)
-        models = [shard_io.read_model(path) for path in files]
+        footers = [shard_io.read_footer(path) for path in files]  # the one read of each footer
         summary = MergeSummary(shards=len(files))
         with Store.open(self.root, create=True, write=True, wait=wait, on_wait=on_wait) as store:
             self._check_model(store, initialise=True)
             identity = store.get_meta("model")
-            for path, model in zip(files, models):
+            for path, model in zip(files, (footer.model for footer in footers)):
                 if model != identity:
                     raise shard_io.ShardError(f"{path} was made with model {model.get('name')} "
                                               f"(weights {str(model.get('weights_sha256'))[:12]}); the index at "
@@ -274,8 +274,8 @@ class Index:
                              touched=[r for plan in pending for r in plan.touched])
                 pending.clear(), waiting.clear()
 
-            for done, path in enumerate(files, 1):
-                shard = shard_io.read_shard(path)
+            for done, (path, footer) in enumerate(zip(files, footers), 1):
+                shard = shard_io.read_shard(path, footer)
                 plan = shard_io.plan_merge(shard, lambda p: waiting.get(p) or store.record(p))
                 pending.append(plan)
                 waiting.update((r.path, r) for r in plan.indexed + plan.failed + plan.touched)

@@ -151,14 +151,29 @@ def _open(path: str):
     return open(path, "rb")
 
 
+@dataclass
+class Footer:
+    """A shard's footer, read and checked once: the model it declares, and the Parquet metadata that
+    reading the shard's columns then reuses instead of reading the footer again."""
+
+    model: dict
+    metadata: object  # pyarrow.parquet.FileMetaData
+
+
 def read_model(path: str) -> dict:
     """Check a shard's format from its footer alone and return the model identity it declares."""
+    return read_footer(path).model
+
+
+def read_footer(path: str) -> Footer:
+    """Read a shard's footer (only the footer) and check its format: version, model identity, columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         with _open(path) as f:
-            schema = pq.read_schema(f)
+            parquet = pq.ParquetFile(f)
+            schema, file_metadata = parquet.schema_arrow, parquet.metadata
     except (pa.ArrowException, OSError) as exc:
         raise ShardError(f"{path} is not a readable Parquet file: {_first_line(exc)}") from None
     metadata = schema.metadata or {}
@@ -178,19 +193,21 @@ def read_model(path: str) -> dict:
         if not schema.field(field.name).type.equals(field.type):
             raise ShardError(f"{path}: column '{field.name}' has type {schema.field(field.name).type}, "
                              f"expected {field.type}")
-    return model
+    return Footer(model, file_metadata)
 
 
-def read_shard(path: str) -> Shard:
-    """Read and validate a whole shard. Raises ShardError with one line for anything wrong."""
+def read_shard(path: str, footer: Footer | None = None) -> Shard:
+    """Read and validate a whole shard (given its `footer` when already read: it is not read again).
+    Raises ShardError with one line for anything wrong."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    model = read_model(path)
+    footer = footer or read_footer(path)
+    model = footer.model
     dim = int(model["dim"])
     try:
         with _open(path) as f:
-            table = pq.read_table(f, columns=list(SHARD_COLUMNS))
+            table = pq.ParquetFile(f, metadata=footer.metadata).read(columns=list(SHARD_COLUMNS))
     except (pa.ArrowException, OSError) as exc:
         raise ShardError(f"{path} is damaged: {_first_line(exc)}") from None
     columns = {name: table.column(name).to_pylist() for name in SHARD_COLUMNS if name != "vector"}
