@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -354,3 +355,54 @@ def test_an_action_compacts_by_the_index_rule_too_many_segments(library, tmp_pat
     catalog = records(index)
     assert len(catalog) == 7 + COMPACT_MAX_SEGMENTS - have
     assert {e.destination for e in plan.entries} <= set(catalog)
+
+
+def test_purge_trash_removes_only_old_run_folders_inside_the_trash(library, tmp_path):
+    from click.testing import CliRunner
+
+    from neardup.cli import main
+
+    _, index = library
+    chelsea, coffee = sorted(index.duplicates(0.8), key=lambda g: "coffee" in g.files[0])
+    old = actions.apply_plan(actions.make_plan(index.root, [chelsea], "delete", keep=("pixels", "oldest")))
+    new = actions.apply_plan(actions.make_plan(index.root, [coffee], "delete", keep=("pixels", "oldest")))
+    assert [e.status for e in old.entries] == ["done", "done"] and len(new.entries) == 2
+    trash = index.root / "trash"
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "keep.jpg").write_bytes(Path(new.entries[0].destination).read_bytes())
+    os.symlink(outside, Path(old.trash) / "link-to-a-folder")  # links inside a run: removed, never followed
+    os.symlink(outside / "keep.jpg", Path(old.trash) / "link-to-a-file.jpg")
+    os.symlink(outside, trash / "a-link-not-a-run")  # not a run folder: left alone
+    (trash / "notes.txt").write_text("not a run folder")
+    month_ago = time.time() - 40 * 86400
+    for path in (old.trash, trash / "a-link-not-a-run", trash / "notes.txt"):
+        os.utime(path, (month_ago, month_ago), follow_symlinks=False)
+    outside_before, new_before = tree_hashes(outside), tree_hashes(Path(new.trash))
+
+    runner = CliRunner()
+    dry = runner.invoke(main, ["purge-trash", "--index", str(index.root)])  # default: older than 30 days
+    assert dry.exit_code == 0, dry.output
+    assert old.trash in dry.output and new.trash not in dry.output and "would purge 1 trash folders" in dry.output
+    assert all(Path(e.destination).is_file() for e in old.entries)  # a dry run touches nothing
+    refused = runner.invoke(main, ["purge-trash", "--index", str(index.root), "--apply"])
+    assert refused.exit_code == 2 and "--yes" in refused.output and Path(old.trash).is_dir()
+
+    purged = runner.invoke(main, ["purge-trash", "--index", str(index.root), "--apply", "--yes"])
+    assert purged.exit_code == 0, purged.output
+    assert "purged 1 trash folders" in purged.output
+    assert not os.path.lexists(old.trash)
+    assert tree_hashes(outside) == outside_before and tree_hashes(Path(new.trash)) == new_before
+    assert os.path.islink(trash / "a-link-not-a-run") and (trash / "notes.txt").is_file()
+    with pytest.raises(actions.ActionError, match="has been purged"):
+        actions.undo(old.manifest)
+    undone, reembed = actions.undo(new.manifest)  # the younger run is still undoable
+    assert undone.state == "undone" and all(os.path.isfile(p) for p in reembed) and len(reembed) == 2
+
+    # a trash folder that is a symbolic link is refused: it would lead outside the index
+    os.rename(trash, tmp_path / "real-trash")
+    os.symlink(tmp_path / "real-trash", trash)
+    os.utime(tmp_path / "real-trash" / Path(new.trash).name, (month_ago, month_ago))
+    linked = runner.invoke(main, ["purge-trash", "--index", str(index.root), "--older-than", "0", "--apply", "--yes"])
+    assert linked.exit_code == 1 and "not a plain folder" in linked.output
+    assert (tmp_path / "real-trash" / Path(new.trash).name).is_dir()

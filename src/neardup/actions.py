@@ -9,8 +9,8 @@ Where each duplicate's bytes go (``destination`` in the manifest):
 
 * ``move``: ``--to DIR`` / the file's path relative to the deepest folder holding every acted-on file.
 * ``delete``: ``<index>/trash/<run id>/`` / that same relative path. Nothing is unlinked: delete moves the
-  bytes into the trash, so ``undo`` can restore them; remove the trash folder to free the space (after
-  that the delete cannot be undone).
+  bytes into the trash, so ``undo`` can restore them; ``purge_trash`` (``neardup purge-trash``) removes
+  run folders older than some days to free the space (after that those runs cannot be undone).
 * ``hardlink``: the file's old bytes go to the trash as for delete, then the file becomes a hard link to
   its group's survivor (link to a temporary name, then an atomic rename over the file).
 
@@ -540,6 +540,9 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
         _sync_index(store, plan, [e for e in todo if e.status == "undone"], undo=True)
         plan.state = "undone" if not lost else "interrupted"
         _write_manifest(plan)
+    if lost and plan.trash and not os.path.lexists(plan.trash):
+        raise ActionError(f"{len(lost)} files of {manifest} cannot be restored: their bytes were kept in "
+                          f"{plan.trash}, which has been purged")
     if lost:
         raise ActionError(f"{len(lost)} files of {manifest} are neither at their source nor at their "
                           f"destination with their recorded sha256, e.g. {lost[0]} (changed since, or moved "
@@ -562,6 +565,66 @@ def _restore(entry: Entry) -> None:
     os.replace(tmp, entry.source)
     fsync_dir(os.path.dirname(entry.source))
     os.unlink(entry.destination)
+
+
+# ---- purging the trash ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrashRun:
+    """One run's folder in the trash: what purging it frees."""
+
+    path: str
+    age_days: float  # since the folder was last written to (its mtime)
+    files: int
+    bytes: int
+
+
+def purge_trash(index_root: str | os.PathLike, older_than_days: float, *, dry_run: bool = False,
+                wait: bool = True, on_wait: Callable[[], None] | None = None,
+                progress: ProgressCallback | None = None) -> list[TrashRun]:
+    """Delete the run folders in ``<index>/trash/`` last written to more than `older_than_days` days ago
+    (0: all); their runs can no longer be undone. Returns them; with `dry_run` only lists them. Only real
+    folders directly inside a trash folder that is itself no symbolic link are removed, and symbolic
+    links inside them are removed, never followed: nothing outside the trash is touched. Runs under the
+    writer lock, after settling interrupted runs (as apply and undo do)."""
+    root = Path(index_root).absolute()
+    if dry_run:
+        return _old_trash_runs(root, older_than_days)
+    with Store.open(root, write=True, wait=wait, on_wait=on_wait) as store:
+        recover(store)
+        runs = _old_trash_runs(root, older_than_days)
+        for done, run in enumerate(runs, 1):
+            shutil.rmtree(run.path)
+            if progress:
+                progress(done, len(runs))
+        if runs:
+            fsync_dir(root / TRASH_DIR)
+    return runs
+
+
+def _old_trash_runs(root: Path, older_than_days: float) -> list[TrashRun]:
+    trash = root / TRASH_DIR
+    if os.path.islink(trash) or (trash.exists() and not trash.is_dir()):
+        raise ActionError(f"{trash} is not a plain folder (a symbolic link?); nothing purged")
+    if not trash.exists():
+        return []
+    now = time.time()
+    runs = []
+    with os.scandir(trash) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=False):
+                continue  # not a run folder: left alone
+            age = (now - entry.stat(follow_symlinks=False).st_mtime) / 86400
+            if older_than_days and age < older_than_days:  # (0 takes all, even a folder dated in the future)
+                continue
+            files = size = 0
+            for folder, _, names in os.walk(entry.path):  # os.walk does not follow symbolic links
+                for name in names:
+                    files += 1
+                    size += os.lstat(os.path.join(folder, name)).st_size
+            runs.append(TrashRun(entry.path, age, files, size))
+    return runs
 
 
 # ---- the manifest file --------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_a
         return
     click.echo(f"{past} {len(acted)} files ({size:.1f} MB), skipped {skipped}; manifest {plan.manifest}", err=True)
     if plan.trash and acted:
-        click.echo(f"their bytes are kept in {plan.trash} until you remove it", err=True)
+        click.echo(f"their bytes are kept in {plan.trash} until `neardup purge-trash` removes it", err=True)
     click.echo(f"undo with: neardup undo {plan.manifest}", err=True)
 
 
@@ -634,6 +634,39 @@ def eval_run_command(set_path, k, threshold, no_baselines, json_out, plot_out) -
     if plot_out:
         evaluation.plot(result, plot_out)
         click.echo(f"wrote {plot_out}", err=True)
+
+
+@main.command("purge-trash")
+@index_option
+@click.option("--older-than", "older_than", default=30.0, show_default=True, type=click.FloatRange(0), metavar="DAYS",
+              help="Only run folders last written to more than DAYS days ago (0: all).")
+@click.option("--apply", "do_apply", is_flag=True, help="Delete them (without it: only list them).")
+@click.option("--yes", is_flag=True, help="Confirm --apply: purged files cannot be restored, not even by undo.")
+@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing the index.")
+def purge_trash_command(index_dir, older_than, do_apply, yes, no_wait) -> None:
+    """Free the space kept by `dups --action delete/hardlink` runs: remove their folders in the index's
+    trash (<index>/trash/<run id>/) older than DAYS. Those runs can no longer be undone. Lists only,
+    unless --apply --yes."""
+    from . import actions
+
+    if do_apply and not yes:
+        raise click.UsageError("--apply also needs --yes (purged files cannot be restored, not even by `neardup undo`)")
+    with Index.open(index_dir) as index:
+        root = index.root
+        index.stats()  # fail now if the folder is no index
+    if do_apply:
+        with _step_progress("purging") as progress:
+            runs = actions.purge_trash(root, older_than, wait=not no_wait, on_wait=_waiting, progress=progress)
+    else:
+        runs = actions.purge_trash(root, older_than, dry_run=True)
+    for run in runs:
+        click.echo(f"{run.path}: {run.files} files, {run.bytes / 1e6:.1f} MB, {run.age_days:.1f} days old")
+    size = sum(run.bytes for run in runs) / 1e6
+    if do_apply:
+        click.echo(f"purged {len(runs)} trash folders ({size:.1f} MB); their runs can no longer be undone", err=True)
+    else:
+        click.echo(f"dry run: would purge {len(runs)} trash folders ({size:.1f} MB) older than {older_than:g} days; "
+                   "add --apply --yes to do it", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
