@@ -104,15 +104,27 @@ def test_info_remove_and_progress(tmp_path, photo_folder):
 
 
 def test_sigkill_during_indexing_leaves_a_consistent_index(tmp_path, collection):
-    """Kill `neardup index` at several points; every time the index opens, catalog and segments agree,
-    and a re-run completes the job."""
+    """Kill `neardup index` right after it has committed some batches (watched through the catalog, so
+    the kill lands mid-run however fast the machine is), and once at start-up; every time the index
+    opens, catalog and segments agree, and a re-run completes the job."""
     root = Path(next(iter(collection["originals"].values()))).parents[1]
     index = tmp_path / "idx"
     command = [sys.executable, "-m", "neardup.cli", "index", root, "--index", index, "--commit-every", "8", "--batch-size", "4"]
+
+    def indexed() -> int:
+        if not (index / "catalog.sqlite").exists():
+            return 0
+        with Store.open(index) as store:
+            return store.counts()["indexed"]
+
     committed = []
-    for delay in (0.5, 2.0, 3.0, 4.0, 5.0, 6.5):
+    for kill_after in (None, 8, 48, 96):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        if kill_after is None:
+            time.sleep(0.5)
+        else:
+            while process.poll() is None and indexed() < kill_after:
+                time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
         if not (index / "catalog.sqlite").exists():
