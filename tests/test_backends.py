@@ -24,6 +24,7 @@ from neardup.index import Index, ModelMismatch
 from neardup.models import load_embedder, resolve_backend
 from neardup.models import onnx_backend as ob
 from neardup.models.custom import CustomOnnxEmbedder
+from neardup.models.default_model import DIM
 from neardup.models.efficientnet_lite0 import (
     TorchEmbedder,
     load_pretrained,
@@ -76,17 +77,17 @@ def test_onnx_matches_torch_on_photos(embedder, onnx_embedder, guard_inputs):
     originals, copies = guard_inputs
     batch = np.concatenate([originals, copies[::7]])
     reference, exported = embedder.embed(batch), onnx_embedder.embed(batch)
-    assert exported.shape == reference.shape == (len(batch), 1280)
+    assert exported.shape == reference.shape == (len(batch), DIM)
     assert np.abs(exported - reference).max() < ONNX_TOLERANCE
     assert np.allclose(np.linalg.norm(exported, axis=1), 1, atol=1e-5)
     assert onnx_embedder.identity == embedder.identity
-    assert onnx_embedder.embed(batch[:0]).shape == (0, 1280)
+    assert onnx_embedder.embed(batch[:0]).shape == (0, DIM)
 
 
 def test_export_is_cached_by_weights_hash(cache, onnx_embedder):
     path = ob.fp32_model_path()
     assert path == onnx_embedder.path and path.parent == cache
-    assert weights_sha256()[:16] in path.name and f"-{ob.POOLING}-" in path.name  # an export of another pooling is never reused
+    assert weights_sha256()[:16] in path.name and ob.descriptor_key() in path.name  # an export of another pooling or whitening is never reused
     before = path.stat()
     again = ob.fp32_model_path()
     ob.OnnxEmbedder(threads=1)

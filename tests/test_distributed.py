@@ -180,8 +180,11 @@ def test_distributed_dups_equal_local_and_exact(full_index, ray_cluster, thresho
     local = full_index._lsh_pairs(snap, threshold)
     exact = _exact_pairs(snap, threshold)
     assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
-    assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2]) == _pair_set(snap, *exact[:2])
-    assert len(a) > 50
+    # Ray runs the local join's tables: the same pairs. Both find each pair at the threshold with
+    # probability >= 0.999 (lsh.plan_pairs), so they hold nearly all the exact pairs and nothing else.
+    assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2])
+    assert _pair_set(snap, a, b) <= _pair_set(snap, *exact[:2])
+    assert len(a) > 50 and len(a) >= 0.99 * len(exact[0])
     assert _groups(found.groups) == _groups(full_index.duplicates(threshold)) == _groups(
         full_index.duplicates(threshold, exact=True))
     local_scores = {(i, j): s for i, j, s in zip(*(x.tolist() for x in local))}

@@ -72,7 +72,11 @@ def test_lsh_duplicates_equal_exact_duplicates(full_index):
         lsh = full_index.duplicates(threshold)
         exact = full_index.duplicates(threshold, exact=True)
         assert [g.files for g in lsh] == [g.files for g in exact]
-        assert [round(g.min_score, 5) for g in lsh] == [round(g.min_score, 5) for g in exact]
+        # the tables find a subset of the exact pairs (each pair at the threshold with probability >= 0.999),
+        # so a group's weakest found link is never weaker than the exact one, its strongest never stronger
+        for found, oracle in zip(lsh, exact):
+            assert threshold <= oracle.min_score <= found.min_score + 1e-5
+            assert found.max_score <= oracle.max_score + 1e-5
 
 
 def test_bits_scale_with_collection_size_and_threshold():
@@ -147,10 +151,11 @@ def test_peer_data_groups_like_imagededup_expects(tmp_path, embedder):
     assert list(failures) == [str(PEER_DATA / "mixed_nested_images" / "ukbench09268_corrupt.jpg")]
     groups = [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates()]
     # alpha_channel_image.png is ukbench00120 saved as RGBA: composited on white it is the same photo.
-    # ukbench00120_rotation.jpg scores 0.717 against it: below the calibrated default 0.77, found at 0.65
+    # ukbench00120_rotation.jpg (turned ~30 degrees, black corners) scores 0.57 against it: below the
+    # calibrated default 0.66, found at 0.55 (README, "Known limits": strong rotations)
     assert ["alpha_channel_image.png", "ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg"] in groups
     assert ["alpha_channel_image.png", "ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg",
-            "ukbench00120_rotation.jpg"] in [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates(0.65)]
+            "ukbench00120_rotation.jpg"] in [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates(0.55)]
     assert summary.skipped == 1  # ukbench09380.svg: reported as not a raster image
     assert ["ukbench09380.bmp", "ukbench09380.jpeg", "ukbench09380.png", "ukbench09380.webp"] in groups
     assert not any("ukbench09268.jpg" in g for g in groups)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from neardup.models import default_embedder
 from neardup.models.efficientnet_lite0 import (
+    DIM,
     Conv2dSame,
     EfficientNetLite0,
     load_pretrained,
@@ -86,14 +87,14 @@ def test_preprocess_any_mode_and_size(embedder, chelsea):
 def test_embed_returns_unit_rows(embedder, chelsea, coffee):
     vectors = embedder.embed(np.stack([embedder.preprocess(chelsea), embedder.preprocess(coffee)]))
     assert vectors.dtype == np.float32
-    assert vectors.shape == (2, 1280)
+    assert vectors.shape == (2, DIM)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
 def test_embed_empty_batch(embedder):
     vectors = embedder.embed(np.zeros((0, 3, 224, 224), dtype=np.float32))
     assert vectors.dtype == np.float32
-    assert vectors.shape == (0, 1280)
+    assert vectors.shape == (0, DIM)
 
 
 def test_embed_rejects_wrong_shape(embedder):
@@ -123,11 +124,12 @@ def test_edited_copies_stay_close(embedder, chelsea, coffee):
 def test_identity(embedder):
     identity = embedder.identity
     assert json.loads(json.dumps(identity)) == identity
-    assert set(identity) == {"name", "weights_sha256", "preprocessing", "dim"}
+    assert set(identity) == {"name", "weights_sha256", "preprocessing", "whitening_sha256", "dim"}
     assert re.fullmatch(r"[0-9a-f]{64}", identity["weights_sha256"])
+    assert re.fullmatch(r"[0-9a-f]{64}", identity["whitening_sha256"])
     assert identity["weights_sha256"] == weights_sha256()
     assert identity["name"] == embedder.name == "efficientnet-lite0"
-    assert identity["dim"] == embedder.dim == 1280
+    assert identity["dim"] == embedder.dim == DIM
     assert embedder.input_size == 224
 
 

@@ -14,7 +14,7 @@ Photos come from installed or registry-fetched packages, never from the reposito
 * scikit-learn's two samples (china, flower), read from an installed scikit-learn, else from its wheel
   fetched with ``pip download scikit-learn --no-deps`` into the cache;
 * Debian packages fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the cache
-  (``$NEARDUP_CACHE`` or ``~/.cache/neardup``): photos of lomiri-wallpapers-16.04/-20.04,
+  (``$NEARDUP_CACHE``, else ``$XDG_CACHE_HOME/neardup``, else ``~/.cache/neardup``): photos of lomiri-wallpapers-16.04/-20.04,
   mate-backgrounds and plasma-workspace-wallpapers, and the non-photographic wallpapers of those and
   of ukui-wallpapers and gnome-backgrounds as distractors.
 
@@ -172,7 +172,7 @@ def _image_from_wheel(wheel: Path, fname: str) -> Image.Image:
         return Image.open(io.BytesIO(z.read(f"sklearn/datasets/images/{fname}"))).convert("RGB")
 
 
-def _deb_root(source: DebSource, download: bool) -> tuple[Path | None, str | None]:
+def deb_root(source: DebSource, download: bool) -> tuple[Path | None, str | None]:
     """The folder the package is unpacked in (fetching and unpacking it if needed), or a reason."""
     root = cache_dir() / "debs" / source.package
     if (root / ".complete").exists():
@@ -212,7 +212,7 @@ def _open_file(path: Path) -> Image.Image:
 def _debian_images(download: bool) -> tuple[list[SourceImage], list[str]]:
     found, missing = [], []
     for src in DEB_SOURCES:
-        root, why = _deb_root(src, download)
+        root, why = deb_root(src, download)
         if root is None:
             missing.append(f"Debian package {src.package}: {why}")
             continue

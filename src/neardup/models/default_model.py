@@ -1,6 +1,7 @@
 """What identifies and feeds the default model (EfficientNet-Lite0), without importing torch: the
-weights file and its hash, the input size, the preprocessing and the pooling. The ONNX backend runs from these
-alone once its export is cached, so `neardup query` does not pay torch's import time."""
+weights file and its hash, the border trim, the input size, the preprocessing, the pooling and the learned
+whitening. The ONNX backend runs from these alone once its export is cached, so `neardup query` does not pay
+torch's import time."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from PIL import Image
 
 NAME = "efficientnet-lite0"
 HEAD_CHANNELS = 1280
+#: The descriptor's dimension: the learned whitening projects the 1280 GeM channels onto 768.
+DIM = 768
 INPUT_SIZE = 224
 # The preprocessing the embedder applies; PIXEL_* are the TF EfficientNet-Lite constants.
 PIXEL_MEAN = 127.0
@@ -24,8 +27,25 @@ PIXEL_SCALE = 128.0
 GEM_P = 3.0
 GEM_EPS = 1e-6
 POOLING = "gem3"
-# Part of the model identity an index stores: an index of GAP vectors ("gap") is refused, not mixed.
-PREPROCESSING = f"resize224-bicubic,(x-127)/128,{POOLING},l2"
+#: Learned whitening after GeM (Radenović, Tolias & Chum, "CNN image retrieval learns from BoW", 2016):
+#: v -> l2(P (v - mean)), P [DIM, HEAD_CHANNELS] fitted from (photo, edited copy) pairs so that the
+#: directions edits move a descriptor along (colour, blur, borders, crops) weigh little and the ones
+#: that tell photos apart weigh much. Fitted by benchmarks/fit_whitening.py on photos from Debian packages
+#: that no `neardup eval` set draws from (benchmarks/RESULTS.md, "Learned whitening").
+WHITENING_FILE = Path(__file__).with_name("efficientnet_lite0_whitening.npz")
+PROJECTION = f"lw{DIM}"
+# Part of the model identity an index stores (with the whitening file's hash): an index of earlier
+# vectors (GAP, or GeM without trim and whitening) is refused, not mixed.
+PREPROCESSING = f"trim-border,resize224-bicubic,(x-127)/128,{POOLING},l2,{PROJECTION},l2"
+#: Border trim: a frame of lines whose colour stays within BORDER_TOLERANCE (mean) and BORDER_PEAK (every
+#: pixel) levels of the corner's colour is cut away, at most BORDER_MAX_FRACTION of each side, so a copy with
+#: a border (or a letterbox) and its original are embedded from the same pixels. JPEG ringing along the
+#: frame stays within the tolerances.
+BORDER_TOLERANCE = 6
+BORDER_PEAK = 48
+BORDER_MAX_FRACTION = 0.25
+#: The frame is found on a copy reduced to about this short side (Image.reduce: cheap box filter).
+BORDER_DETECT_SIDE = 256
 
 
 def weights_path() -> Path:
@@ -39,10 +59,32 @@ def weights_sha256() -> str:
     return hashlib.sha256(weights_path().read_bytes()).hexdigest()
 
 
+@functools.cache
+def whitening_sha256() -> str:
+    return hashlib.sha256(WHITENING_FILE.read_bytes()).hexdigest()
+
+
+@functools.cache
+def whitening() -> tuple[np.ndarray, np.ndarray]:
+    """(mean [HEAD_CHANNELS], projection [DIM, HEAD_CHANNELS]) as float32, from the shipped file."""
+    with np.load(WHITENING_FILE) as data:
+        mean, projection = data["mean"].astype(np.float32), data["projection"].astype(np.float32)
+    if mean.shape != (HEAD_CHANNELS,) or projection.shape != (DIM, HEAD_CHANNELS):
+        raise ValueError(f"{WHITENING_FILE}: expected mean [{HEAD_CHANNELS}] and projection [{DIM}, {HEAD_CHANNELS}], "
+                         f"got {list(mean.shape)} and {list(projection.shape)}")
+    return mean, projection
+
+
+def descriptor_key() -> str:
+    """Pooling and whitening as a file-name part: ONNX exports and int8 caches are keyed by it."""
+    return f"{POOLING}-{PROJECTION}-{whitening_sha256()[:12]}"
+
+
 def identity() -> dict:
     """What an index stores of the vector space these weights and this preprocessing make; every
     backend of the default model (torch, ONNX fp32, guarded int8) shares it."""
-    return {"name": NAME, "weights_sha256": weights_sha256(), "preprocessing": PREPROCESSING, "dim": HEAD_CHANNELS}
+    return {"name": NAME, "weights_sha256": weights_sha256(), "preprocessing": PREPROCESSING,
+            "whitening_sha256": whitening_sha256(), "dim": DIM}
 
 
 def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
@@ -53,11 +95,45 @@ def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the picture inside a uniform frame, or None where there is no frame.
+    Top and left lines are compared with the top-left pixel, bottom and right ones with the bottom-right."""
+    width, height = image.size
+    factor = max(1, min(width, height) // BORDER_DETECT_SIDE)
+    small = np.asarray(image.reduce(factor) if factor > 1 else image, dtype=np.int16)
+    rows, cols = small.shape[:2]
+    if rows < 8 or cols < 8:
+        return None
+
+    def depth(lines: np.ndarray, reference: np.ndarray, limit: int) -> int:
+        deviation = np.abs(lines[:limit] - reference).max(axis=-1)
+        uniform = (deviation.mean(axis=1) <= BORDER_TOLERANCE) & (deviation.max(axis=1) <= BORDER_PEAK)
+        return limit if uniform.all() else int(np.argmin(uniform))
+
+    row_limit, col_limit = int(rows * BORDER_MAX_FRACTION), int(cols * BORDER_MAX_FRACTION)
+    columns = small.transpose(1, 0, 2)
+    top = depth(small, small[0, 0], row_limit)
+    bottom = depth(small[::-1], small[-1, -1], row_limit)
+    left = depth(columns, small[0, 0], col_limit)
+    right = depth(columns[::-1], small[-1, -1], col_limit)
+    if top == bottom == left == right == 0:
+        return None
+    sx, sy = width / cols, height / rows
+    return round(left * sx), round(top * sy), width - round(right * sx), height - round(bottom * sy)
+
+
+def trim_border(image: Image.Image) -> Image.Image:
+    """The image without its uniform frame (see border_box); the image itself where it has none."""
+    box = border_box(image)
+    return image.crop(box) if box else image
+
+
 def preprocess(image: Image.Image) -> np.ndarray:
-    """Any-size PIL image -> float32 [3, 224, 224]; squashes the whole image, no crop, so nothing
-    near the border is lost to near-duplicate matching. Pure and thread-safe."""
+    """Any-size PIL image -> float32 [3, 224, 224]: trims a uniform frame, then squashes the whole
+    picture, no crop, so nothing near the border is lost to near-duplicate matching. Pure and thread-safe."""
     if image.mode != "RGB":
         image = image.convert("RGB")
+    image = trim_border(image)
     resized = np.asarray(image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC))
     # two passes over the pixels (transpose+convert+subtract, then scale) instead of four; 1/128 is
     # exact in binary, so the result is bit-identical to (x - 127) / 128

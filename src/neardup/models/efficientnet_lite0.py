@@ -26,6 +26,7 @@ from torch import nn
 
 # torch-free parts, re-exported here: the weights file, the input size and the preprocessing
 from .default_model import (  # noqa: F401
+    DIM,
     GEM_EPS,
     GEM_P,
     HEAD_CHANNELS,
@@ -39,6 +40,7 @@ from .default_model import (  # noqa: F401
     preprocess,
     weights_path,
     weights_sha256,
+    whitening,
 )
 
 STEM_CHANNELS = 32
@@ -143,6 +145,9 @@ class EfficientNetLite0(nn.Module):
         self._conv_head = Conv2dSame(in_channels, HEAD_CHANNELS, 1)
         self._bn1 = _batch_norm(HEAD_CHANNELS)
         self._fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
+        # the learned whitening (default_model.whitening); not part of the ImageNet state dict
+        self.register_buffer("whitening_mean", torch.zeros(HEAD_CHANNELS), persistent=False)
+        self.register_buffer("whitening_projection", torch.zeros(DIM, HEAD_CHANNELS), persistent=False)
 
     def fix_padding(self, input_size: int) -> EfficientNetLite0:
         """Make every strided convolution pad by constants computed for square inputs of this size.
@@ -173,9 +178,10 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.forward_features(x).mean(dim=(2, 3)))
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, 3, h, w] -> unit descriptors [n, 1280]: GeM-pooled features, L2-normalised. The torch
-        embedder and the ONNX export both run this, so their vectors agree."""
-        return F.normalize(gem(self.forward_features(x)), dim=1)
+        """[n, 3, h, w] -> unit descriptors [n, DIM]: GeM-pooled features, L2-normalised, whitened,
+        L2-normalised. The torch embedder and the ONNX export both run this, so their vectors agree."""
+        pooled = F.normalize(gem(self.forward_features(x)), dim=1)
+        return F.normalize(F.linear(pooled - self.whitening_mean, self.whitening_projection), dim=1)
 
 
 def gem(features: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch.Tensor:
@@ -190,6 +196,9 @@ def load_pretrained() -> EfficientNetLite0:
     model = EfficientNetLite0()
     state_dict = torch.load(weights_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state_dict, strict=True)
+    mean, projection = whitening()
+    model.whitening_mean.copy_(torch.from_numpy(mean))
+    model.whitening_projection.copy_(torch.from_numpy(projection))
     return model.eval()
 
 
@@ -197,7 +206,7 @@ class TorchEmbedder:
     """The ``neardup.models.Embedder`` backed by EfficientNet-Lite0 on torch (CPU, or a CUDA device)."""
 
     name = NAME
-    dim = HEAD_CHANNELS
+    dim = DIM
     input_size = INPUT_SIZE
 
     def __init__(self, threads: int | None = None, device: str = "cpu"):
@@ -215,7 +224,7 @@ class TorchEmbedder:
         return preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [n, 3, 224, 224] -> float32 [n, 1280], each row L2-normalised."""
+        """float32 [n, 3, 224, 224] -> float32 [n, DIM], each row L2-normalised."""
         batch = checked_batch(batch, self.input_size)
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)

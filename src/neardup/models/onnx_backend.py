@@ -1,10 +1,10 @@
 """The default model exported to ONNX and run in ONNX Runtime: fp32, int8, and GPU providers.
 
-Export. The embedding function (features -> GeM pool -> L2 normalise) is exported
-once with the TorchScript exporter (``dynamo=False``, opset 17, dynamic batch axis) and cached
-in the user cache dir under a name that holds the weights' sha256, the pooling and EXPORT_VERSION,
-so new weights, another pooling or a changed export wrapper give a new file and a stale one (such as
-an export of the earlier average-pooled descriptor) is never used. The file is
+Export. The embedding function (features -> GeM pool -> L2 normalise -> whitening -> L2 normalise) is
+exported once with the TorchScript exporter (``dynamo=False``, opset 17, dynamic batch axis) and cached
+in the user cache dir under a name that holds the weights' sha256, the pooling, the whitening's hash and
+EXPORT_VERSION, so new weights, another pooling or whitening or a changed export wrapper give a new file
+and a stale one (such as an export of an earlier descriptor) is never used. The file is
 written to a temporary name and renamed, so a killed export leaves no half file. torch 2.13 still
 has the TorchScript exporter (``dynamo=False``); it is used because it exports in ~1 s here, where the
 dynamo exporter (onnxscript, opset 18) took 68 s (under load) for a graph whose outputs agree with it
@@ -12,7 +12,8 @@ to 3e-7 on the sample photos.
 
 int8. Static quantisation (QDQ, per-channel int8 weights, uint8 activations, MinMax
 calibration) on real photos, of part of the network (mixed precision, see INT8_FLOAT_BLOCKS): the stem
-and the first MBConv block, where nearly all the int8 error arises, and the GeM pooling stay in float;
+and the first MBConv block, where nearly all the int8 error arises, the GeM pooling and the whitening stay
+in float;
 the other 15 blocks and the head conv run in int8. It is kept only when it passes the accuracy guard
 *where it is built*: mean cosine to the fp32 vectors >= INT8_MIN_MEAN_COSINE on the guard photos and their
 edited copies, and every copy's nearest original unchanged. The quantised file and its guard
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,21 +40,21 @@ import numpy as np
 
 from ..index import NeardupError
 from .default_model import (
-    HEAD_CHANNELS,
+    DIM,
     INPUT_SIZE,
     NAME,
-    POOLING,
     checked_batch,
+    descriptor_key,
     identity,
     weights_sha256,
 )
 from .default_model import preprocess as lite0_preprocess
 
 #: Bump when the exported graph changes (wrapper, opset, exporter options): old cache files are then ignored.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 OPSET = 17
 #: Bump when the quantisation recipe changes. (v1 quantised every node and was refused by the guard.)
-INT8_VERSION = 2
+INT8_VERSION = 3
 #: Leading MBConv blocks of the default model (after the float stem) kept in float in its int8 model.
 #: Measured on the guard set (mean cosine to fp32; model ms per image, batch 8, 2 threads, fp32 ~4.0-4.6):
 #: every node int8 0.986 (2.4-2.7 ms); stem + block 0 float 0.994 (2.2-2.6 ms); stem + blocks 0-1 float
@@ -97,7 +99,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def fp32_model_path() -> Path:
     """The cached ONNX export of the default model, exported now if missing."""
-    path = cache_dir() / f"{NAME}-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
+    path = cache_dir() / f"{NAME}-{weights_sha256()[:16]}-{descriptor_key()}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
     if not path.exists():
         _atomic_write(path, export_default_model)
     return path
@@ -118,7 +120,9 @@ def export_default_model(path: Path) -> None:
             return self.model.embedding(x)
 
     example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
-    with torch.inference_mode():
+    # the TorchScript exporter's deprecation and constant-folding notices are about torch, not the user's run
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(Embedding().eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["pixels"], output_names=["embedding"],
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
@@ -189,7 +193,7 @@ class OnnxEmbedder:
     (fp32: max abs difference < 1e-4 on unit vectors, tested)."""
 
     name = NAME
-    dim = HEAD_CHANNELS
+    dim = DIM
     input_size = INPUT_SIZE
 
     def __init__(self, path: Path | None = None, *, threads: int | None = None, providers: Sequence | None = None,
@@ -393,7 +397,7 @@ def int8_model(photos: Sequence | None = None, *, threads: int | None = None) ->
 
 
 def _int8_prefix() -> str:
-    return f"{NAME}-{weights_sha256()[:16]}-{POOLING}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
+    return f"{NAME}-{weights_sha256()[:16]}-{descriptor_key()}-v{EXPORT_VERSION}-int8v{INT8_VERSION}-cal"
 
 
 def guarded_int8_model() -> Path | None:
