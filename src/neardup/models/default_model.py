@@ -105,10 +105,16 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
     if rows < 8 or cols < 8:
         return None
 
+    def uniform(lines: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        difference = np.abs(lines - reference)
+        deviation = np.maximum(np.maximum(difference[..., 0], difference[..., 1]), difference[..., 2])
+        return (deviation.mean(axis=1) <= BORDER_TOLERANCE) & (deviation.max(axis=1) <= BORDER_PEAK)
+
     def depth(lines: np.ndarray, reference: np.ndarray, limit: int) -> int:
-        deviation = np.abs(lines[:limit] - reference).max(axis=-1)
-        uniform = (deviation.mean(axis=1) <= BORDER_TOLERANCE) & (deviation.max(axis=1) <= BORDER_PEAK)
-        return limit if uniform.all() else int(np.argmin(uniform))
+        if limit == 0 or not uniform(lines[:1], reference)[0]:  # most photos: no frame, one line read
+            return 0
+        flags = uniform(lines[:limit], reference)
+        return limit if flags.all() else int(np.argmin(flags))
 
     row_limit, col_limit = int(rows * BORDER_MAX_FRACTION), int(cols * BORDER_MAX_FRACTION)
     columns = small.transpose(1, 0, 2)
