@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import hashlib
 import io
 import json
 import random
@@ -108,7 +109,8 @@ def training_photos(seed: int) -> tuple[list[Image.Image], dict]:
         rng.shuffle(usable)
         chosen = usable[:cap]
         photos += [rgb for _, rgb in chosen]
-        summary[package] = {"licence": licence, "usable": len(usable), "used": len(chosen)}
+        deb = (root / ".complete").read_text().strip()  # the .deb file name, version included
+        summary[package] = {"deb": deb, "licence": licence, "usable": len(usable), "used": len(chosen)}
         print(f"{package}: {len(chosen)} of {len(usable)} usable images", file=sys.stderr)
     return photos, summary
 
@@ -237,7 +239,7 @@ def pooled_vectors(images: list[Image.Image], batch: int = 32) -> np.ndarray:
 
     from neardup.models.efficientnet_lite0 import gem, load_pretrained
 
-    model = load_pretrained()
+    model = load_pretrained(whitened=False)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
@@ -255,6 +257,9 @@ def main() -> None:
     parser.add_argument("--shrinkage", type=float, default=0.5)
     parser.add_argument("--save-vectors", metavar="NPZ", help="also keep the training vectors (to try other --dim/--shrinkage)")
     args = parser.parse_args()
+    if Path(args.out).resolve() == default_model.WHITENING_FILE.resolve() and args.dim != default_model.DIM:
+        parser.error(f"--dim {args.dim} cannot replace the shipped whitening (default_model.DIM is {default_model.DIM}); "
+                     "write it elsewhere with --out")
     started = time.perf_counter()
     photos, summary = training_photos(args.seed)
     rng = random.Random(args.seed)
@@ -273,7 +278,8 @@ def main() -> None:
             "input": "efficientnet-lite0 " + default_model.PREPROCESSING.split(",l2,")[0] + ",l2",
             "photos": len(photos), "copies_per_photo": args.copies, "seed": args.seed, "dim": args.dim,
             "shrinkage": args.shrinkage, "sources": summary, "edits": [e.__name__ for e in EDITS],
-            "fitted": datetime.date.today().isoformat(), "script": "benchmarks/fit_whitening.py"}
+            "fitted": datetime.date.today().isoformat(), "script": "benchmarks/fit_whitening.py",
+            "mean_projection_sha256": hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest()}
     np.savez(args.out, mean=mean, projection=projection, meta=np.array(json.dumps(meta)))
     print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 

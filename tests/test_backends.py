@@ -261,7 +261,7 @@ def test_custom_model_indexes_and_queries_and_refuses_other_models(tmp_path, tri
         assert Path(json.loads(result.output)["results"][0]["matches"][0]["path"]).stem == copy["original"]
     # the default model, or the same file with another normalisation, is a different vector space
     result = runner.invoke(main, ["query", copies[0]["path"], "--index", index_dir, "--backend", "onnx"])
-    assert result.exit_code == 1 and "built with model lite0-trimmed" in result.output
+    assert result.exit_code == 1 and "name lite0-trimmed (here: efficientnet-lite0)" in result.output
     other_spec = tmp_path / "other.json"
     other_spec.write_text(json.dumps({**TRIMMED_SPEC, "mean": [0.5, 0.5, 0.5]}))
     with pytest.raises(ModelMismatch), Index.open(index_dir, embedder=CustomOnnxEmbedder(trimmed_model, other_spec)) as index:

@@ -180,15 +180,19 @@ def test_opening_with_another_model_is_a_clear_error(tmp_path, photo_folder, emb
     other.close()
 
 
-def test_an_index_of_the_earlier_average_pooled_descriptor_is_refused(tmp_path, photo_folder, embedder):
-    # indexes built before GeM pooling stored this identity; their vectors must not mix with GeM ones
+@pytest.mark.parametrize("preprocessing", ["resize224-bicubic,(x-127)/128,gap,l2", "resize224-bicubic,(x-127)/128,gem3,l2"])
+def test_an_index_of_an_earlier_descriptor_is_refused(tmp_path, photo_folder, embedder, preprocessing):
+    # the identities indexes stored before the whitening (average pooling, then GeM): 1280-d, no whitening hash
+    earlier = {"name": embedder.name, "weights_sha256": embedder.identity["weights_sha256"],
+               "preprocessing": preprocessing, "dim": 1280}
     earlier_descriptor = SimpleNamespace(
-        name=embedder.name, dim=embedder.dim, input_size=embedder.input_size, preprocess=embedder.preprocess,
-        embed=embedder.embed, identity={**embedder.identity, "preprocessing": "resize224-bicubic,(x-127)/128,gap,l2"})
-    with Index.open(tmp_path / "idx", create=True, embedder=earlier_descriptor) as earlier:
-        earlier.add([photo_folder / "chelsea.jpg"])
+        name=embedder.name, dim=1280, input_size=embedder.input_size, preprocess=embedder.preprocess,
+        embed=lambda batch: np.full((len(batch), 1280), 1280 ** -0.5, np.float32), identity=earlier)
+    with Index.open(tmp_path / "idx", create=True, embedder=earlier_descriptor) as index:
+        index.add([photo_folder / "chelsea.jpg"])
     current = Index.open(tmp_path / "idx", embedder=embedder)
-    with pytest.raises(ModelMismatch, match=r"gap,l2\); this run uses .*gem3,l2"):
+    with pytest.raises(ModelMismatch, match=r"preprocessing .*,l2 \(here: trim-border.*lw768,l2\); "
+                                            r"dim 1280 \(here: 768\); whitening_sha256 absent \(here: [0-9a-f]{12}\)"):
         current.query(photo_folder / "coffee.jpg")
     current.close()
 

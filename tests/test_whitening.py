@@ -1,5 +1,6 @@
 """Learned whitening (neardup.models.whitening) and the default model's border trim and shipped fit."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -88,7 +89,31 @@ def test_shipped_fit_matches_the_model_and_was_trained_off_the_benchmark():
     assert meta["dim"] == default_model.DIM and meta["photos"] >= 500
     evaluated = {source.package for source in benchmark_set.DEB_SOURCES}
     assert meta["sources"] and not set(meta["sources"]) & evaluated
-    assert default_model.identity()["whitening_sha256"] == default_model.whitening_sha256()
+    numbers = hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest()
+    assert default_model.identity()["whitening_sha256"] == numbers == meta["mean_projection_sha256"]
+
+
+def test_another_whitening_is_another_model_and_metadata_is_not(tmp_path):
+    """The identity (what an index stores) and the ONNX/int8 cache key follow the whitening's numbers;
+    a refit with the same numbers (other metadata, another day) changes neither."""
+    mean, projection = default_model.whitening()
+    shipped = default_model.WHITENING_FILE
+    before = (default_model.identity(), default_model.descriptor_key())
+    same, other = tmp_path / "same.npz", tmp_path / "other.npz"
+    np.savez(same, mean=mean, projection=projection, meta=np.array('{"fitted": "another day"}'))
+    np.savez(other, mean=mean, projection=projection[::-1].copy())
+    try:
+        for path, changes in ((same, False), (other, True)):
+            default_model.WHITENING_FILE = path
+            default_model.whitening.cache_clear()
+            default_model.whitening_sha256.cache_clear()
+            after = (default_model.identity(), default_model.descriptor_key())
+            assert (after[0] != before[0]) is changes and (after[1] != before[1]) is changes
+    finally:
+        default_model.WHITENING_FILE = shipped
+        default_model.whitening.cache_clear()
+        default_model.whitening_sha256.cache_clear()
+    assert (default_model.identity(), default_model.descriptor_key()) == before
 
 
 # ---- border trim ---------------------------------------------------------------------------------
@@ -141,3 +166,30 @@ def test_a_frame_on_one_side_only(photo):
     letterbox.paste(photo, (0, 0))
     left, top, right, bottom = default_model.border_box(letterbox)
     assert (left, top, right) == (0, 0, 512) and abs(bottom - 512) <= 2
+
+
+def test_a_mirrored_copy_is_trimmed_as_its_original(photo):
+    framed = ImageOps.expand(photo, border=30, fill=(250, 250, 250))
+    framed.putpixel((0, 0), (242, 242, 242))  # a corner pixel a little off the frame colour changes nothing
+    left, top, right, bottom = default_model.border_box(framed)
+    m_left, m_top, m_right, m_bottom = default_model.border_box(ImageOps.mirror(framed))
+    w = framed.width
+    assert (m_left, m_top, m_right, m_bottom) == (w - right, top, w - left, bottom)
+    assert abs(left - 30) <= 2 and abs(top - 30) <= 2
+
+
+def test_a_noisy_frame_is_trimmed(photo):
+    rng = np.random.default_rng(0)
+    framed = np.asarray(ImageOps.expand(photo, border=40, fill=(128, 128, 128))).astype(np.float32)
+    noisy = Image.fromarray(np.clip(framed + rng.normal(0, 3, framed.shape), 0, 255).astype(np.uint8))
+    box = default_model.border_box(noisy)
+    assert box is not None and all(abs(a - b) <= 3 for a, b in zip(box, (40, 40, 552, 552))), box
+
+
+def test_long_and_non_rgb_images():
+    strip = Image.new("RGB", (300, 40_000), (0, 0, 0))
+    strip.paste(Image.new("RGB", (300, 30_000), (200, 30, 30)), (0, 5_000))
+    left, top, right, bottom = default_model.border_box(strip)  # reduced per axis: fast, little memory
+    assert (left, right) == (0, 300) and abs(top - 5_000) <= 160 and abs(bottom - 35_000) <= 160
+    for mode in ("L", "P", "LA", "I;16", "1"):
+        assert default_model.border_box(Image.new(mode, (64, 64))) == (16, 16, 48, 48)

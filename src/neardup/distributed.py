@@ -49,9 +49,9 @@ from .index import (
 )
 from .store import Record
 
-#: Rows per Parquet shard: ~21 MB of 1280-d float32 vectors.
+#: Rows per Parquet shard: ~13 MB of 768-d float32 vectors.
 SHARD_ROWS = 4096
-#: Vectors per object-store chunk in the duplicate search: ~330 MB of 1280-d float32 per chunk.
+#: Vectors per object-store chunk in the duplicate search: ~200 MB of 768-d float32 per chunk.
 CHUNK_ROWS = 1 << 16
 
 

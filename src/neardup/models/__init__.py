@@ -43,7 +43,8 @@ class Embedder(Protocol):
     name: str
     dim: int
     input_size: int
-    # JSON-serialisable {"name", "weights_sha256", "preprocessing", "dim"}; an index stores it
+    # JSON-serialisable {"name", "weights_sha256", "preprocessing", "dim"} (the default model adds
+    # "whitening_sha256"); an index stores it
     # and refuses to be opened by an embedder whose identity differs.
     identity: dict
 

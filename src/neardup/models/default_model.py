@@ -34,18 +34,19 @@ POOLING = "gem3"
 #: that no `neardup eval` set draws from (benchmarks/RESULTS.md, "Learned whitening").
 WHITENING_FILE = Path(__file__).with_name("efficientnet_lite0_whitening.npz")
 PROJECTION = f"lw{DIM}"
-# Part of the model identity an index stores (with the whitening file's hash): an index of earlier
-# vectors (GAP, or GeM without trim and whitening) is refused, not mixed.
-PREPROCESSING = f"trim-border,resize224-bicubic,(x-127)/128,{POOLING},l2,{PROJECTION},l2"
 #: Border trim: a frame of lines whose colour stays within BORDER_TOLERANCE (mean) and BORDER_PEAK (every
-#: pixel) levels of the corner's colour is cut away, at most BORDER_MAX_FRACTION of each side, so a copy with
-#: a border (or a letterbox) and its original are embedded from the same pixels. JPEG ringing along the
-#: frame stays within the tolerances.
+#: pixel) levels of the median colour of the side's outermost line is cut away, at most
+#: BORDER_MAX_FRACTION of each side, so a copy with a border (or a letterbox) and its original are
+#: embedded from the same pixels. JPEG ringing along the frame stays within the tolerances.
 BORDER_TOLERANCE = 6
 BORDER_PEAK = 48
 BORDER_MAX_FRACTION = 0.25
-#: The frame is found on a copy reduced to about this short side (Image.reduce: cheap box filter).
+#: The frame is found on a copy reduced (Image.reduce, a cheap box filter) to about this many pixels per axis.
 BORDER_DETECT_SIDE = 256
+# Part of the model identity an index stores (with the whitening's hash): an index of earlier
+# vectors (GAP, or GeM without trim and whitening) is refused, not mixed.
+PREPROCESSING = (f"trim-border(edge-median,{BORDER_TOLERANCE},{BORDER_PEAK},{BORDER_MAX_FRACTION},{BORDER_DETECT_SIDE}),"
+                 f"resize224-bicubic,(x-127)/128,{POOLING},l2,{PROJECTION},l2")
 
 
 def weights_path() -> Path:
@@ -61,7 +62,9 @@ def weights_sha256() -> str:
 
 @functools.cache
 def whitening_sha256() -> str:
-    return hashlib.sha256(WHITENING_FILE.read_bytes()).hexdigest()
+    """Hash of the whitening's numbers (not of the file, whose metadata a refit rewrites)."""
+    mean, projection = whitening()
+    return hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest()
 
 
 @functools.cache
@@ -73,6 +76,12 @@ def whitening() -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{WHITENING_FILE}: expected mean [{HEAD_CHANNELS}] and projection [{DIM}, {HEAD_CHANNELS}], "
                          f"got {list(mean.shape)} and {list(projection.shape)}")
     return mean, projection
+
+
+def lsh_center() -> np.ndarray:
+    """The point the index's LSH hyperplanes pass through (neardup.index, `lsh` meta): the origin, since the
+    whitening already subtracts the photos' mean (unrelated photos score ~0), so a bit splits them evenly."""
+    return np.zeros(DIM, dtype=np.float32)
 
 
 def descriptor_key() -> str:
@@ -97,10 +106,14 @@ def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
 
 def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
     """(left, top, right, bottom) of the picture inside a uniform frame, or None where there is no frame.
-    Top and left lines are compared with the top-left pixel, bottom and right ones with the bottom-right."""
+    Each side's lines are compared with the median colour of that side's outermost line, so a mirrored copy
+    is trimmed as its original is and one odd corner pixel changes nothing."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     width, height = image.size
-    factor = max(1, min(width, height) // BORDER_DETECT_SIDE)
-    small = np.asarray(image.reduce(factor) if factor > 1 else image, dtype=np.int16)
+    factor_x, factor_y = max(1, width // BORDER_DETECT_SIDE), max(1, height // BORDER_DETECT_SIDE)
+    reduced = image.reduce((factor_x, factor_y)) if factor_x > 1 or factor_y > 1 else image
+    small = np.asarray(reduced, dtype=np.int16)
     rows, cols = small.shape[:2]
     if rows < 8 or cols < 8:
         return None
@@ -110,7 +123,8 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
         deviation = np.maximum(np.maximum(difference[..., 0], difference[..., 1]), difference[..., 2])
         return (deviation.mean(axis=1) <= BORDER_TOLERANCE) & (deviation.max(axis=1) <= BORDER_PEAK)
 
-    def depth(lines: np.ndarray, reference: np.ndarray, limit: int) -> int:
+    def depth(lines: np.ndarray, limit: int) -> int:
+        reference = np.median(lines[0], axis=0).round().astype(np.int16)
         if limit == 0 or not uniform(lines[:1], reference)[0]:  # most photos: no frame, one line read
             return 0
         flags = uniform(lines[:limit], reference)
@@ -118,10 +132,8 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
 
     row_limit, col_limit = int(rows * BORDER_MAX_FRACTION), int(cols * BORDER_MAX_FRACTION)
     columns = small.transpose(1, 0, 2)
-    top = depth(small, small[0, 0], row_limit)
-    bottom = depth(small[::-1], small[-1, -1], row_limit)
-    left = depth(columns, small[0, 0], col_limit)
-    right = depth(columns[::-1], small[-1, -1], col_limit)
+    top, bottom = depth(small, row_limit), depth(small[::-1], row_limit)
+    left, right = depth(columns, col_limit), depth(columns[::-1], col_limit)
     if top == bottom == left == right == 0:
         return None
     sx, sy = width / cols, height / rows

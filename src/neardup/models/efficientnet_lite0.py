@@ -37,6 +37,7 @@ from .default_model import (  # noqa: F401
     PREPROCESSING,
     checked_batch,
     identity,
+    lsh_center,
     preprocess,
     weights_path,
     weights_sha256,
@@ -191,14 +192,16 @@ def gem(features: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch
     return features.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
-def load_pretrained() -> EfficientNetLite0:
-    """A fresh model with the ImageNet weights, in eval mode."""
+def load_pretrained(whitened: bool = True) -> EfficientNetLite0:
+    """A fresh model with the ImageNet weights and (unless `whitened` is False, as when the whitening
+    itself is being fitted) the shipped whitening, in eval mode."""
     model = EfficientNetLite0()
     state_dict = torch.load(weights_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state_dict, strict=True)
-    mean, projection = whitening()
-    model.whitening_mean.copy_(torch.from_numpy(mean))
-    model.whitening_projection.copy_(torch.from_numpy(projection))
+    if whitened:
+        mean, projection = whitening()
+        model.whitening_mean.copy_(torch.from_numpy(mean))
+        model.whitening_projection.copy_(torch.from_numpy(projection))
     return model.eval()
 
 
@@ -219,6 +222,7 @@ class TorchEmbedder:
         # a GPU takes whole batches; on CPU small micro-batches keep activations in cache
         self._micro_batch = MICRO_BATCH if self.device.type == "cpu" else 256
         self.identity = identity()
+        self.center = lsh_center()
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image)

@@ -46,6 +46,7 @@ from .default_model import (
     checked_batch,
     descriptor_key,
     identity,
+    lsh_center,
     weights_sha256,
 )
 from .default_model import preprocess as lite0_preprocess
@@ -205,6 +206,7 @@ class OnnxEmbedder:
         # a GPU wants big batches; on CPU ORT is as fast per image at 8 and keeps activations in cache
         self._batch = ORT_BATCH if self.providers[0] == "CPUExecutionProvider" else TRT_MAX_BATCH
         self.identity = identity()
+        self.center = lsh_center()
 
     def preprocess(self, image):
         return lite0_preprocess(image)

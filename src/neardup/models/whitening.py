@@ -13,7 +13,7 @@ import numpy as np
 
 
 def fit(originals: np.ndarray, copies: np.ndarray, copy_of: np.ndarray, dim: int,
-        shrinkage: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+        shrinkage: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """(mean [d], projection [dim, d]) from unit descriptors of photos [m, d] and of their edited copies
     [n, d], copy i being a copy of photo copy_of[i].
 
