@@ -145,7 +145,7 @@ def test_border_trim_survives_jpeg_and_keeps_the_descriptor(photo, tmp_path):
     decoded = load_image(path).image  # JPEG draft decoding may halve it
     scale = decoded.width / framed.width
     box = default_model.border_box(decoded)
-    assert box is not None and all(abs(a - b * scale) <= 3 for a, b in zip(box, (40, 40, 552, 552))), box
+    assert box is not None and all(abs(a - b * scale) <= 3 for a, b in zip(box, (40, 40, 552, 552), strict=True)), box
     embedder = default_embedder()
     a, b = embedder.embed(np.stack([embedder.preprocess(photo), embedder.preprocess(decoded)]))
     assert float(a @ b) > 0.95
@@ -183,7 +183,7 @@ def test_a_noisy_frame_is_trimmed(photo):
     framed = np.asarray(ImageOps.expand(photo, border=40, fill=(128, 128, 128))).astype(np.float32)
     noisy = Image.fromarray(np.clip(framed + rng.normal(0, 3, framed.shape), 0, 255).astype(np.uint8))
     box = default_model.border_box(noisy)
-    assert box is not None and all(abs(a - b) <= 3 for a, b in zip(box, (40, 40, 552, 552))), box
+    assert box is not None and all(abs(a - b) <= 3 for a, b in zip(box, (40, 40, 552, 552), strict=True)), box
 
 
 def test_long_and_non_rgb_images():
@@ -193,3 +193,47 @@ def test_long_and_non_rgb_images():
     assert (left, right) == (0, 300) and abs(top - 5_000) <= 160 and abs(bottom - 35_000) <= 160
     for mode in ("L", "P", "LA", "I;16", "1"):
         assert default_model.border_box(Image.new(mode, (64, 64))) == (16, 16, 48, 48)
+
+
+# ---- the fit script's pieces (the fit itself needs ~450 MB of Debian packages: run by hand) --------
+
+@pytest.fixture(scope="module")
+def fit_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fit_whitening.py"
+    spec = importlib.util.spec_from_file_location("fit_whitening", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_webp_images_are_carved_whole_from_a_resource_bundle(fit_script, photo, tmp_path):
+    import io
+
+    encoded = io.BytesIO()
+    photo.resize((128, 128)).save(encoded, "WEBP", quality=90)
+    bundle = tmp_path / "activity.rcc"
+    bundle.write_bytes(b"qres\0\0RIFF-not-webp" + encoded.getvalue() + b"\0tail" + encoded.getvalue())
+    found = list(fit_script._webp_in_bundle(bundle))
+    assert len(found) == 2 and all(data == encoded.getvalue() for _, data in found)
+    with Image.open(io.BytesIO(found[0][1])) as image:
+        assert image.size == (128, 128)
+
+
+def test_edited_copies_are_valid_and_reproducible(fit_script, photo):
+    import random
+
+    first = [fit_script.edited_copy(photo, random.Random(seed)) for seed in range(40)]
+    again = [fit_script.edited_copy(photo, random.Random(seed)) for seed in range(40)]
+    assert all(copy.mode == "RGB" and min(copy.size) >= 8 for copy in first)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again, strict=True))
+    assert len({copy.size for copy in first}) > 5  # crops, borders, thumbnails, aspect changes happened
+
+
+def test_the_fit_refuses_evaluation_sources(fit_script, monkeypatch):
+    evaluated = benchmark_set.DEB_SOURCES[0]
+    monkeypatch.setattr(fit_script, "SOURCES", ((evaluated.package, "x", "x", ("*",), 1, 0),))
+    with pytest.raises(SystemExit, match="evaluation source"):
+        fit_script.training_photos(0)
