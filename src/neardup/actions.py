@@ -49,6 +49,7 @@ import numpy as np
 
 from .index import DuplicateGroup, NeardupError, maybe_compact
 from .store import Record, Store, fsync_dir
+from .errors import ActionError  # noqa: F401 (re-exported)
 
 ACTIONS = ("move", "hardlink", "delete")
 KEEP_CRITERIA = ("pixels", "size", "oldest", "newest", "shortest-path")
@@ -60,10 +61,6 @@ _INDEX_BATCH = 64  # steps per index commit
 _TMP_PREFIX = ".neardup-tmp-"
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps planned)
-
-
-class ActionError(NeardupError):
-    """An action that cannot be planned, applied or undone, worded for the user."""
 
 
 @dataclass

@@ -48,15 +48,12 @@ from .index import (
     duplicate_groups,
 )
 from .store import Record
+from .errors import RayError  # noqa: F401 (re-exported)
 
 #: Rows per Parquet shard: ~13 MB of 768-d float32 vectors.
 SHARD_ROWS = 4096
 #: Vectors per object-store chunk in the duplicate search: ~200 MB of 768-d float32 per chunk.
 CHUNK_ROWS = 1 << 16
-
-
-class RayError(NeardupError):
-    pass
 
 
 def _ray():

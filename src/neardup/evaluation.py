@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .benchmark_set import TRUTH_FILE
-from .index import NeardupError
+
+from .errors import EvalSetError, NeardupError  # noqa: F401 (re-exported)
 
 TARGET_PRECISION = 0.99
 SEED_TABLES, SEED_BITS, SEED_PLANES_SEED = 10, 8, 0
@@ -245,10 +246,6 @@ class EvalSet:
 
     def path(self, item: dict) -> str:
         return str((self.root / item["path"]).resolve())
-
-
-class EvalSetError(NeardupError, ValueError):
-    """A set that cannot be evaluated (missing truth file, bad schema, unknown match ids)."""
 
 
 def load_set(path: str | os.PathLike) -> EvalSet:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
+from .errors import ImageError  # noqa: F401 (re-exported)
 
 
 def _register_optional_plugins() -> None:
@@ -91,14 +92,6 @@ _WHITE = (255, 255, 255, 255)
 _PILLOW_BOMB_MESSAGE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 _SNIFF_BYTES = 4096
 _MAX_DETAIL_CHARS = 120
-
-
-class ImageError(Exception):
-    """A file that cannot be used as an image; ``reason`` is one line for the user."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from . import lsh
 from .groups import group_pairs
 from .images import ImageError, discover, load_image
 from .store import CATALOG, Record, Snapshot, Store
+from .errors import ModelMismatch, NeardupError  # noqa: F401 (re-exported)
 
 DEFAULT_INDEX_DIR = ".neardup"
 #: Default cosine threshold for `duplicates`, calibrated with `neardup eval` (README, "Scores and the
@@ -61,14 +62,6 @@ DENSE_CACHE_BYTES = 128 << 20
 PAIR_RECALL = 0.999
 COMPACT_DEAD_FRACTION = 0.3
 COMPACT_MAX_SEGMENTS = 64
-
-
-class NeardupError(Exception):
-    """Base of the user-facing errors raised by the Index (one clear line each)."""
-
-
-class ModelMismatch(NeardupError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -460,8 +460,6 @@ def row_dots(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", vectors_a, vectors_b, dtype=np.float32)
 
 
-
-
 # ---- the all-pairs join cut into pure steps, for a join spread over many machines ------------------
 
 def table_keys(words: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -21,18 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .index import NeardupError
 from .schemas import SHARD_COLUMNS, SHARD_VERSION
 from .store import Record, fsync_dir
+from .errors import NeardupError, ShardError  # noqa: F401 (re-exported)
 
 VERSION_KEY = b"neardup.shard"
 MODEL_KEY = b"neardup.model"
 SUFFIX = ".parquet"
 TMP_PREFIX = ".tmp-"
-
-
-class ShardError(NeardupError):
-    """A file that is not a valid neardup shard, or one made by another model (one line)."""
 
 
 @dataclass

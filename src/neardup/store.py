@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from .errors import IndexLocked, IndexWriteError, StoreError  # noqa: F401 (re-exported)
 
 #: 2: vectors stored as float16 (half the disk and page cache; scores move by <= ~1e-3, see lsh.cosines).
 SCHEMA_VERSION = 2
@@ -67,18 +68,6 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE INDEX IF NOT EXISTS images_segment ON images(segment, row);
 """
-
-
-class StoreError(Exception):
-    """A problem with the index folder, worded for the user."""
-
-
-class IndexLocked(StoreError):
-    pass
-
-
-class IndexWriteError(StoreError):
-    """Disk full or another write failure: nothing of the failed write was committed."""
 
 
 def _reporting_write_errors(method):

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..index import NeardupError
 from .default_model import (
     DIM,
     INPUT_SIZE,
@@ -50,6 +49,7 @@ from .default_model import (
     weights_sha256,
 )
 from .default_model import preprocess as lite0_preprocess
+from ..errors import BackendError, NeardupError  # noqa: F401 (re-exported)
 
 #: Bump when the exported graph changes (wrapper, opset, exporter options): old cache files are then ignored.
 EXPORT_VERSION = 3
@@ -67,10 +67,6 @@ INT8_MIN_MEAN_COSINE = 0.99
 ORT_BATCH = 8
 #: The TensorRT engine for the dynamic batch axis is built for batches up to this size.
 TRT_MAX_BATCH = 64
-
-
-class BackendError(NeardupError):
-    """A backend or model that cannot be used here (refused int8 model, bad ONNX file or spec)."""
 
 
 def cache_dir() -> Path:
