@@ -406,3 +406,220 @@ def test_purge_trash_removes_only_old_run_folders_inside_the_trash(library, tmp_
     linked = runner.invoke(main, ["purge-trash", "--index", str(index.root), "--older-than", "0", "--apply", "--yes"])
     assert linked.exit_code == 1 and "not a plain folder" in linked.output
     assert (tmp_path / "real-trash" / Path(new.trash).name).is_dir()
+
+
+# ---- regression tests for the review of 2026-12-04 (issue 15): each failed on ff7b7d5 -------------------
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """What an editor's save does: new bytes under a new inode, renamed over the old name."""
+    tmp = path.with_name(".save-tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_hardlink_undo_never_overwrites_a_file_saved_at_the_source_since(library):
+    """Review #1: after a hard-link run the user saves a new picture under a linked name; undo must not
+    put the old bytes over it (it did, keeping no copy, exit 0). That entry is reported, the others are
+    restored, and once the user moves their file aside a re-run restores the last one."""
+    photos, index = library
+    before = tree_hashes(photos)
+    plan = actions.apply_plan(plan_for(index, "hardlink"))
+    assert sum(e.status == "done" for e in plan.entries) == 4
+    saved = photos / "b" / "chelsea_half.jpg"
+    new_bytes = b"USER EDIT " + os.urandom(100)
+    replace_atomically(saved, new_bytes)
+    entry = next(e for e in plan.entries if e.source == str(saved))
+
+    with pytest.raises(actions.ActionError, match="changed since the run") as raised:
+        actions.undo(plan.manifest)
+    assert saved.read_bytes() == new_bytes  # the user's file is untouched
+    assert hashlib.sha256(Path(entry.destination).read_bytes()).hexdigest() == before[str(saved)]  # old bytes kept
+    after = tree_hashes(photos)
+    assert {p: h for p, h in after.items() if p != str(saved)} == {p: h for p, h in before.items() if p != str(saved)}
+    assert sorted(raised.value.reembed) == sorted(e.source for e in plan.entries if e.source != str(saved))
+    reread = actions.load_manifest(plan.manifest)
+    jsonschema.validate(json.loads(Path(plan.manifest).read_text(encoding="utf-8")), MANIFEST)
+    assert reread.state == "partly-undone"
+    left = [e for e in reread.entries if e.status == "done"]
+    assert [e.source for e in left] == [str(saved)] and left[0].reason.startswith("not restored: changed since the run")
+
+    os.rename(saved, photos / "my new picture.jpg")  # the user moves their file aside
+    undone, reembed = actions.undo(plan.manifest)
+    assert undone.state == "undone" and reembed == [str(saved)]
+    index.add(raised.value.reembed + reembed)
+    assert tree_hashes(photos) == {**before, str(photos / "my new picture.jpg"): hashlib.sha256(new_bytes).hexdigest()}
+    check_index(index)
+
+
+def test_one_file_reached_by_two_catalog_paths_is_never_its_own_duplicate(library, tmp_path):
+    """Review #2: photos/a indexed a second time through a symlinked folder. Each of its files is then in
+    the catalog twice; acting on one path acted on the survivor itself (delete left neither). At plan time
+    no action pairs a file with itself; at apply time a source made a hard link to its survivor since the
+    plan is skipped too."""
+    photos, index = library
+    originals = tree_hashes(photos / "a")
+    os.symlink("a", photos / "alias")
+    summary = index.add([photos / "alias"])
+    assert summary.added == 3  # the same three files, catalogued under a second spelling
+    for action, options in (("move", {"to": tmp_path / "moved"}), ("delete", {}), ("hardlink", {})):
+        plan = plan_for(index, action, **options)
+        aliased = [e for e in plan.entries if os.path.samefile(e.source, e.survivor)]
+        assert len(aliased) == 3, action  # chelsea, coffee, rocket: each paired with its other path
+        assert all(e.status == "skipped" and "same file as its survivor" in e.reason for e in aliased), action
+    deleted = actions.apply_plan(plan_for(index, "delete"))
+    assert tree_hashes(photos / "a") == originals  # every kept file is still there
+    assert {os.path.basename(e.source) for e in deleted.entries if e.status == "done"} == {
+        "chelsea_half.jpg", "chelsea_flip.jpg", "coffee_jpeg30.jpg", ODD_NAME}
+    actions.undo(deleted.manifest)
+
+
+def test_a_source_that_became_its_survivors_file_since_the_plan_is_skipped(library):
+    """Review #2 at apply time: the byte-identical copy is made a hard link to its survivor after the plan
+    (same sha256, same inode): acting on it would act on the survivor's file."""
+    photos, index = library
+    plan = plan_for(index, "delete")
+    odd = photos / "b" / ODD_NAME
+    os.link(photos / "a" / "coffee.jpg", photos / "b" / "tmp-link")
+    os.replace(photos / "b" / "tmp-link", odd)
+    applied = actions.apply_plan(plan)
+    entry = next(e for e in applied.entries if e.source == str(odd))
+    assert entry.status == "skipped" and "already a hard link to its survivor" in entry.reason
+    assert os.path.samefile(odd, photos / "a" / "coffee.jpg") and not os.path.lexists(entry.destination or "")
+
+
+def test_keep_in_and_to_are_compared_as_real_folders(library, tmp_path, caplog):
+    """Review #3: --keep-in spelled through a symlink protected nothing (string prefixes); --to spelled
+    another way did not exclude files already moved there. A --keep-in folder without catalogued files
+    is reported."""
+    photos, index = library
+    reference = photos / "b"
+    os.symlink(reference, tmp_path / "reference-link")
+    before = tree_hashes(reference)
+    plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved", keep_in=[tmp_path / "reference-link"]))
+    assert plan.warnings == []
+    assert all(Path(e.survivor).is_relative_to(reference) for e in plan.entries)
+    assert all(e.status == "skipped" and "--keep-in" in e.reason
+               for e in plan.entries if Path(e.source).is_relative_to(reference))
+    assert tree_hashes(reference) == before
+    assert {e.source for e in plan.entries if e.status == "done"} == {str(photos / "a" / "chelsea.jpg"),
+                                                                       str(photos / "a" / "coffee.jpg")}
+    os.symlink(tmp_path / "moved", tmp_path / "moved-link")
+    again = plan_for(index, "move", to=tmp_path / "moved-link")  # the files moved there are done with
+    assert again.entries and not [p for e in again.entries for p in (e.source, e.survivor)
+                                  if Path(p).is_relative_to(tmp_path / "moved")]
+
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("WARNING", logger="neardup.actions"):
+        warned = plan_for(index, "move", to=tmp_path / "elsewhere", keep_in=[tmp_path / "empty"])
+    assert warned.warnings == [f"--keep-in {tmp_path / 'empty'} holds no catalogued file: it protects nothing"]
+    assert warned.warnings[0] in caplog.text
+    jsonschema.validate(warned.to_json(), MANIFEST)
+    # a folder the catalog spells only through a symlink still holds catalogued files
+    os.symlink(photos, tmp_path / "photos-link")
+    index.remove([photos / "a"])
+    index.add([tmp_path / "photos-link" / "a"])
+    assert plan_for(index, "move", to=tmp_path / "elsewhere", keep_in=[photos / "a"]).warnings == []
+
+
+def test_apply_skips_a_duplicate_whose_survivor_is_gone_since_the_plan(library):
+    """Review #4a: the survivor deleted between plan and apply; its duplicates went to the trash too,
+    leaving no copy in the tree. Now they stay, with the reason."""
+    photos, index = library
+    before = tree_hashes(photos)
+    plan = plan_for(index, "delete")
+    survivor = photos / "a" / "chelsea.jpg"
+    survivor.unlink()
+    applied = actions.apply_plan(plan)
+    chelsea = [e for e in applied.entries if e.survivor == str(survivor)]
+    assert len(chelsea) == 2
+    for entry in chelsea:
+        assert entry.status == "skipped" and f"its survivor {survivor} is gone" in entry.reason
+        assert hashlib.sha256(Path(entry.source).read_bytes()).hexdigest() == before[entry.source]
+    assert sum(e.status == "done" for e in applied.entries) == 2  # the coffee group went ahead
+    check_index(index)
+
+
+def test_apply_skips_a_duplicate_edited_in_place_since_the_plan(library):
+    """Review #4b: a same-size edit of the duplicate after the plan hashed it went to the trash, and undo
+    then refused to restore it. Now the source is hashed again right before the step."""
+    photos, index = library
+    plan = plan_for(index, "hardlink")
+    source = photos / "b" / "coffee_jpeg30.jpg"
+    with open(source, "r+b") as f:
+        f.seek(200)
+        f.write(b"EDITED-IN-PLACE")
+    edited = source.read_bytes()
+    applied = actions.apply_plan(plan)
+    entry = next(e for e in applied.entries if e.source == str(source))
+    assert entry.status == "skipped" and "changed since the plan (sha256 differs)" in entry.reason
+    assert source.read_bytes() == edited and not os.path.samefile(source, entry.survivor)
+    assert not any(Path(applied.trash).rglob(source.name))
+    assert sum(e.status == "done" for e in applied.entries) == 3
+
+
+def test_apply_never_links_to_a_symlink_swapped_in_for_the_survivor(library, tmp_path):
+    """Review #4c: the survivor replaced by a symbolic link after the plan; os.link followed it and made
+    the duplicate a hard link to the link's target (any file). Now the survivor must be its regular file."""
+    photos, index = library
+    before = tree_hashes(photos)
+    plan = plan_for(index, "hardlink")
+    survivor = photos / "a" / "chelsea.jpg"
+    elsewhere = tmp_path / "not-a-photo.jpg"
+    shutil.copy(survivor, elsewhere)  # same bytes, so only the symlink check can tell
+    survivor.unlink()
+    os.symlink(elsewhere, survivor)
+    applied = actions.apply_plan(plan)
+    chelsea = [e for e in applied.entries if e.survivor == str(survivor)]
+    assert len(chelsea) == 2
+    for entry in chelsea:
+        assert entry.status == "skipped" and "symbolic link" in entry.reason
+        assert not os.path.samefile(entry.source, elsewhere)
+        assert hashlib.sha256(Path(entry.source).read_bytes()).hexdigest() == before[entry.source]
+    assert os.stat(elsewhere).st_nlink == 1
+
+
+def test_undo_restores_all_it_can_syncs_the_index_and_reports_each_conflict(library, tmp_path):
+    """Review #11: undo stopped at the first file it could not put back, leaving later ones in --to,
+    the manifest unwritten and the index pointing at files that were gone. Now every other file is put
+    back, the index and manifest say so, the CLI exits 1 naming the conflicts, and a re-run retries only
+    those."""
+    from click.testing import CliRunner
+
+    from neardup.cli import main
+
+    photos, index = library
+    before = tree_hashes(photos)
+    plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved"))
+    assert sum(e.status == "done" for e in plan.entries) == 4
+    blocked = {str(photos / "b" / "chelsea_half.jpg"), str(photos / "b" / "coffee_jpeg30.jpg")}
+    for path in blocked:
+        Path(path).write_bytes(b"new download")
+
+    result = CliRunner().invoke(main, ["undo", plan.manifest])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "2 of 4 files" in result.output and "not restored" in result.output
+    assert all(Path(p).read_bytes() == b"new download" for p in blocked)
+    reread = actions.load_manifest(plan.manifest)
+    assert reread.state == "partly-undone"
+    jsonschema.validate(json.loads(Path(plan.manifest).read_text(encoding="utf-8")), MANIFEST)
+    for entry in reread.entries:
+        if entry.source in blocked:
+            assert entry.status == "done" and "a file is now at" in entry.reason
+            assert hashlib.sha256(Path(entry.destination).read_bytes()).hexdigest() == before[entry.source]
+        else:
+            assert entry.status == "undone" and not os.path.exists(entry.destination)
+            assert hashlib.sha256(Path(entry.source).read_bytes()).hexdigest() == before[entry.source]
+    catalog = records(index)
+    check_index(index)
+    assert all(os.path.exists(p) for p in catalog)  # the index follows the disk
+    assert {e.destination for e in reread.entries if e.source in blocked} <= set(catalog)
+
+    with pytest.raises(actions.UndoIncomplete) as again:  # a re-run retries the two, restores nothing else
+        actions.undo(plan.manifest)
+    assert {e.source for e in again.value.not_restored} == blocked
+    for path in blocked:
+        os.unlink(path)
+    undone, _ = actions.undo(plan.manifest)
+    assert undone.state == "undone" and tree_hashes(photos) == before
+    assert set(records(index)) == set(before) and check_index(index)

@@ -17,8 +17,19 @@ Where each duplicate's bytes go (``destination`` in the manifest):
 Safety:
 
 * The plan hashes every file it would touch; a file whose size or sha256 no longer matches the catalog
-  (changed since indexing), or that is missing, is skipped with a reason. Files under ``keep_in`` folders
-  are never touched and are preferred as survivors.
+  (changed since indexing), that is missing or a symbolic link, is skipped with a reason. Files under
+  ``keep_in`` folders are never touched and are preferred as survivors; ``keep_in`` and ``--to`` are
+  compared as real folders (a symlinked spelling names the same folder), and a ``keep_in`` folder that
+  holds no catalogued file is reported in ``Plan.warnings``.
+* A path is not an identity: two catalog paths that reach one file (a symlinked folder or a bind mount
+  indexed twice, a hard link) are never a duplicate pair, for every action, at plan and at apply time.
+* Apply re-checks right before every step: the source and the survivor are each opened without following
+  symbolic links and hashed from the open descriptor (sha256 as planned), and every new link made is
+  checked to be the inode that was verified. A failed check skips the entry with its reason; a survivor
+  gone since the plan keeps its duplicate in place, so a group never loses all its copies.
+* Undo never overwrites: a file put back needs its source path free, or (hard link runs) still the link
+  the run left there. Every entry that cannot be put back is recorded with its reason ("not restored:
+  ..."), the others are restored, the index synced and the manifest rewritten; a re-run retries only those.
 * Moving never overwrites: a hard link to the new name then an unlink of the old one on one filesystem
   (the file exists under at least one name at every instant), else copy to a temporary name + fsync +
   sha256 check + link into place + unlink of the source.
@@ -37,6 +48,7 @@ import datetime
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -47,9 +59,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
+from .errors import ActionError  # noqa: F401 (re-exported)
+from .files import FileCheckError
 from .index import DuplicateGroup, NeardupError, maybe_compact
 from .store import Record, Store, fsync_dir
-from .errors import ActionError  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 ACTIONS = ("move", "hardlink", "delete")
 KEEP_CRITERIA = ("pixels", "size", "oldest", "newest", "shortest-path")
@@ -61,12 +77,26 @@ _INDEX_BATCH = 64  # steps per index commit
 _TMP_PREFIX = ".neardup-tmp-"
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps planned)
+Identity = tuple[int, int]  # (st_dev, st_ino): what a path reaches, whatever its spelling
+
+
+class UndoIncomplete(ActionError):
+    """An undo that put back every file it could but not all of them. The index is synced and the
+    manifest rewritten before this is raised: `plan` (state 'partly-undone'; the entries not put back
+    keep status 'done' and say why in `reason`), `reembed` (restored paths to `Index.add`, as `undo`
+    returns), `not_restored` (those entries)."""
+
+    def __init__(self, message: str, plan: Plan, reembed: list[str]):
+        super().__init__(message)
+        self.plan, self.reembed = plan, reembed
+        self.not_restored = [e for e in plan.entries if e.status == "done"]
 
 
 @dataclass
 class Entry:
     """One file acted on. status: 'planned', 'done', 'skipped' (with a reason, nothing touched) or
-    'undone'. `destination` is where the file's own bytes went; `survivor` the file kept in its group."""
+    'undone'. `destination` is where the file's own bytes went; `survivor` the file kept in its group.
+    After an undo, an entry still 'done' was not put back; its `reason` ("not restored: ...") says why."""
 
     group: int
     action: str
@@ -92,8 +122,9 @@ class Plan:
     trash: str | None
     threshold: float | None
     entries: list[Entry] = field(default_factory=list)
-    state: str = "planned"  # planned -> applying -> applied | interrupted -> undone
+    state: str = "planned"  # planned -> applying -> applied | interrupted -> undone | partly-undone
     manifest: str | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. a --keep-in folder that holds no catalogued file
 
     @property
     def todo(self) -> list[Entry]:
@@ -139,10 +170,6 @@ def _rank_key(record: Record, keep: Sequence[str], protected: bool):
     return (not protected, *(values[name] for name in keep), record.path)
 
 
-def _is_under(path: str, folders: Sequence[str]) -> bool:
-    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
-
-
 # ---- planning ---------------------------------------------------------------------------------
 
 
@@ -150,15 +177,16 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
               to: str | os.PathLike | None = None, keep: Sequence[str] = DEFAULT_KEEP,
               keep_in: Sequence[str | os.PathLike] = (), threshold: float | None = None) -> Plan:
     """What `apply_plan` will do, file by file: the survivor of each group by `keep` (files under
-    `keep_in` first and never touched), every other member checked against the catalog (size, sha256)
-    and given its destination. Reads only."""
+    `keep_in` first and never touched), every other member checked against the catalog (size, sha256,
+    not a symbolic link, not the survivor's own file by another path) and given its destination.
+    Reads only. `Plan.warnings` lists what the user should know (also logged)."""
     if action not in ACTIONS:
         raise ActionError(f"unknown action {action!r}; choose from {', '.join(ACTIONS)}")
     if action == "move" and not to:
         raise ActionError("--action move needs --to DIR")
     root = Path(index_root).absolute()
     keep = tuple(keep)
-    protected_folders = [os.path.abspath(f) for f in keep_in]
+    protected_folders = [files.real_folder(f) for f in keep_in]
     now = time.time()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex[:6]}"
     trash = str(root / TRASH_DIR / run_id) if action in ("delete", "hardlink") else None
@@ -166,62 +194,115 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
     plan = Plan(run_id, action, str(root), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 list(keep), protected_folders, os.path.abspath(to) if to else None, trash, threshold)
     # files an earlier move already put in --to are done with: neither acted on again nor survivors
-    handled = [os.path.abspath(to)] if action == "move" else []
+    handled = [files.real_folder(to)] if action == "move" else []
     with Store.open(root) as store:
+        plan.warnings = [f"--keep-in {folder} holds no catalogued file: it protects nothing"
+                         for folder in protected_folders if not _holds_catalogued(store, folder)]
         chosen: list[tuple[int, Record, list[Record]]] = []
         for number, group in enumerate(groups, 1):
             records = [r for r in (store.record(p) for p in group.files)
-                       if r is not None and r.status == "indexed" and not _is_under(r.path, handled)]
+                       if r is not None and r.status == "indexed" and not files.is_within(r.path, handled)]
             if len(records) < 2:
                 continue
-            ranked = sorted(records, key=lambda r: _rank_key(r, keep, _is_under(r.path, protected_folders)))
+            ranked = sorted(records, key=lambda r: _rank_key(r, keep, files.is_within(r.path, protected_folders)))
             chosen.append((number, ranked[0], ranked[1:]))
-    acted = [r.path for _, _, others in chosen for r in others if not _is_under(r.path, protected_folders)]
+    for warning in plan.warnings:
+        log.warning("neardup: warning: %s", warning)
+    acted = [r.path for _, _, others in chosen for r in others if not files.is_within(r.path, protected_folders)]
     base = os.path.commonpath([os.path.dirname(p) for p in acted]) if acted else os.sep
     taken: set[str] = set()
+    survivors: dict[Identity, str] = {}
+    checked = []
     for number, survivor, others in chosen:
-        survivor_ok = _check_file(survivor)
+        try:
+            survivors.setdefault(_verify(survivor.path, survivor.sha256, survivor.size), survivor.path)
+            checked.append((number, survivor, others, None))
+        except FileCheckError as exc:
+            checked.append((number, survivor, others, _since_indexing(survivor.path, exc)))
+    acted_on: dict[Identity, str] = {}
+    for number, survivor, others, survivor_problem in checked:
         for record in others:
             entry = Entry(number, action, record.path, None, survivor.path, record.sha256 or "", record.size,
                           survivor.sha256 or "")
             plan.entries.append(entry)
-            if _is_under(record.path, protected_folders):
+            if files.is_within(record.path, protected_folders):
                 entry.status, entry.reason = "skipped", "under a --keep-in folder"
                 continue
-            problem = _check_file(record) or (survivor_ok and f"its survivor {survivor.path}: {survivor_ok}")
-            if not problem and action == "hardlink":
-                problem = _hardlink_problem(record.path, survivor.path)
+            try:
+                identity = _verify(record.path, record.sha256, record.size)
+            except FileCheckError as exc:
+                entry.status, entry.reason = "skipped", _since_indexing(record.path, exc)
+                continue
+            problem = survivor_problem and f"its survivor {survivor.path}: {survivor_problem}"
+            if not problem and identity in survivors:
+                problem = _same_file_reason(record.path, survivors[identity])
+            if not problem and identity in acted_on:
+                problem = f"the same file as {acted_on[identity]}, which this plan already acts on (another path to it)"
+            if not problem and action == "hardlink" and identity[0] != files.identity(survivor.path)[0]:
+                problem = "on another filesystem than its survivor (a hard link cannot cross filesystems)"
             if problem:
                 entry.status, entry.reason = "skipped", problem
                 continue
+            acted_on[identity] = record.path
             entry.destination = _free_name(os.path.join(target, os.path.relpath(record.path, base)), taken)
     return plan
 
 
-def _check_file(record: Record) -> str | None:
-    """Why the file no longer is what the catalog says (None when it is)."""
+def _holds_catalogued(store: Store, folder: str) -> bool:
+    """Whether any catalogued file lies in `folder` (a real folder), whatever spelling indexed it."""
+    if store.paths_under([folder]):
+        return True
+    real_parents: dict[str, str] = {}  # the catalog may spell it through a symlink: compare real folders
+    for record in store.records():
+        parent = os.path.dirname(record.path)
+        if parent not in real_parents:
+            real_parents[parent] = files.real_folder(parent)
+        if files.is_within(os.path.join(real_parents[parent], "x"), [folder]):
+            return True
+    return False
+
+
+def _verify(path: str, sha256: str | None, size: int | None) -> Identity:
+    """(dev, inode) of the regular file at `path`, after checking it holds `size` bytes hashing to
+    `sha256`; read from one descriptor opened without following a symbolic link, so the file checked is
+    the one whose identity is returned.
+
+    Raises:
+        FileCheckError: its one-line reason (missing, a symbolic link, "size differs", "sha256 differs"...).
+    """
     try:
-        if os.path.islink(record.path):
-            return "is a symbolic link (the link would be acted on, not the image)"
-        size = os.stat(record.path).st_size
-        if size != record.size:
-            return "changed since indexing (size differs; re-run `neardup index`)"
-        if _sha256(record.path) != record.sha256:
-            return "changed since indexing (sha256 differs; re-run `neardup index`)"
-    except FileNotFoundError:
-        return "missing (moved or deleted since indexing)"
+        with files.open_regular(path) as stream:
+            info = os.fstat(stream.fileno())
+            if size is not None and info.st_size != size:
+                raise FileCheckError("size differs")
+            if files.sha256_of(stream) != sha256:
+                raise FileCheckError("sha256 differs")
+    except FileCheckError:
+        if not os.path.lexists(path):
+            raise FileCheckError("missing") from None
+        raise
     except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-    return None
+        raise FileCheckError(f"cannot read file: {exc.strerror or exc}") from None
+    return info.st_dev, info.st_ino
 
 
-def _hardlink_problem(path: str, survivor: str) -> str | None:
-    a, b = os.stat(path), os.stat(survivor)
-    if a.st_dev != b.st_dev:
-        return "on another filesystem than its survivor (a hard link cannot cross filesystems)"
-    if a.st_ino == b.st_ino:
-        return "already a hard link to its survivor"
-    return None
+def _since_indexing(path: str, problem: FileCheckError) -> str:
+    """A plan's reason for a file that is not what the catalog says."""
+    reason = str(problem)
+    if reason == "missing":
+        return "missing (moved or deleted since indexing)"
+    if reason in ("size differs", "sha256 differs"):
+        return f"changed since indexing ({reason}; re-run `neardup index`)"
+    if "symbolic link" in reason:
+        return "is a symbolic link (the link would be acted on, not the image)"
+    return reason
+
+
+def _same_file_reason(path: str, survivor: str) -> str:
+    if os.path.realpath(path) == os.path.realpath(survivor):
+        return (f"the same file as its survivor, reached by another path (a symlinked folder): not a duplicate; "
+                "acting on it would act on the survivor")
+    return "already a hard link to its survivor (the same file under another name): not a duplicate"
 
 
 def _free_name(path: str, taken: set[str]) -> str:
@@ -257,6 +338,8 @@ def apply_plan(plan: Plan, *, manifest: str | os.PathLike | None = None, wait: b
                 try:
                     _do(plan, entry)
                     entry.status = "done"
+                except _Skip as exc:  # a check failed before anything was touched
+                    entry.status, entry.reason = "skipped", str(exc)
                 except (OSError, ActionError) as exc:
                     if disk_state(entry) == "done":  # failed after its last step (e.g. a folder fsync)
                         entry.status = "done"
@@ -280,21 +363,62 @@ def apply_plan(plan: Plan, *, manifest: str | os.PathLike | None = None, wait: b
     return plan
 
 
+class _Skip(Exception):
+    """A re-check before a step failed: the entry is skipped with this reason, nothing was touched."""
+
+
 def _do(plan: Plan, entry: Entry) -> None:
-    st = os.stat(entry.source)
-    if st.st_size != entry.size:
-        raise ActionError("changed since the plan was made")
+    """One step, after re-checking both files right before it: the plan may be minutes old."""
+    try:
+        source = _verify(entry.source, entry.sha256, entry.size)
+    except FileCheckError as exc:
+        raise _Skip(_since_plan(str(exc))) from None
+    try:
+        survivor = _verify(entry.survivor, entry.survivor_sha256, None)
+    except FileCheckError as exc:
+        reason = str(exc)
+        if reason == "missing":
+            raise _Skip(f"its survivor {entry.survivor} is gone (moved or deleted since the plan): "
+                        "this copy is kept") from None
+        raise _Skip(f"its survivor {entry.survivor} {_since_plan(reason)}: this copy is kept") from None
+    if source == survivor:
+        raise _Skip(_same_file_reason(entry.source, entry.survivor))
     if entry.action in ("move", "delete"):
-        _move_file(entry.source, entry.destination, entry.sha256)
+        _move_file(entry.source, entry.destination, entry.sha256, source)
     else:
-        _hardlink(plan, entry)
+        _hardlink(plan, entry, source, survivor)
 
 
-def _move_file(source: str, destination: str, sha256: str) -> None:
-    """Move without overwriting anything and without a moment where the bytes exist nowhere."""
+def _since_plan(reason: str) -> str:
+    if reason == "missing":
+        return "missing (moved or deleted since the plan)"
+    if reason in ("size differs", "sha256 differs"):
+        return f"changed since the plan ({reason})"
+    return reason
+
+
+def _link_checked(source: str, destination: str, identity: Identity) -> None:
+    """Hard-link `source` (never a symbolic link's target) to the new name `destination`, and make sure
+    the new name is the verified file: a file swapped in at `source` after the check is not linked."""
+    os.link(source, destination, follow_symlinks=False)
+    if files.identity(destination, follow_symlinks=False) != identity:
+        os.unlink(destination)  # the new name we just made, not the user's file
+        raise ActionError(f"{source} changed while being acted on; left in place")
+
+
+def _unlink_checked(path: str, identity: Identity) -> None:
+    """Remove the name `path` only while it still is the verified file (its bytes have another name)."""
+    if files.identity(path, follow_symlinks=False) != identity:
+        raise ActionError(f"{path} changed while being acted on; left in place")
+    os.unlink(path)
+
+
+def _move_file(source: str, destination: str, sha256: str, identity: Identity) -> None:
+    """Move the verified file `identity` without overwriting anything and without a moment where its
+    bytes exist nowhere."""
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     try:
-        os.link(source, destination)
+        _link_checked(source, destination, identity)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             raise ActionError(f"destination {destination} already exists") from None
@@ -302,7 +426,7 @@ def _move_file(source: str, destination: str, sha256: str) -> None:
             raise
         _copy_verified(source, destination, sha256)
     fsync_dir(os.path.dirname(destination))
-    os.unlink(source)
+    _unlink_checked(source, identity)
     fsync_dir(os.path.dirname(source))
 
 
@@ -311,38 +435,42 @@ def _copy_verified(source: str, destination: str, sha256: str) -> None:
     folder = os.path.dirname(destination)
     tmp = os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex[:8]}")
     try:
-        with open(source, "rb") as src, open(tmp, "xb") as dst:
+        with files.open_regular(source) as src, open(tmp, "xb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
             os.fsync(dst.fileno())
-        shutil.copystat(source, tmp)
+        shutil.copystat(source, tmp, follow_symlinks=False)  # times and mode only; the bytes are checked next
         if _sha256(tmp) != sha256:
             raise ActionError(f"the copy of {source} does not match its sha256; source left in place")
-        os.link(tmp, destination)  # fails rather than overwrite
+        os.link(tmp, destination, follow_symlinks=False)  # fails rather than overwrite
+    except FileCheckError as exc:
+        raise ActionError(f"{source}: {exc}") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
 
 
-def _hardlink(plan: Plan, entry: Entry) -> None:
+def _hardlink(plan: Plan, entry: Entry, source: Identity, survivor: Identity) -> None:
     """Keep the file's bytes in the trash, then atomically replace it by a hard link to the survivor."""
-    problem = _hardlink_problem(entry.source, entry.survivor)
-    if problem:
-        raise ActionError(problem)
+    if source[0] != survivor[0]:
+        raise _Skip("on another filesystem than its survivor (a hard link cannot cross filesystems)")
     os.makedirs(os.path.dirname(entry.destination), exist_ok=True)
     try:
-        os.link(entry.source, entry.destination)
+        _link_checked(entry.source, entry.destination, source)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             raise ActionError(f"trash entry {entry.destination} already exists") from None
-        if exc.errno != errno.EXDEV:
+        if exc.errno != errno.EXDEV:  # the trash (in the index folder) may be on another filesystem
             raise
         _copy_verified(entry.source, entry.destination, entry.sha256)
     fsync_dir(os.path.dirname(entry.destination))
     tmp = _link_tmp(plan, entry)
     if os.path.lexists(tmp):
         os.unlink(tmp)
-    os.link(entry.survivor, tmp)
+    _link_checked(entry.survivor, tmp, survivor)
+    if files.identity(entry.source, follow_symlinks=False) != source:
+        os.unlink(tmp)
+        raise ActionError(f"{entry.source} changed while being acted on; left in place")
     os.replace(tmp, entry.source)
     fsync_dir(os.path.dirname(entry.source))
 
@@ -361,7 +489,7 @@ def disk_state(entry: Entry) -> str:
     if entry.action == "hardlink":
         # the source is "undone" only while it is its own inode with its old bytes: byte-identical copies
         # hold the same sha256 after the link too; a survivor edited or moved later breaks neither case
-        if not _same_file(entry.source, entry.survivor) and _holds(entry.source, entry.sha256, entry.size):
+        if not files.same_file(entry.source, entry.survivor) and _holds(entry.source, entry.sha256, entry.size):
             return "undone"
         if entry.destination and _holds(entry.destination, entry.sha256, entry.size):
             return "done"
@@ -373,20 +501,13 @@ def disk_state(entry: Entry) -> str:
     return "lost"
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _holds(path: str, sha256: str, size: int | None) -> bool:
+    """Whether `path` is a regular file (not a symbolic link) holding these bytes."""
     try:
-        if os.path.islink(path) or (size is not None and os.stat(path).st_size != size):
-            return False
-        return _sha256(path) == sha256
-    except OSError:
+        _verify(path, sha256, size)
+    except FileCheckError:
         return False
+    return True
 
 
 # ---- keeping the index in step ---------------------------------------------------------------------
@@ -509,8 +630,13 @@ def _remove_partial(plan: Plan, entry: Entry) -> None:
 def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[], None] | None = None,
          progress: ProgressCallback | None = None) -> tuple[Plan, list[str]]:
     """Put back every file the manifest's run moved, deleted (into the trash) or replaced by a hard
-    link, checking sha256. Idempotent. Returns the plan and the restored paths whose vectors must be
-    recomputed (undone deletes and hard links): `Index.add` them."""
+    link, checking sha256, never overwriting. Idempotent. Returns the plan and the restored paths whose
+    vectors must be recomputed (undone deletes and hard links): `Index.add` them.
+
+    An entry that cannot be put back (something else now at its source, its bytes gone) keeps status
+    'done' with reason "not restored: ..."; every other entry is still restored, then the index is
+    synced and the manifest rewritten (state 'partly-undone'), and `UndoIncomplete` is raised carrying
+    the plan and the paths to re-embed. A re-run retries only the entries not restored."""
     plan = load_manifest(manifest)
     reembed: list[str] = []
     with Store.open(plan.index, write=True, wait=wait, on_wait=on_wait) as store:
@@ -519,49 +645,93 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
         if plan.state == "applying":  # recover() only handles this index's own actions folder
             _recover_plan(store, plan)
         todo = [e for e in plan.entries if e.status in ("done", "undone")]
-        lost = []
         for n, entry in enumerate(reversed(todo), 1):
-            state = disk_state(entry)
-            if state == "done":
-                _restore(entry)
-                if entry.action != "move":
-                    reembed.append(entry.source)
-            elif state == "lost":
-                lost.append(entry.source)
-                continue
-            else:
-                _remove_partial(plan, entry)
-            entry.status = "undone"
+            try:
+                state = disk_state(entry)
+                if state == "done":
+                    _restore(entry)
+                    if entry.action != "move":
+                        reembed.append(entry.source)
+                elif state == "lost":
+                    raise ActionError(_lost_reason(plan))
+                else:
+                    _remove_partial(plan, entry)
+                entry.status, entry.reason = "undone", None
+            except (OSError, ActionError) as exc:  # this entry stays as the run left it; the others go on
+                entry.status, entry.reason = "done", f"not restored: {_message(exc)}"
             if progress:
                 progress(n, len(todo))
         _sync_index(store, plan, [e for e in todo if e.status == "undone"], undo=True)
-        plan.state = "undone" if not lost else "interrupted"
+        left = [e for e in todo if e.status == "done"]
+        plan.state = "partly-undone" if left else "undone"
         _write_manifest(plan)
-    if lost and plan.trash and not os.path.lexists(plan.trash):
-        raise ActionError(f"{len(lost)} files of {manifest} cannot be restored: their bytes were kept in "
-                          f"{plan.trash}, which has been purged")
-    if lost:
-        raise ActionError(f"{len(lost)} files of {manifest} are neither at their source nor at their "
-                          f"destination with their recorded sha256, e.g. {lost[0]} (changed since, or moved "
-                          "by a later action: undo later manifests first)")
+    if left:
+        more = f" (and {len(left) - 1} more; the manifest lists each)" if len(left) > 1 else ""
+        raise UndoIncomplete(f"{len(left)} of {len(todo)} files of {manifest} were not restored: "
+                             f"{left[0].source}: {left[0].reason}{more}", plan, reembed)
     return plan, reembed
 
 
+def _lost_reason(plan: Plan) -> str:
+    if plan.trash and not os.path.lexists(plan.trash):
+        return f"its bytes were kept in {plan.trash}, which has been purged"
+    return ("neither at its source nor at its destination with its recorded sha256 (changed since, or moved "
+            "by a later action: undo later manifests first)")
+
+
 def _restore(entry: Entry) -> None:
+    """Put one entry's bytes back at its source, never over a file that is not what the run left there."""
+    try:
+        kept = _verify(entry.destination, entry.sha256, entry.size)
+    except FileCheckError as exc:
+        raise ActionError(f"its bytes at {entry.destination}: {exc}") from None
     if entry.action in ("move", "delete"):
-        _move_file(entry.destination, entry.source, entry.sha256)
+        try:
+            _move_file(entry.destination, entry.source, entry.sha256, kept)
+        except ActionError as exc:
+            if os.path.lexists(entry.source):
+                raise ActionError(f"changed since the run: a file is now at {entry.source}; "
+                                  f"its old bytes stay at {entry.destination}") from exc
+            raise
         return
-    # hardlink: the source is now a link to the survivor; put the kept bytes back over it atomically
+    # hardlink: the source should still be the link to the survivor the run made; only then is it replaced
+    left = _left_by_hardlink(entry)
+    if left is None and os.path.lexists(entry.source):
+        raise ActionError(f"changed since the run: {entry.source} is no longer the link to its survivor; "
+                          f"its old bytes stay at {entry.destination}")
     tmp = os.path.join(os.path.dirname(entry.source), f"{_TMP_PREFIX}undo-{uuid.uuid4().hex[:8]}")
     try:
-        os.link(entry.destination, tmp)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_verified(entry.destination, tmp, entry.sha256)
-    os.replace(tmp, entry.source)
+        try:
+            _link_checked(entry.destination, tmp, kept)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_verified(entry.destination, tmp, entry.sha256)
+        if left is None:
+            os.link(tmp, entry.source, follow_symlinks=False)  # the source name is free: never overwrites
+        elif files.identity(entry.source, follow_symlinks=False) != left:
+            raise ActionError(f"{entry.source} changed while being restored; left in place")
+        else:
+            os.replace(tmp, entry.source)
+    finally:
+        if os.path.lexists(tmp):  # our temporary name (a second name of the kept bytes, or left by a failure)
+            os.unlink(tmp)
     fsync_dir(os.path.dirname(entry.source))
     os.unlink(entry.destination)
+
+
+def _left_by_hardlink(entry: Entry) -> Identity | None:
+    """The identity of the source while it still is what a hardlink run left there (the survivor's
+    file, or a file with the survivor's bytes if the survivor moved on since), else None."""
+    identity = files.identity(entry.source, follow_symlinks=False)
+    if identity is None:
+        return None
+    if identity == files.identity(entry.survivor, follow_symlinks=False):
+        return identity
+    try:
+        return identity if _verify(entry.source, entry.survivor_sha256, None) == identity else None
+    except FileCheckError:
+        return None
 
 
 # ---- purging the trash ----------------------------------------------------------------------------

@@ -87,7 +87,11 @@ MANIFEST = {
         "to": {"type": ["string", "null"], "description": "--to folder of a move"},
         "trash": {"type": ["string", "null"], "description": "where delete/hardlink keep the replaced bytes"},
         "threshold": _THRESHOLD,
-        "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone"]},
+        "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone", "partly-undone"],
+                  "description": "partly-undone: an undo put back every entry it could; those still 'done' "
+                                 "say why not in their reason (a re-run retries them)"},
+        "warnings": {"type": "array", "items": {"type": "string"},
+                     "description": "what the plan noticed, e.g. a --keep-in folder that holds no catalogued file"},
         "entries": {
             "type": "array",
             "items": {
@@ -106,7 +110,9 @@ MANIFEST = {
                     "size": {"type": "integer", "minimum": 0},
                     "survivor_sha256": {"type": "string"},
                     "status": {"enum": ["planned", "done", "skipped", "undone"]},
-                    "reason": {"type": ["string", "null"], "description": "why an entry was skipped"},
+                    "reason": {"type": ["string", "null"],
+                               "description": "why an entry was skipped; on an entry still 'done' after an undo, "
+                                              "why it was not restored ('not restored: ...')"},
                 },
             },
         },
