@@ -497,13 +497,13 @@ def test_keep_in_and_to_are_compared_as_real_folders(library, tmp_path, caplog):
     os.symlink(reference, tmp_path / "reference-link")
     before = tree_hashes(reference)
     plan = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved", keep_in=[tmp_path / "reference-link"]))
-    assert plan.warnings == []
     assert all(Path(e.survivor).is_relative_to(reference) for e in plan.entries)
     assert all(e.status == "skipped" and "--keep-in" in e.reason
                for e in plan.entries if Path(e.source).is_relative_to(reference))
     assert tree_hashes(reference) == before
     assert {e.source for e in plan.entries if e.status == "done"} == {str(photos / "a" / "chelsea.jpg"),
                                                                        str(photos / "a" / "coffee.jpg")}
+    assert plan.warnings == []  # the folder holds catalogued files, whatever its spelling
     os.symlink(tmp_path / "moved", tmp_path / "moved-link")
     again = plan_for(index, "move", to=tmp_path / "moved-link")  # the files moved there are done with
     assert again.entries and not [p for e in again.entries for p in (e.source, e.survivor)
