@@ -211,16 +211,17 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
     acted = [r.path for _, _, others in chosen for r in others if not files.is_within(r.path, protected_folders)]
     base = os.path.commonpath([os.path.dirname(p) for p in acted]) if acted else os.sep
     taken: set[str] = set()
-    survivors: dict[Identity, str] = {}
+    survivors: dict[Identity, str] = {}  # every survivor's file: no path to it is acted on, in any group
     checked = []
     for number, survivor, others in chosen:
         try:
-            survivors.setdefault(_verify(survivor.path, survivor.sha256, survivor.size), survivor.path)
-            checked.append((number, survivor, others, None))
+            kept = _verify(survivor.path, survivor.sha256, survivor.size)
+            survivors.setdefault(kept, survivor.path)
+            checked.append((number, survivor, others, kept, None))
         except FileCheckError as exc:
-            checked.append((number, survivor, others, _since_indexing(survivor.path, exc)))
+            checked.append((number, survivor, others, None, _since_indexing(survivor.path, exc)))
     acted_on: dict[Identity, str] = {}
-    for number, survivor, others, survivor_problem in checked:
+    for number, survivor, others, kept, survivor_problem in checked:
         for record in others:
             entry = Entry(number, action, record.path, None, survivor.path, record.sha256 or "", record.size,
                           survivor.sha256 or "")
@@ -238,7 +239,7 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
                 problem = _same_file_reason(record.path, survivors[identity])
             if not problem and identity in acted_on:
                 problem = f"the same file as {acted_on[identity]}, which this plan already acts on (another path to it)"
-            if not problem and action == "hardlink" and identity[0] != files.identity(survivor.path)[0]:
+            if not problem and action == "hardlink" and identity[0] != kept[0]:
                 problem = "on another filesystem than its survivor (a hard link cannot cross filesystems)"
             if problem:
                 entry.status, entry.reason = "skipped", problem
@@ -252,12 +253,12 @@ def _holds_catalogued(store: Store, folder: str) -> bool:
     """Whether any catalogued file lies in `folder` (a real folder), whatever spelling indexed it."""
     if store.paths_under([folder]):
         return True
-    real_parents: dict[str, str] = {}  # the catalog may spell it through a symlink: compare real folders
+    inside: dict[str, bool] = {}  # the catalog may spell it through a symlink: resolve each parent once
     for record in store.records():
         parent = os.path.dirname(record.path)
-        if parent not in real_parents:
-            real_parents[parent] = files.real_folder(parent)
-        if files.is_within(os.path.join(real_parents[parent], "x"), [folder]):
+        if parent not in inside:
+            inside[parent] = files.is_within(record.path, [folder])
+        if inside[parent]:
             return True
     return False
 
@@ -300,7 +301,7 @@ def _since_indexing(path: str, problem: FileCheckError) -> str:
 
 def _same_file_reason(path: str, survivor: str) -> str:
     if os.path.realpath(path) == os.path.realpath(survivor):
-        return (f"the same file as its survivor, reached by another path (a symlinked folder): not a duplicate; "
+        return ("the same file as its survivor, reached by another path (a symlinked folder): not a duplicate; "
                 "acting on it would act on the survivor")
     return "already a hard link to its survivor (the same file under another name): not a duplicate"
 
@@ -644,31 +645,31 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
         plan = load_manifest(manifest)
         if plan.state == "applying":  # recover() only handles this index's own actions folder
             _recover_plan(store, plan)
-        todo = [e for e in plan.entries if e.status in ("done", "undone")]
+        todo = [e for e in plan.entries if e.status == "done"]  # an entry once undone is the user's again
         for n, entry in enumerate(reversed(todo), 1):
             try:
                 state = disk_state(entry)
                 if state == "done":
                     _restore(entry)
-                    if entry.action != "move":
-                        reembed.append(entry.source)
                 elif state == "lost":
                     raise ActionError(_lost_reason(plan))
-                else:
+                else:  # back at its source already (an undo cut short): only leftovers to clear
                     _remove_partial(plan, entry)
+                if entry.action != "move":
+                    reembed.append(entry.source)
                 entry.status, entry.reason = "undone", None
             except (OSError, ActionError) as exc:  # this entry stays as the run left it; the others go on
                 entry.status, entry.reason = "done", f"not restored: {_message(exc)}"
             if progress:
                 progress(n, len(todo))
-        _sync_index(store, plan, [e for e in todo if e.status == "undone"], undo=True)
+        _sync_index(store, plan, [e for e in plan.entries if e.status == "undone"], undo=True)
         left = [e for e in todo if e.status == "done"]
         plan.state = "partly-undone" if left else "undone"
         _write_manifest(plan)
     if left:
         more = f" (and {len(left) - 1} more; the manifest lists each)" if len(left) > 1 else ""
         raise UndoIncomplete(f"{len(left)} of {len(todo)} files of {manifest} were not restored: "
-                             f"{left[0].source}: {left[0].reason}{more}", plan, reembed)
+                             f"{left[0].source}: {left[0].reason.removeprefix('not restored: ')}{more}", plan, reembed)
     return plan, reembed
 
 
