@@ -200,17 +200,22 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         """Upload an image; get its k most similar indexed images (schema: neardup.schemas.QUERY).
         k and threshold come from the query string or from form fields of the same name."""
         held = _Held(buffered, max_buffered)
+        job = None
         try:
             chunks = await _read_capped(request, max_upload_bytes, held, upload_timeout)
             if not queued.enter(max_queued_searches):
                 raise ApiError(503, "too many searches waiting; retry in a moment")
             try:  # parsing in the pool too: a hostile multipart body never blocks the event loop
-                name, matches, threshold = await asyncio.wrap_future(searches.submit(
-                    _parse_and_search, index, request.headers.get("content-type", ""), chunks, held, k, threshold))
+                job = searches.submit(_parse_and_search, index, request.headers.get("content-type", ""),
+                                      chunks, held, k, threshold)
+                name, matches, threshold = await asyncio.wrap_future(job)
             finally:
                 queued.leave()
         finally:
-            held.release_all()
+            if job is None or job.done():
+                held.release_all()
+            else:  # cancelled while the pool still parses it: the job gives its bytes back when it ends
+                job.add_done_callback(lambda _: held.release_all())
         return {"threshold": threshold, "results": [{"query": name, "matches": [
             {"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]}]}
 
