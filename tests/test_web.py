@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from webserver import serve_in_thread
 
 from neardup.cli import main
+from neardup.files import open_regular
 from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.report import html_report
 from neardup.schemas import COMPARE, DUPS_PAGE, ERROR, IMAGE, QUERY
@@ -205,10 +206,15 @@ def test_thumbnail_miss_lists_only_its_own_image_and_a_changed_file_gets_a_fresh
     index.add([photo_folder])
     records = sorted(index._reader.records(), key=lambda r: r.id)
     cache = ThumbnailCache(tmp_path / "thumbs")
+
+    def thumbnail(record):  # the file opened as the server opens it
+        with open_regular(record.path) as stream:
+            return cache.get(record, stream)
+
     sys.addaudithook(_record_listings)  # audit hooks stay for the process; it records only while _LISTED is set
     _LISTED = []
     try:
-        first = {r.id: cache.get(r) for r in records}  # a first browse: every one a miss
+        first = {r.id: thumbnail(r) for r in records}  # a first browse: every one a miss
     finally:
         listed, _LISTED = _LISTED, None
     # a miss may list the image's own entry, never the whole cache folder (O(N) per miss, O(N²) per browse)
@@ -216,7 +222,7 @@ def test_thumbnail_miss_lists_only_its_own_image_and_a_changed_file_gets_a_fresh
     for record in records:
         with Image.open(io.BytesIO(first[record.id])) as img, Image.open(record.path) as original:
             assert img.format == "JPEG" and max(img.size) == min(256, max(original.size))
-        assert cache.get(record) == first[record.id]  # a hit
+        assert thumbnail(record) == first[record.id]  # a hit
     before = {p for p in (tmp_path / "thumbs").rglob("*") if p.is_file()}
     assert len(before) == len(records)
 
@@ -227,10 +233,10 @@ def test_thumbnail_miss_lists_only_its_own_image_and_a_changed_file_gets_a_fresh
     index.add([photo_folder])
     changed = index.image(chelsea.id)
     assert changed.sha256 == coffee.sha256 != chelsea.sha256
-    assert cache.get(changed) == first[coffee.id] != first[chelsea.id]
+    assert thumbnail(changed) == first[coffee.id] != first[chelsea.id]
     after = {p for p in (tmp_path / "thumbs").rglob("*") if p.is_file()}
     assert len(before - after) == 1 and len(after - before) == 1  # the stale thumbnail went, no other
-    assert cache.get(changed) == first[coffee.id]
+    assert thumbnail(changed) == first[coffee.id]
     index.close()
 
 
@@ -363,6 +369,138 @@ def test_serve_command_runs_a_real_server(full_index):
     finally:
         server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
         assert server.wait(30) == 0
+
+
+# ---- files swapped after indexing, hostile uploads ---------------------------------------------------
+
+def _indexed_by_name(index: Index) -> dict:
+    return {Path(r.path).name: r for r in index._reader.records()}
+
+
+def test_a_file_swapped_after_indexing_is_not_served(tmp_path, photo_folder, embedder):
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    index.add([photo_folder])
+    records = _indexed_by_name(index)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-KEY-MATERIAL\n")
+    # a symlink to a file the server's user can read, and one to another photo (which would decode fine)
+    (photo_folder / "astronaut.jpg").unlink()
+    (photo_folder / "astronaut.jpg").symlink_to(secret)
+    (photo_folder / "chelsea__half.jpg").unlink()
+    (photo_folder / "chelsea__half.jpg").symlink_to(photo_folder / "rocket.jpg")
+    # another regular file moved in (other size), and the same size and mtime with other bytes
+    shutil.copy(photo_folder / "coffee__flip.jpg", photo_folder / "chelsea.jpg")
+    rocket = records["rocket.jpg"]
+    tampered = bytearray((photo_folder / "rocket.jpg").read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    (photo_folder / "rocket.jpg").write_bytes(tampered)
+    os.utime(photo_folder / "rocket.jpg", ns=(rocket.mtime_ns, rocket.mtime_ns))
+    app = create_app(index, thumbs_dir=tmp_path / "thumbs")
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for name, status, words in [("astronaut.jpg", 404, "symbolic link"), ("chelsea__half.jpg", 404, "symbolic link"),
+                                    ("chelsea.jpg", 409, "not the file indexed"), ("rocket.jpg", 409, "not the file indexed")]:
+            for suffix in ("", "/thumb"):
+                response = client.get(f"/api/images/{records[name].id}{suffix}")
+                assert words in assert_error(response, status), (name, suffix)
+                assert "SECRET" not in response.text
+        assert not list((tmp_path / "thumbs").rglob("*.jpg"))  # nothing cached of content never indexed
+        honest = records["coffee.jpg"]
+        served = client.get(f"/api/images/{honest.id}")
+        assert served.status_code == 200 and served.content == (photo_folder / "coffee.jpg").read_bytes()
+        assert served.headers["content-length"] == str(honest.size)
+        assert client.get(f"/api/images/{honest.id}/thumb").status_code == 200
+    index.close()
+
+
+def test_a_fifo_at_an_indexed_path_is_refused_without_blocking(tmp_path, photo_folder, embedder):
+    import httpx
+
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    index.add([photo_folder])
+    record = _indexed_by_name(index)["coffee.jpg"]
+    fifo = photo_folder / "coffee.jpg"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    app = create_app(index, thumbs_dir=tmp_path / "thumbs")
+    with serve_in_thread(app) as url:
+        try:
+            # a request blocked on the FIFO would time out here (and the old server froze after 40 of them)
+            with httpx.Client(base_url=url, timeout=20) as client:
+                for _ in range(3):
+                    for suffix in ("/thumb", ""):
+                        assert "named pipe" in assert_error(client.get(f"/api/images/{record.id}{suffix}"), 404)
+                assert client.get("/api/stats").status_code == 200
+        finally:  # should a request be blocked in open(), a writer lets it go so the server can stop
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader waiting: nothing is blocked
+    index.close()
+
+
+def test_multipart_parts_are_capped_and_fields_after_the_file_still_count(full_index, tmp_path, collection):
+    app = create_app(full_index, thumbs_dir=tmp_path)
+    image = copy_of(collection, "rocket", "half").read_bytes()
+    form = {"content-type": "multipart/form-data; boundary=B"}
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        # the review's parts bomb, scaled down: millions of empty parts cost memory and time per part
+        bomb = b"--B\r\n\r\n\r\n" * 200_000 + b"--B--\r\n"
+        assert "too many parts" in assert_error(client.post("/api/search", content=bomb, headers=form), 400)
+        # a real image followed by more parts than any honest form has
+        junk = client.post("/api/search", data={"junk": ["x"] * 8}, files={"file": ("q.jpg", image)})
+        assert "too many parts" in assert_error(junk, 400)
+        # one part's headers as large as the body allows (python-multipart's limit)
+        huge = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="q.jpg"\r\nX-Pad: ' + b"a" * 200_000
+                + b"\r\n\r\n" + image + b"\r\n--B--\r\n")
+        assert "header size" in assert_error(client.post("/api/search", content=huge, headers=form), 400)
+        # an honest form: k after the file is read; a second file part is ignored
+        ok = client.post("/api/search", files=[("file", ("q.jpg", image)), ("file", ("other.jpg", b"junk"))],
+                         data={"k": "2"})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["results"][0]["query"] == "q.jpg" and len(ok.json()["results"][0]["matches"]) == 2
+        assert_error(client.post("/api/search", files={"file": ("q.jpg", image)}, data={"k": "1" * 100}), 422)
+    assert app.state.buffered.value == 0  # every request gave back the memory it counted
+
+
+def test_a_stalled_upload_gets_408_and_its_memory_back(full_index, tmp_path):
+    import socket
+
+    app = create_app(full_index, max_upload_bytes=1_000_000, upload_timeout=0.5, thumbs_dir=tmp_path)
+    with serve_in_thread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                            b"Content-Length: 1000000\r\n\r\n" + b"\xff" * 999_000)  # then nothing more
+            answer = b""
+            while not answer.endswith(b"}"):  # the whole JSON answer (the old server never answered: timeout)
+                data = stalled.recv(4096)
+                if not data:
+                    break
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"upload not received within 0.5 s" in answer
+        assert app.state.buffered.value == 0  # the stalled upload's bytes are back in the budget
+
+
+def test_session_cookie_is_per_port_and_never_the_token(full_index, tmp_path):
+    tokens = {8001: TOKEN, 8002: "another-server-token"}
+    apps = {port: create_app(full_index, token=token, thumbs_dir=tmp_path) for port, token in tokens.items()}
+    jar: dict[str, str] = {}  # as a browser keeps them: cookies ignore ports
+    for port, app in apps.items():
+        with TestClient(app, base_url=f"http://192.0.2.10:{port}") as client:
+            visit = client.get("/", params={"token": tokens[port]}, follow_redirects=False)
+            assert visit.status_code == 303
+            name, value = visit.headers["set-cookie"].split(";", 1)[0].split("=", 1)
+            assert str(port) in name and tokens[port] not in visit.headers["set-cookie"]
+            jar[name] = value
+    assert len(jar) == 2  # the second server's cookie did not replace the first one's
+    for port, app in apps.items():
+        with TestClient(app, base_url=f"http://192.0.2.10:{port}") as client:
+            cookies = "; ".join(f"{k}={v}" for k, v in jar.items())
+            assert client.get("/api/stats", headers={"cookie": cookies}).status_code == 200
+            name = next(k for k in jar if str(port) in k)
+            for forged in (f"neardup_token={tokens[port]}", f"{name}={tokens[port]}", f"{name}=made-up-session"):
+                assert_error(client.get("/api/stats", headers={"cookie": forged}), 401)
 
 
 # ---- load (bounded, on loopback) ------------------------------------------------------------------------

@@ -7,37 +7,45 @@
     GET  /api/stats               what `neardup info --json` prints
     GET  /                        the page (static/index.html, app.js, style.css; no external resources)
 
-Safety: images are addressed by catalog id only (no path ever comes from a request). Uploads are read
-into memory up to a size cap whatever Content-Length says, decoded by images.load_image (pixel limit
-from the header, so bombs are refused before decoding) and never written anywhere. With a token every
-/api call needs it (`Authorization: Bearer T`, or the cookie set by opening `/?token=T`); without one
-the server only answers requests addressed to a loopback name (a DNS-rebinding page cannot reach it).
-Every error is JSON {"error": "..."} (schemas.ERROR), never a traceback.
+Safety: images are addressed by catalog id only (no path ever comes from a request), and an indexed
+file is read through files.open_regular (no symlink followed, a FIFO refused without blocking) and served
+only while it is still the file indexed (size, mtime and sha256): 404 when no regular file is at its path,
+409 when another one is. Uploads are read into memory up to a size cap whatever Content-Length says, within
+a deadline (408), parsed off the event loop (at most MAX_PARTS multipart parts, every copy counted in the
+memory budget), decoded by images.load_image (pixel limit from the header, so bombs are refused before
+decoding) and never written anywhere. With a token every /api call needs it (`Authorization: Bearer T`,
+or the session cookie set by opening `/?token=T`: a random value, named after the port, never the token);
+without one the server only answers requests addressed to a loopback name (a DNS-rebinding page cannot
+reach it). Every error is JSON {"error": "..."} (schemas.ERROR), never a traceback. Routers included in
+the app get the same access check (the `guard` middleware) and the same JSON errors (raise ApiError).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
 import math
 import mimetypes
 import os
+import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..files import FileCheckError, check_record, open_regular
 from ..images import ImageError, load_image
 from ..index import DEFAULT_THRESHOLD, Index, NeardupError
 from ..store import Record, StoreError
@@ -50,7 +58,14 @@ MAX_K = 200
 #: O(n²) job no web request should start (the CLI's `dups` takes any threshold).
 MIN_DUPS_THRESHOLD = 0.5
 MAX_PER_PAGE = 200
-TOKEN_COOKIE = "neardup_token"
+#: Seconds a client may take to send its whole upload: a stalled one gets 408 and its memory back.
+UPLOAD_TIMEOUT = 60.0
+#: Multipart parts read from one upload (the file and the k and threshold fields, with room to spare).
+MAX_PARTS = 8
+_MAX_FIELD_BYTES = 64
+#: Browser sessions remembered (one per opening of /?token=); the oldest is forgotten past it.
+_MAX_SESSIONS = 1000
+_READ_CHUNK = 1 << 20
 _MAX_ID = 2**63 - 1
 _DUPS_CACHE_SIZE = 8
 
@@ -77,10 +92,12 @@ def is_loopback(host: str) -> bool:
 
 def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                search_workers: int | None = None, max_queued_searches: int = 1000,
-               max_buffered_bytes: int | None = None, thumbs_dir: str | os.PathLike | None = None) -> FastAPI:
-    """The app serving `index`. `search_workers` threads embed uploads (default: the CPU count): the
-    rest of a burst waits in a queue, and only more than `max_queued_searches` waiting, or uploads
-    holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`), get a 503."""
+               max_buffered_bytes: int | None = None, thumbs_dir: str | os.PathLike | None = None,
+               upload_timeout: float = UPLOAD_TIMEOUT) -> FastAPI:
+    """The app serving `index`. `search_workers` threads parse and embed uploads (default: the CPU
+    count): the rest of a burst waits in a queue, and only more than `max_queued_searches` waiting, or
+    uploads holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`),
+    get a 503. An upload not received within `upload_timeout` seconds gets a 408."""
     docs_assets = _docs_assets()
     app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
                   docs_url=None if docs_assets else "/docs", redoc_url=None)
@@ -98,7 +115,9 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
     queued = _Counter()
     buffered = _Counter()
     max_buffered = max_buffered_bytes or 20 * max_upload_bytes
+    app.state.buffered = buffered  # bytes of uploads held now (0 when none is in flight)
     duplicates = _DuplicatesCache(index)
+    sessions = _Sessions()
     page = (STATIC / "index.html").read_bytes()
 
     # ---- errors: always JSON, never a traceback ------------------------------------------------
@@ -137,7 +156,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         if token is None:
             if not is_loopback(_host_name(request.headers.get("host", ""))):
                 return _error(403, "this server answers loopback addresses only (start it with --token to allow others)")
-        elif request.url.path.startswith("/api/") and not _token_ok(request, token):
+        elif request.url.path.startswith("/api/") and not _token_ok(request, token, sessions):
             return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or open /?token=<token>")
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -157,9 +176,12 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         if given is not None and token is not None:
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(401, "wrong token")
-            # the cookie carries the token from now on; the redirect takes it out of the address bar
+            # A session cookie stands for the token from now on, and the redirect takes the token out of
+            # the address bar. Cookies ignore ports, so every other service on this host receives it: it
+            # holds a random value (not the token) and its name has the port (a second server's cookie
+            # does not replace this one).
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            response.set_cookie(_session_cookie(request), sessions.new(), httponly=True, samesite="strict", path="/")
             return response
         return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
 
@@ -177,28 +199,23 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
                      threshold: float | None = Query(None, ge=-1, le=1)):
         """Upload an image; get its k most similar indexed images (schema: neardup.schemas.QUERY).
         k and threshold come from the query string or from form fields of the same name."""
-        held = [0]  # bytes of this request counted in `buffered`, returned when it ends
-
-        def hold(size: int) -> None:
-            if not buffered.enter(max_buffered, size):
-                raise ApiError(503, "too many uploads in progress; retry in a moment")
-            held[0] += size
-
+        held = _Held(buffered, max_buffered)
+        job = None
         try:
-            body = await _read_capped(request, max_upload_bytes, hold)
-            name, data, fields = _upload(request.headers.get("content-type", ""), body)
-            del body
-            k = _number(fields.get("k"), int, "k", 1, MAX_K) if "k" in fields else (k or 10)
-            if "threshold" in fields:
-                threshold = _number(fields["threshold"], float, "threshold", -1, 1)
+            chunks = await _read_capped(request, max_upload_bytes, held, upload_timeout)
             if not queued.enter(max_queued_searches):
                 raise ApiError(503, "too many searches waiting; retry in a moment")
-            try:
-                matches = await asyncio.wrap_future(searches.submit(_search, index, data, k, threshold))
+            try:  # parsing in the pool too: a hostile multipart body never blocks the event loop
+                job = searches.submit(_parse_and_search, index, request.headers.get("content-type", ""),
+                                      chunks, held, k, threshold)
+                name, matches, threshold = await asyncio.wrap_future(job)
             finally:
                 queued.leave()
         finally:
-            buffered.leave(held[0])
+            if job is None or job.done():
+                held.release_all()
+            else:  # cancelled while the pool still parses it: the job gives its bytes back when it ends
+                job.add_done_callback(lambda _: held.release_all())
         return {"threshold": threshold, "results": [{"query": name, "matches": [
             {"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]}]}
 
@@ -221,23 +238,38 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
 
     @app.get("/api/images/{image_id}")
     def image_file(image_id: int = PathParam(ge=1, le=_MAX_ID)):
-        """The indexed file itself, by catalog id."""
+        """The indexed file itself, by catalog id, while it is still the file indexed (else 404 or 409)."""
         record = _indexed(index, image_id)
-        if not os.path.isfile(record.path):
-            raise ApiError(404, f"image {image_id} is no longer on disk")
+        stream = _open_indexed(record)
+        try:
+            if record.sha256:  # the whole content is checked before the first byte leaves
+                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+                if digest != record.sha256:
+                    raise ApiError(409, _changed(record, "its content differs"))
+                stream.seek(0)
+        except OSError as exc:
+            stream.close()
+            raise ApiError(404, f"image {image_id} cannot be read now: {exc.strerror or exc}") from None
+        except BaseException:
+            stream.close()
+            raise
         media_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
         if not media_type.startswith("image/") or media_type == "image/svg+xml":
             media_type = "application/octet-stream"
-        return FileResponse(record.path, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
+        return StreamingResponse(_chunks_of(stream), media_type=media_type, headers={
+            "Cache-Control": "private, max-age=60", "Content-Length": str(record.size)})
 
     @app.get("/api/images/{image_id}/thumb")
     def image_thumb(image_id: int = PathParam(ge=1, le=_MAX_ID)):
-        """A JPEG thumbnail (at most 256 px a side), cached in the index folder."""
+        """A JPEG thumbnail (at most 256 px a side) of the file indexed, cached in the index folder."""
         record = _indexed(index, image_id)
-        try:
-            data = thumbs.get(record)
-        except ImageError as exc:
-            raise ApiError(404, f"image {image_id} cannot be read now: {exc.reason}") from None
+        with _open_indexed(record) as stream:
+            try:
+                data = thumbs.get(record, stream)
+            except FileCheckError as exc:
+                raise ApiError(409, _changed(record, str(exc))) from None
+            except ImageError as exc:
+                raise ApiError(404, f"image {image_id} cannot be read now: {exc.reason}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/images/{image_id}/info")
@@ -286,31 +318,83 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def _token_ok(request: Request, token: str) -> bool:
+def _session_cookie(request: Request) -> str:
+    """The session cookie's name for the port this server listens on (cookies ignore ports)."""
+    server = request.scope.get("server") or ("", None)
+    return f"neardup_session_{server[1]}" if server[1] else "neardup_session"
+
+
+def _token_ok(request: Request, token: str, sessions: _Sessions) -> bool:
     header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else request.cookies.get(TOKEN_COOKIE, "")
-    return hmac.compare_digest(given.encode(), token.encode())
+    if header[:7].lower() == "bearer ":
+        return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+    return sessions.known(request.cookies.get(_session_cookie(request), ""))
 
 
-async def _read_capped(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (Content-Length is not trusted);
-    `hold` accounts for (or refuses) each chunk's memory before it is kept."""
+def _open_indexed(record: Record) -> BinaryIO:
+    """The file of `record`, opened without following a symlink or blocking on a FIFO, and checked against
+    the catalog's size and mtime. ApiError 404 when no regular file is at the path (deleted, or swapped for
+    a symlink, a FIFO, a folder), 409 when the regular file there is not the one indexed."""
+    try:
+        stream = open_regular(record.path)
+    except FileCheckError as exc:
+        raise ApiError(404, f"image {record.id} cannot be read now: {exc}") from None
+    try:
+        check_record(stream, size=record.size, mtime_ns=record.mtime_ns)
+    except FileCheckError as exc:
+        stream.close()
+        raise ApiError(409, _changed(record, str(exc))) from None
+    return stream
+
+
+def _changed(record: Record, reason: str) -> str:
+    return f"image {record.id} is not the file indexed any more ({reason}); index its folder again"
+
+
+def _chunks_of(stream: BinaryIO):
+    with stream:
+        while chunk := stream.read(_READ_CHUNK):
+            yield chunk
+
+
+async def _read_capped(request: Request, limit: int, held: _Held, deadline: float) -> list[bytes]:
+    """The request body's chunks, refused as soon as it passes `limit` bytes (Content-Length is not
+    trusted) or takes longer than `deadline` seconds (408: a stalled client would hold its memory, and
+    uvicorn sets no deadline on bodies); `held` accounts for (or refuses) each chunk before it is kept."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing on top of the file
         raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit + 64 * 1024:
-            raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
-        hold(len(chunk))
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit + 64 * 1024:
+                    raise ApiError(413, f"upload too large: at most {limit // 1_000_000} MB")
+                held.take(len(chunk))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"upload not received within {deadline:g} s") from None
+    return chunks
 
 
-def _upload(content_type: str, body: bytes) -> tuple[str, bytes, dict[str, str]]:
-    """(file name, image bytes, other form fields) of a multipart form or of a raw image body."""
+def _parse_and_search(index: Index, content_type: str, chunks: list[bytes], held: _Held, k: int | None,
+                      threshold: float | None):
+    """(upload name, matches, threshold) of one upload; runs in the search pool."""
+    name, data, fields = _upload(content_type, chunks, held)
+    k = _number(fields["k"], int, "k", 1, MAX_K) if "k" in fields else (k or 10)
+    if "threshold" in fields:
+        threshold = _number(fields["threshold"], float, "threshold", -1, 1)
+    return name, _search(index, data, k, threshold), threshold
+
+
+def _upload(content_type: str, chunks: list[bytes], held: _Held) -> tuple[str, bytes, dict[str, str]]:
+    """(file name, image bytes, other form fields) of a multipart form or of a raw image body, from the
+    body's chunks. Each chunk is let go (and its count returned) once parsed, and every parsed copy is
+    counted first, so `held` is what this request holds. A form may have MAX_PARTS parts; only the first
+    `file` (or `image`) part and the `k` and `threshold` fields are kept, every other part is skipped."""
     if not content_type.lower().startswith("multipart/form-data"):
+        body = _joined(chunks, held)
         if not body:
             raise ApiError(400, "no image: send multipart/form-data with a 'file' field, or the image as the body")
         return "upload", body, {}
@@ -321,44 +405,81 @@ def _upload(content_type: str, body: bytes) -> tuple[str, bytes, dict[str, str]]
     boundary = options.get(b"boundary")
     if not boundary:
         raise ApiError(400, "multipart/form-data without a boundary")
-    parts: list[dict] = []
-    state: dict = {}
+    file_pieces: list[bytes] = []
+    fields: dict[str, str] = {}
+    part: dict = {}  # the part being parsed
+    parts = 0
+    upload_name = None
 
     def on_part_begin():
-        parts.append({"headers": {}, "data": bytearray()})
+        nonlocal parts
+        parts += 1
+        if parts > MAX_PARTS:
+            raise ApiError(400, f"too many parts in the form: at most {MAX_PARTS}")
+        part.update(field=b"", header=b"", headers={}, keep=None, data=b"")
 
-    def on_header_field(data, start, end):
-        state["field"] = state.get("field", b"") + data[start:end]
+    def on_header_field(data, start, end):  # python-multipart caps a part's headers' number and size
+        part["field"] += data[start:end]
 
     def on_header_value(data, start, end):
-        state["value"] = state.get("value", b"") + data[start:end]
+        part["header"] += data[start:end]
 
     def on_header_end():
-        parts[-1]["headers"][state.pop("field", b"").lower()] = state.pop("value", b"")
+        part["headers"][part["field"].lower()] = part["header"]
+        part["field"] = part["header"] = b""
+
+    def on_headers_finished():
+        nonlocal upload_name
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        field = disposition.get(b"name", b"").decode("utf-8", "replace")
+        if field in ("file", "image") and upload_name is None:
+            filename = disposition.get(b"filename", b"upload").decode("utf-8", "replace")
+            upload_name = os.path.basename(filename) or "upload"
+            part["keep"] = "file"
+        elif field in ("k", "threshold"):
+            part["keep"] = field
 
     def on_part_data(data, start, end):
-        parts[-1]["data"] += data[start:end]
+        if part["keep"] == "file":
+            held.take(end - start)
+            file_pieces.append(data[start:end])
+        elif part["keep"]:
+            part["data"] += data[start:end]
+            if len(part["data"]) > _MAX_FIELD_BYTES:
+                raise ApiError(422, f"{part['keep']}: not a number: too long")
 
-    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_part_data": on_part_data})
+    def on_part_end():
+        if part["keep"] in ("k", "threshold"):
+            fields[part["keep"]] = part["data"].decode("utf-8", "replace").strip()
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end})
     try:
-        parser.write(body)
+        for i, chunk in enumerate(chunks):
+            parser.write(chunk)
+            chunks[i] = b""
+            held.give(len(chunk))
         parser.finalize()
     except (MultipartParseError, ValueError) as exc:
         raise ApiError(400, f"malformed multipart body: {exc}") from None
-    name, data, fields = None, None, {}
-    for part in parts:
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        field = disposition.get(b"name", b"").decode("utf-8", "replace")
-        if field in ("file", "image") and data is None:
-            name = os.path.basename(disposition.get(b"filename", b"upload").decode("utf-8", "replace")) or "upload"
-            data = bytes(part["data"])
-        elif field in ("k", "threshold"):
-            fields[field] = part["data"].decode("utf-8", "replace").strip()
+    data = _joined(file_pieces, held)
     if not data:
         raise ApiError(400, "no image: the form needs a non-empty 'file' field")
-    return name, data, fields
+    return upload_name, data, fields
+
+
+def _joined(pieces: list[bytes], held: _Held) -> bytes:
+    """The pieces as one bytes object, counted before it is made; the pieces are let go."""
+    if len(pieces) == 1:
+        return pieces.pop()
+    size = sum(len(p) for p in pieces)
+    held.take(size)
+    data = b"".join(pieces)
+    pieces.clear()
+    held.give(size)
+    return data
 
 
 def _number(text: str, kind, name: str, low: float, high: float):
@@ -408,6 +529,51 @@ class _Counter:
     def leave(self, amount: int = 1) -> None:
         with self._lock:
             self._value -= amount
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+
+class _Held:
+    """The bytes one upload holds, counted in the server's shared budget (a _Counter): `take` before
+    keeping a copy (503 when the budget is spent), `give` after letting one go, `release_all` at the end."""
+
+    def __init__(self, budget: _Counter, limit: int):
+        self._budget, self._limit, self.size = budget, limit, 0
+
+    def take(self, size: int) -> None:
+        if not self._budget.enter(self._limit, size):
+            raise ApiError(503, "too many uploads in progress; retry in a moment")
+        self.size += size
+
+    def give(self, size: int) -> None:
+        self._budget.leave(size)
+        self.size -= size
+
+    def release_all(self) -> None:
+        self.give(self.size)
+
+
+class _Sessions:
+    """Random session values handed to browsers that opened /?token=T (the cookie never holds the token);
+    the newest _MAX_SESSIONS are kept. They live as long as the server: after a restart, open the link again."""
+
+    def __init__(self):
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        value = secrets.token_urlsafe(32)
+        with self._lock:
+            self._values[value] = None
+            while len(self._values) > _MAX_SESSIONS:
+                self._values.popitem(last=False)
+        return value
+
+    def known(self, value: str) -> bool:
+        with self._lock:
+            return bool(value) and value in self._values
 
 
 class _DuplicatesCache:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
+from ..errors import ImageError
+from ..files import FileCheckError, read_checked
 from ..images import load_image
 from ..store import Record
 
@@ -16,10 +20,17 @@ THUMB_SIZE = 256
 JPEG_QUALITY = 82
 
 
-def thumbnail_jpeg(path: str | os.PathLike, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG no larger than size x size of the image at `path`. Raises ImageError."""
+def thumbnail_jpeg(source: str | os.PathLike | bytes, size: int = THUMB_SIZE) -> bytes:
+    """A JPEG no larger than size x size of an image given as bytes or as a path. A path is read through
+    files.open_regular, so a FIFO or a symlink at it is refused instead of blocking or being followed.
+    Raises ImageError."""
+    if not isinstance(source, bytes):
+        try:
+            source = read_checked(source)
+        except FileCheckError as exc:
+            raise ImageError(str(exc)) from None
     # JPEG draft decoding at the smallest scale that keeps `size` pixels makes big photos cheap
-    image = load_image(path, min_side=size).image
+    image = load_image(source, min_side=size).image
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
@@ -37,14 +48,28 @@ class ThumbnailCache:
         self.folder = Path(folder)
         self.size = size
 
-    def get(self, record: Record) -> bytes:
+    def get(self, record: Record, stream: BinaryIO) -> bytes:
+        """The thumbnail of `record`, whose file the caller opened with files.open_regular and checked
+        against the record's size and mtime. On a miss the image is decoded from `stream`'s bytes, and
+        only when they have the catalogued sha256 (a file swapped for another of the same size and mtime
+        is refused), so the cache only ever holds thumbnails of indexed content.
+
+        Raises:
+            FileCheckError: the content is not the one indexed. ImageError: it cannot be decoded.
+        """
         own = self.folder / str(record.id)
         cached = own / f"{(record.sha256 or 'unhashed')[:16]}-{self.size}.jpg"
         try:
             return cached.read_bytes()
         except OSError:
             pass
-        data = thumbnail_jpeg(record.path, self.size)
+        try:
+            content = stream.read()
+        except OSError as exc:
+            raise FileCheckError(f"cannot read file: {exc.strerror or exc}") from None
+        if len(content) != record.size or (record.sha256 and hashlib.sha256(content).hexdigest() != record.sha256):
+            raise FileCheckError("changed since it was indexed (content differs)")
+        data = thumbnail_jpeg(content, self.size)
         try:
             own.mkdir(parents=True, exist_ok=True)
             # unique temp name + atomic rename: concurrent requests for one thumbnail never see half a file
