@@ -5,6 +5,8 @@
     GET  /api/images/{id}         the indexed file itself; /thumb a cached JPEG; /info -> schemas.IMAGE
     GET  /api/compare?a=&b=       two images and the cosine of their vectors -> schemas.COMPARE
     GET  /api/stats               what `neardup info --json` prints
+    /api/actions                  plan, apply, undo and list `dups --action` runs (web/actions_api.py;
+                                  every POST refused unless `allow_actions`)
     GET  /                        the page (static/index.html, app.js, style.css; no external resources)
 
 Safety: images are addressed by catalog id only (no path ever comes from a request). Uploads are read
@@ -77,10 +79,12 @@ def is_loopback(host: str) -> bool:
 
 def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                search_workers: int | None = None, max_queued_searches: int = 1000,
-               max_buffered_bytes: int | None = None, thumbs_dir: str | os.PathLike | None = None) -> FastAPI:
+               max_buffered_bytes: int | None = None, thumbs_dir: str | os.PathLike | None = None,
+               allow_actions: bool = False) -> FastAPI:
     """The app serving `index`. `search_workers` threads embed uploads (default: the CPU count): the
     rest of a burst waits in a queue, and only more than `max_queued_searches` waiting, or uploads
-    holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`), get a 503."""
+    holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`), get a 503.
+    `allow_actions` lets the page move, hard-link and delete duplicates (/api/actions, web/actions_api.py)."""
     docs_assets = _docs_assets()
     app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
                   docs_url=None if docs_assets else "/docs", redoc_url=None)
@@ -259,6 +263,9 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         """What `neardup info --json` prints: image counts, model, storage."""
         return index.stats()
 
+    from .actions_api import actions_router  # here: it imports this module's helpers
+
+    app.include_router(actions_router(index, enabled=allow_actions))
     return app
 
 
