@@ -223,12 +223,16 @@ def _undo(index: Index, run_id: str) -> dict:
         raise ApiError(404, f"no run {run_id!r} in {index.root / actions.ACTIONS_DIR}")
     try:
         plan, reembed = actions.undo(manifest, wait=False)
-        if reembed:  # restored deletes and hard links get their own vectors back, as `neardup undo` does
-            index.add(reembed, wait=False)
     except IndexLocked:
         raise _locked() from None
     except ActionError as exc:
         raise ApiError(409, str(exc)) from None
+    if reembed:  # restored deletes and hard links get their own vectors back, as `neardup undo` does
+        try:
+            index.add(reembed, wait=False)
+        except IndexLocked:
+            raise ApiError(409, f"the files of run {run_id} are back in place, but another process took the index "
+                                f"before they were indexed again: run `neardup index` on their folders") from None
     return {"run_id": plan.id, "manifest_path": plan.manifest, "manifest": plan.to_json()}
 
 
