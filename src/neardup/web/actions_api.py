@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import actions, schemas
 from ..errors import ActionError, IndexLocked
 from ..index import DEFAULT_THRESHOLD, DuplicateGroup, Index
-from .app import MIN_DUPS_THRESHOLD, ApiError, _read_capped
+from .app import MIN_DUPS_THRESHOLD, ApiError
 
 MAX_BODY_BYTES = 1_000_000
 MAX_KEPT_PLANS = 16  # previews kept for apply; older ones answer 404 ("preview again")
@@ -250,7 +250,11 @@ async def _checked_body(request: Request, enabled: bool, model: type[BaseModel])
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'")
-    body = await _read_capped(request, MAX_BODY_BYTES, lambda size: None)
+    body = bytearray()
+    async for chunk in request.stream():  # Content-Length is not trusted: counted as it comes
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body too large: at most {MAX_BODY_BYTES // 1000} kB")
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -263,7 +263,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         """What `neardup info --json` prints: image counts, model, storage."""
         return index.stats()
 
-    from .actions_api import actions_router  # here: it imports this module's helpers
+    from .actions_api import actions_router  # here: it imports ApiError from this module
 
     app.include_router(actions_router(index, enabled=allow_actions))
     return app
