@@ -407,7 +407,9 @@ def undo_command(manifest, no_wait) -> None:
 @click.option("--token", envvar="NEARDUP_TOKEN", help="Require this token on every API call (env NEARDUP_TOKEN).")
 @click.option("--max-upload-mb", default=25.0, show_default=True, type=click.FloatRange(0.01, 1024),
               help="Largest image accepted by /api/search.")
-def serve_command(index_dir, host, port, token, max_upload_mb) -> None:
+@click.option("--allow-actions", is_flag=True,
+              help="Let the page move, hard-link or delete duplicates (as `dups --action`, with undo); off: read-only.")
+def serve_command(index_dir, host, port, token, max_upload_mb, allow_actions) -> None:
     """Serve the page and the JSON API (search by upload, duplicate groups, thumbnails)."""
     import socket
 
@@ -431,11 +433,13 @@ def serve_command(index_dir, host, port, token, max_upload_mb) -> None:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    app = create_app(index, token=token, max_upload_bytes=int(max_upload_mb * 1_000_000))
+    app = create_app(index, token=token, max_upload_bytes=int(max_upload_mb * 1_000_000), allow_actions=allow_actions)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host.strip('[]')}]" if ":" in host else host
     url = f"http://{shown_host}:{bound_port}/" + (f"?token={token}" if token else "")
     click.echo(f"neardup: serving {index.root} at {url} (API docs at /docs; Ctrl-C stops)", err=True)
+    if allow_actions:
+        click.echo("neardup: actions allowed: the page can move, hard-link and delete files (undo restores them)", err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     try:
         server.run(sockets=[sock])

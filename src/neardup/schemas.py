@@ -378,3 +378,105 @@ EVAL_RESULT = {
         "timings": {"type": "object", "additionalProperties": {"type": "number"}},
     },
 }
+
+# ---- the actions API (`neardup serve --allow-actions`; neardup/web/actions_api.py) ----------------
+# MANIFEST is referenced, not copied: the API answers with the very manifest the CLI prints and writes.
+
+_ACTIONS = {"enum": ["move", "hardlink", "delete"]}
+
+#: POST /api/actions/plan (body).
+ACTION_PLAN_REQUEST = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "POST /api/actions/plan: what `dups --action` would do (reads only)",
+    "type": "object",
+    "required": ["action"],
+    "additionalProperties": False,
+    "properties": {
+        "action": _ACTIONS,
+        "to": {"type": ["string", "null"], "description": "move only: the folder to move into (absolute)"},
+        "threshold": {"type": ["number", "null"], "minimum": 0.5, "maximum": 1,
+                      "description": "groups at this cosine threshold (default: the index default, 0.66)"},
+        "keep": {"type": "string", "description": "survivor criteria in order, comma-separated; from pixels, "
+                                                  "size, oldest, newest, shortest-path (default pixels,size,oldest)"},
+        "keep_in": {"type": "array", "items": {"type": "string"},
+                    "description": "protected folders (absolute, existing): preferred as survivors, never touched"},
+        "exclude": {"type": "array", "items": {"type": "integer"},
+                    "description": "catalog ids of files to leave out: their entries are 'skipped' with a reason"},
+    },
+}
+
+#: POST /api/actions/plan (answer): the plan, every entry 'planned' or 'skipped' with its reason.
+ACTION_PLAN = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "POST /api/actions/plan: the plan",
+    "type": "object",
+    "required": ["plan_id", "manifest"],
+    "additionalProperties": False,
+    "properties": {
+        "plan_id": {"type": "string", "description": "what /api/actions/apply takes; also the run id once applied"},
+        "manifest": MANIFEST,
+    },
+}
+
+#: POST /api/actions/apply (body).
+ACTION_APPLY_REQUEST = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "POST /api/actions/apply",
+    "type": "object",
+    "required": ["plan_id", "confirm"],
+    "additionalProperties": False,
+    "properties": {"plan_id": {"type": "string"}, "confirm": {"const": True}},
+}
+
+#: POST /api/actions/undo (body).
+ACTION_UNDO_REQUEST = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "POST /api/actions/undo",
+    "type": "object",
+    "required": ["run_id"],
+    "additionalProperties": False,
+    "properties": {"run_id": {"type": "string", "description": "a run listed by GET /api/actions"}},
+}
+
+#: POST /api/actions/apply and /api/actions/undo (answer): the run's manifest after the step.
+ACTION_RUN = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "POST /api/actions/apply or /undo: the run",
+    "type": "object",
+    "required": ["run_id", "manifest_path", "manifest"],
+    "additionalProperties": False,
+    "properties": {
+        "run_id": {"type": "string"},
+        "manifest_path": {"type": "string", "description": "<index>/actions/<run id>.json; `neardup undo` takes it"},
+        "manifest": MANIFEST,
+    },
+}
+
+#: GET /api/actions.
+ACTION_RUNS = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "GET /api/actions: past runs, newest first",
+    "type": "object",
+    "required": ["enabled", "runs"],
+    "additionalProperties": False,
+    "properties": {
+        "enabled": {"type": "boolean", "description": "whether the server was started with --allow-actions"},
+        "runs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["run_id", "action", "created", "state", "counts", "manifest_path"],
+                "additionalProperties": False,
+                "properties": {
+                    "run_id": {"type": "string"},
+                    "action": _ACTIONS,
+                    "created": {"type": "string", "description": "ISO 8601 UTC time the plan was made"},
+                    "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone"]},
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                               "description": "entries per status (planned, done, skipped, undone)"},
+                    "manifest_path": {"type": "string"},
+                },
+            },
+        },
+    },
+}

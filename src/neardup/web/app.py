@@ -5,6 +5,8 @@
     GET  /api/images/{id}         the indexed file itself; /thumb a cached JPEG; /info -> schemas.IMAGE
     GET  /api/compare?a=&b=       two images and the cosine of their vectors -> schemas.COMPARE
     GET  /api/stats               what `neardup info --json` prints
+    /api/actions                  plan, apply, undo and list `dups --action` runs (web/actions_api.py;
+                                  every POST refused unless `allow_actions`)
     GET  /                        the page (static/index.html, app.js, style.css; no external resources)
 
 Safety: images are addressed by catalog id only (no path ever comes from a request), and an indexed
@@ -93,11 +95,12 @@ def is_loopback(host: str) -> bool:
 def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                search_workers: int | None = None, max_queued_searches: int = 1000,
                max_buffered_bytes: int | None = None, thumbs_dir: str | os.PathLike | None = None,
-               upload_timeout: float = UPLOAD_TIMEOUT) -> FastAPI:
+               upload_timeout: float = UPLOAD_TIMEOUT, allow_actions: bool = False) -> FastAPI:
     """The app serving `index`. `search_workers` threads parse and embed uploads (default: the CPU
     count): the rest of a burst waits in a queue, and only more than `max_queued_searches` waiting, or
     uploads holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`),
-    get a 503. An upload not received within `upload_timeout` seconds gets a 408."""
+    get a 503. An upload not received within `upload_timeout` seconds gets a 408. `allow_actions` lets
+    the page move, hard-link and delete duplicates (/api/actions, web/actions_api.py)."""
     docs_assets = _docs_assets()
     app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
                   docs_url=None if docs_assets else "/docs", redoc_url=None)
@@ -291,6 +294,9 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         """What `neardup info --json` prints: image counts, model, storage."""
         return index.stats()
 
+    from .actions_api import actions_router  # here: it imports ApiError from this module
+
+    app.include_router(actions_router(index, enabled=allow_actions))
     return app
 
 

@@ -1,11 +1,14 @@
-// The neardup page: search by image, browse duplicate groups, compare two images. No dependencies.
+// The neardup page: search by image, browse duplicate groups, compare two images, and (with
+// `neardup serve --allow-actions`) preview, apply and undo a clean-up of the groups. No dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const state = {
   threshold: null, page: 1, perPage: 25, pages: 1, request: 0, timer: null, loaded: false,
-  queryFile: null, queryUrl: null, compareFrom: "search", compared: false,
+  queryFile: null, queryUrl: null, compareFrom: "search", compared: false, groups: [],
+  actionsEnabled: false, plan: null, planId: null, planRequest: 0, exclude: new Set(), busy: false,
 };
+const LEFT_OUT = "left out on request (unchecked on the page)"; // the reason actions_api gives excluded files
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -54,17 +57,18 @@ function thumb(id, name) {
 // ---- views ---------------------------------------------------------------------------------------
 
 function show(view) {
-  for (const name of ["search", "duplicates", "compare"]) $(`view-${name}`).hidden = name !== view;
-  for (const name of ["search", "duplicates"]) {
+  for (const name of ["search", "duplicates", "actions", "compare"]) $(`view-${name}`).hidden = name !== view;
+  for (const name of ["search", "duplicates", "actions"]) {
     const tab = $(`tab-${name}`);
     if (name === view) tab.setAttribute("aria-current", "page"); else tab.removeAttribute("aria-current");
   }
   if (view === "duplicates" && !state.loaded) loadDuplicates();
+  if (view === "actions") loadRuns();
 }
 
 function route() {
   const view = location.hash.slice(1);
-  show(view === "duplicates" ? "duplicates" : view === "compare" && state.compared ? "compare" : "search");
+  show(["duplicates", "actions"].includes(view) ? view : view === "compare" && state.compared ? "compare" : "search");
 }
 
 async function loadStats() {
@@ -147,7 +151,9 @@ async function loadDuplicates() {
     $("dups-status").textContent = data.total_groups
       ? `${data.total_groups} groups, ${data.total_files} files at threshold ${data.threshold}.`
       : `No duplicates at threshold ${data.threshold}.`;
+    state.groups = data.groups;
     $("groups").replaceChildren(...data.groups.map(renderGroup));
+    decorateGroups();
   } catch (error) {
     if (request !== state.request) return;
     $("dups-status").textContent = "";
@@ -169,8 +175,11 @@ function renderGroup(group) {
       for (const b of list.querySelectorAll("button")) b.setAttribute("aria-pressed", String(selected.includes(Number(b.dataset.id))));
     });
     button.dataset.id = image.id;
-    return el("li", {}, button, el("p", { class: "path", title: image.path },
+    const item = el("li", {}, button, el("p", { class: "path", title: image.path },
       `${name} · ${image.width}×${image.height} · ${formatBytes(image.bytes)}`));
+    item.dataset.path = image.path;
+    if (state.actionsEnabled) item.append(...cleanupControls(image, name));
+    return item;
   });
   const list = el("ul", { class: "strip" }, ...items);
   const compareButton = el("button", { type: "button", class: "compare-button" }, "Compare two");
@@ -183,8 +192,257 @@ function renderGroup(group) {
 }
 
 function scheduleDuplicates() {
+  state.request++; // an answer still on its way is for the old threshold: it must not reset the slider
   clearTimeout(state.timer);
   state.timer = setTimeout(loadDuplicates, 250);
+}
+
+// ---- clean up (`neardup serve --allow-actions`) ---------------------------------------------------
+
+const VERBS = { move: ["move", "Moved"], hardlink: ["hard-link", "Hard-linked"], delete: ["delete", "Deleted (into the trash)"] };
+
+async function postJson(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+}
+
+async function loadActionsState() {
+  try {
+    const data = await api("/api/actions");
+    state.actionsEnabled = data.enabled;
+  } catch (_) {
+    state.actionsEnabled = false; // the stats line reports a server that cannot be reached
+  }
+  $("cleanup").hidden = !state.actionsEnabled;
+  if (state.actionsEnabled && state.groups.length) $("groups").replaceChildren(...state.groups.map(renderGroup));
+  decorateGroups();
+}
+
+// A checkbox per file (checked: the clean-up may act on it), a "kept" mark and a line saying what the
+// plan does with it. Updated in place by decorateGroups, so focus stays on the checkbox just used.
+function cleanupControls(image, name) {
+  const box = el("input", { type: "checkbox", checked: !state.exclude.has(image.id) });
+  box.dataset.id = image.id;
+  box.addEventListener("change", () => {
+    if (box.checked) state.exclude.delete(image.id); else state.exclude.add(image.id);
+    if (state.plan) preview(); // the plan shown must be the plan applied: make it again
+  });
+  return [
+    el("label", { class: "include" }, box, ` Include ${name} in the clean-up`),
+    el("p", { class: "kept", hidden: true }, "Kept (this group's survivor)"),
+    el("p", { class: "plan-note", hidden: true }),
+  ];
+}
+
+function decorateGroups() {
+  const plan = state.plan;
+  const entries = new Map(plan ? plan.entries.map((e) => [e.source, e]) : []);
+  const kept = new Set(plan ? plan.entries.map((e) => e.survivor) : []);
+  for (const item of $("groups").querySelectorAll("li[data-path]")) {
+    const include = item.querySelector(".include");
+    if (!include) continue;
+    const path = item.dataset.path;
+    const entry = entries.get(path);
+    const isKept = kept.has(path) && !entry;
+    include.hidden = isKept;
+    item.classList.toggle("survivor", isKept);
+    item.querySelector(".kept").hidden = !isKept;
+    const note = item.querySelector(".plan-note");
+    note.hidden = !entry;
+    if (!entry) continue;
+    note.classList.toggle("skipped", entry.status === "skipped");
+    if (entry.status === "skipped") note.textContent = entry.reason === LEFT_OUT ? "Left out" : `Skipped: ${entry.reason}`;
+    else if (entry.action === "hardlink") note.textContent = `Becomes a hard link to ${basename(entry.survivor)}`;
+    else if (entry.action === "delete") note.textContent = "Goes to the trash";
+    else note.textContent = `Moves to ${entry.destination}`;
+  }
+}
+
+function planBody() {
+  const body = { action: $("action").value, keep: $("keep").value, exclude: [...state.exclude],
+    keep_in: $("keep-in").value.split("\n").map((line) => line.trim()).filter(Boolean) };
+  if (state.threshold !== null) body.threshold = state.threshold;
+  if (body.action === "move") body.to = $("move-to").value.trim();
+  return body;
+}
+
+function planned() { return state.plan ? state.plan.entries.filter((e) => e.status === "planned") : []; }
+
+function summary(manifest) {
+  const acted = manifest.entries.filter((e) => e.status === "planned" || e.status === "done");
+  const skipped = manifest.entries.length - acted.length;
+  const size = (acted.reduce((n, e) => n + e.size, 0) / 1e6).toFixed(1);
+  const groups = new Set(manifest.entries.map((e) => e.group)).size;
+  const [verb, past] = VERBS[manifest.action];
+  return manifest.state === "planned"
+    ? `Would ${verb} ${acted.length} files (${size} MB), skip ${skipped}, in ${groups} groups.`
+    : `${past} ${acted.length} files (${size} MB), skipped ${skipped}.`;
+}
+
+async function preview() {
+  const request = ++state.planRequest;
+  $("apply").disabled = true;
+  $("plan-status").textContent = "Making the plan (every file is checked against the index)…";
+  try {
+    const data = await postJson("/api/actions/plan", planBody());
+    if (request !== state.planRequest) return; // a newer preview is on its way
+    showMessage("");
+    state.plan = data.manifest;
+    state.planId = data.plan_id;
+    $("plan-status").textContent = `${summary(data.manifest)} Nothing has changed yet.`;
+    renderPlan(data.manifest);
+    $("apply").disabled = planned().length === 0 || state.busy;
+  } catch (error) {
+    if (request !== state.planRequest) return;
+    state.plan = null;
+    $("plan-status").textContent = "";
+    $("plan-details").hidden = true;
+    showMessage(error.message);
+  }
+  decorateGroups();
+}
+
+const MAX_PLAN_LINES = 2000;
+
+function renderPlan(manifest) {
+  const [verb] = VERBS[manifest.action];
+  const byGroup = new Map();
+  for (const entry of manifest.entries) {
+    if (!byGroup.has(entry.group)) byGroup.set(entry.group, []);
+    byGroup.get(entry.group).push(entry);
+  }
+  let lines = 0;
+  const items = [];
+  for (const [group, entries] of byGroup) {
+    if (lines >= MAX_PLAN_LINES) break;
+    const steps = entries.slice(0, MAX_PLAN_LINES - lines).map((e) => {
+      lines++;
+      if (e.status === "skipped") return el("li", { class: "skipped" }, "skip ", el("code", {}, e.source), `: ${e.reason}`);
+      const target = e.action === "hardlink" ? e.survivor : e.destination;
+      return el("li", {}, `${verb} `, el("code", {}, e.source), " → ", el("code", {}, target));
+    });
+    items.push(el("li", {}, el("p", {}, `Group ${group}: keep `, el("code", {}, entries[0].survivor)), el("ul", {}, ...steps)));
+  }
+  if (lines < manifest.entries.length) {
+    items.push(el("li", { class: "hint" }, `… and ${manifest.entries.length - lines} more steps (the manifest lists them all).`));
+  }
+  $("plan-list").replaceChildren(...items);
+  $("plan-details").hidden = manifest.entries.length === 0;
+}
+
+function forgetPlan() {
+  if (!state.plan) return;
+  state.plan = null;
+  state.planRequest++;
+  $("apply").disabled = true;
+  $("plan-details").hidden = true;
+  $("plan-status").textContent = "The settings changed: preview again before applying.";
+  decorateGroups();
+}
+
+function openConfirm() {
+  const plan = state.plan;
+  const count = planned().length;
+  if (!plan || !count) return;
+  const text = {
+    move: `Move ${count} files to ${plan.to}?`,
+    hardlink: `Replace ${count} files by hard links to their group's kept file? Their own bytes are kept in the index's trash.`,
+    delete: `Move ${count} files into the index's trash (${plan.trash})?`,
+  }[plan.action];
+  $("confirm-text").textContent = `${text} Skipped files are not touched; Undo puts everything back.`;
+  const typed = plan.action === "delete";
+  $("confirm-count-field").hidden = !typed;
+  $("confirm-count-expected").textContent = String(count);
+  $("confirm-count").value = "";
+  $("confirm-apply").disabled = typed;
+  $("confirm").showModal();
+  (typed ? $("confirm-count") : $("confirm-cancel")).focus();
+}
+
+async function applyPlan() {
+  const planId = state.planId;
+  state.busy = true;
+  $("apply").disabled = true;
+  $("preview").disabled = true;
+  $("plan-status").textContent = "Applying…";
+  try {
+    const run = await postJson("/api/actions/apply", { plan_id: planId, confirm: true });
+    showMessage("");
+    state.plan = null;
+    state.exclude.clear();
+    $("plan-details").hidden = true;
+    $("plan-status").textContent = "";
+    showResult(run, summary(run.manifest));
+    state.loaded = false;
+    loadDuplicates(); // the index changed
+  } catch (error) {
+    $("plan-status").textContent = "Not applied.";
+    showMessage(error.message);
+  } finally {
+    state.busy = false;
+    $("preview").disabled = false;
+  }
+}
+
+function showResult(run, text) {
+  const heading = el("p", { class: "result-title", tabindex: "-1" }, text);
+  const undo = el("button", { type: "button", class: "undo" }, "Undo");
+  undo.setAttribute("aria-label", `Undo run ${run.run_id}`);
+  undo.disabled = !run.manifest.entries.some((e) => e.status === "done");
+  undo.addEventListener("click", () => undoRun(run.run_id, (message) => {
+    $("result").replaceChildren(el("p", { class: "result-title", tabindex: "-1" }, message));
+    $("result").firstChild.focus();
+  }));
+  $("result").replaceChildren(heading,
+    el("p", {}, "Manifest: ", el("code", { class: "manifest-path" }, run.manifest_path)),
+    el("p", { class: "hint" }, "From a terminal: ", el("code", {}, `neardup undo ${run.manifest_path}`)), undo);
+  $("result").hidden = false;
+  heading.focus();
+}
+
+async function undoRun(runId, done) {
+  try {
+    const run = await postJson("/api/actions/undo", { run_id: runId });
+    showMessage("");
+    const back = run.manifest.entries.filter((e) => e.status === "undone").length;
+    done(`Run ${runId} undone: ${back} files are back in place.`);
+    state.loaded = false;
+    if (!$("view-duplicates").hidden) loadDuplicates();
+    if (!$("view-actions").hidden) loadRuns();
+  } catch (error) {
+    showMessage(error.message);
+  }
+}
+
+// ---- actions view ----------------------------------------------------------------------------------
+
+async function loadRuns(message) {
+  const status = $("actions-status");
+  if (!message) status.textContent = "Loading past runs…";
+  try {
+    const data = await api("/api/actions");
+    state.actionsEnabled = data.enabled;
+    const rows = data.runs.map((run) => {
+      const counts = Object.entries(run.counts).map(([name, n]) => `${n} ${name}`).join(", ") || "none";
+      const undo = el("button", { type: "button" }, "Undo");
+      undo.setAttribute("aria-label", `Undo run ${run.run_id}`);
+      undo.disabled = !data.enabled || !run.counts.done;
+      undo.addEventListener("click", () => undoRun(run.run_id, (text) => {
+        loadRuns(text);
+        status.focus();
+      }));
+      return el("tr", {}, el("td", {}, el("code", { title: run.manifest_path }, run.run_id)), el("td", {}, run.action),
+        el("td", {}, run.created.replace("T", " ").replace("+00:00", "")), el("td", { class: "state" }, run.state),
+        el("td", {}, counts), el("td", {}, undo));
+    });
+    $("runs-body").replaceChildren(...rows);
+    $("runs").hidden = rows.length === 0;
+    const off = data.enabled ? "" : " Actions are off: start the server with `neardup serve --allow-actions` to apply or undo from this page.";
+    status.textContent = (message ? `${message} ` : "") +
+      (rows.length ? `${rows.length} runs, newest first.` : "No runs yet.") + off;
+  } catch (error) {
+    status.textContent = "";
+    showMessage(error.message);
+  }
 }
 
 // ---- compare -------------------------------------------------------------------------------------
@@ -273,9 +531,26 @@ function wire() {
     loadDuplicates();
   });
   $("compare-back").addEventListener("click", () => { location.hash = state.compareFrom; });
+
+  $("cleanup-form").addEventListener("submit", (event) => { event.preventDefault(); preview(); });
+  $("action").addEventListener("change", () => { $("move-to-field").hidden = $("action").value !== "move"; forgetPlan(); });
+  for (const id of ["keep", "keep-in", "move-to"]) $(id).addEventListener("input", forgetPlan);
+  $("threshold").addEventListener("input", forgetPlan);
+  $("apply").addEventListener("click", openConfirm);
+  $("confirm-count").addEventListener("input", () => {
+    $("confirm-apply").disabled = $("confirm-count").value.trim() !== $("confirm-count-expected").textContent;
+  });
+  $("confirm-cancel").addEventListener("click", () => $("confirm").close());
+  $("confirm-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if ($("confirm-apply").disabled) return;
+    $("confirm").close();
+    applyPlan();
+  });
   window.addEventListener("hashchange", route);
 }
 
 wire();
 route();
 loadStats();
+loadActionsState();

@@ -1,0 +1,276 @@
+"""Cleaning up from the page, in a real headless Chromium (Debian's, driven by Playwright): preview a move,
+leave one file out, apply, undo; and a page on another origin that tries to start an action.
+
+Files are checked on disk by sha256. Screenshots go to test-artifacts/ at the repository root (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tree_hashes
+
+CHROMIUM = os.environ.get("NEARDUP_CHROMIUM", "/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("fastapi")
+
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+from webserver import serve_in_thread
+
+from neardup.index import Index
+from neardup.store import Store
+from neardup.web.app import create_app
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+TOKEN = "browser-actions-token"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def library(tmp_path, collection, embedder):
+    """photos/a: chelsea and coffee (the originals, oldest); photos/b: two copies of chelsea (half size,
+    flipped) and one of coffee (JPEG quality 30); an index of it all."""
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "b").mkdir()
+    copies = {(c["original"], c["edit"]): c["path"] for c in collection["copies"]}
+    for name in ("chelsea", "coffee"):
+        shutil.copy(collection["originals"][name], photos / "a" / f"{name}.jpg")
+    shutil.copy(copies["chelsea", "half"], photos / "b" / "chelsea_half.jpg")
+    shutil.copy(copies["chelsea", "flip"], photos / "b" / "chelsea_flip.jpg")
+    shutil.copy(copies["coffee", "jpeg30"], photos / "b" / "coffee_jpeg30.jpg")
+    for path in photos.rglob("*.jpg"):
+        stamp = 1_000_000_000 if path.parent.name == "a" else 1_500_000_000
+        os.utime(path, (stamp, stamp))
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    assert index.add([photos]).added == 5
+    yield photos, index
+    index.close()
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def watch(page) -> list[str]:
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.on("response", lambda response: response.status >= 400 and problems.append(f"{response.status} {response.url}"))
+    return problems
+
+
+def test_preview_leave_one_out_apply_and_undo_a_move_in_chromium(library, tmp_path):
+    photos, index = library
+    expect = sync_api.expect
+    expect.set_options(timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    target = tmp_path / "moved"
+    before = tree_hashes(photos)
+    app = create_app(index, token=TOKEN, allow_actions=True, thumbs_dir=tmp_path / "thumbs")
+    with serve_in_thread(app) as url, sync_api.sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            problems = watch(page)
+            page.goto(f"{url}/?token={TOKEN}#duplicates")
+            status = page.locator("#dups-status")
+            page.locator("#threshold").fill("0.8")
+            expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+            expect(page.locator("#cleanup")).to_be_visible()
+
+            # the settings, with the keyboard where a user would use it
+            page.get_by_label("Action", exact=True).select_option("move")
+            page.get_by_label("Folder to move into").fill(str(target))
+            page.get_by_label("Keep in each group").select_option("pixels,oldest")
+            page.get_by_role("button", name="Preview").click()
+            plan_status = page.locator("#plan-status")
+            expect(plan_status).to_contain_text("Would move 3 files")
+            expect(plan_status).to_contain_text("skip 0, in 2 groups")
+            # each group's kept file is marked, the others say where they go
+            for name in ("chelsea.jpg", "coffee.jpg"):
+                item = page.locator(f'li[data-path="{photos / "a" / name}"]')
+                expect(item.locator(".kept")).to_be_visible()
+                expect(item.locator(".include")).to_be_hidden()
+            half = page.locator(f'li[data-path="{photos / "b" / "chelsea_half.jpg"}"]')
+            expect(half.locator(".plan-note")).to_have_text(f"Moves to {target / 'chelsea_half.jpg'}")
+
+            # leave coffee's copy out: the plan is made again and says so
+            left_out = page.get_by_label("Include coffee_jpeg30.jpg in the clean-up")
+            left_out.focus()
+            page.keyboard.press("Space")
+            expect(left_out).not_to_be_checked()
+            expect(plan_status).to_contain_text("Would move 2 files")
+            expect(plan_status).to_contain_text("skip 1")
+            expect(page.locator(f'li[data-path="{photos / "b" / "coffee_jpeg30.jpg"}"] .plan-note')).to_have_text("Left out")
+            page.locator("#plan-details summary").click()
+            expect(page.locator("#plan-list")).to_contain_text(f"skip {photos / 'b' / 'coffee_jpeg30.jpg'}: left out")
+            assert tree_hashes(photos) == before and not target.exists()  # a preview touches nothing
+            page.screenshot(path=str(ARTIFACTS / "actions-preview.png"), full_page=True)
+
+            # apply, confirmed in the dialog
+            page.get_by_role("button", name="Apply…").click()
+            dialog = page.locator("#confirm")
+            expect(dialog).to_be_visible()
+            expect(dialog).to_contain_text(f"Move 2 files to {target}?")
+            dialog.get_by_role("button", name="Apply").click()
+            result = page.locator("#result")
+            expect(result).to_contain_text("Moved 2 files")
+            manifest_path = result.locator(".manifest-path").inner_text()
+            assert Path(manifest_path).parent == index.root / "actions"
+            expect(page.locator(".result-title")).to_be_focused()
+            page.screenshot(path=str(ARTIFACTS / "actions-applied.png"), full_page=True)
+
+            moved = {photos / "b" / "chelsea_half.jpg": target / "chelsea_half.jpg",
+                     photos / "b" / "chelsea_flip.jpg": target / "chelsea_flip.jpg"}
+            after = tree_hashes(photos, target)
+            for source, destination in moved.items():
+                assert str(source) not in after and after[str(destination)] == before[str(source)]
+            assert after[str(photos / "b" / "coffee_jpeg30.jpg")] == before[str(photos / "b" / "coffee_jpeg30.jpg")]
+            manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+            assert [e["status"] for e in manifest["entries"]].count("done") == 2
+
+            # undo from the result, then the Actions view lists the run as undone
+            result.get_by_role("button", name="Undo").click()
+            expect(result).to_contain_text("2 files are back in place")
+            assert tree_hashes(photos) == before and tree_hashes(target) == {}
+            page.get_by_role("link", name="Actions").click()
+            row = page.locator("#runs-body tr")
+            expect(row).to_have_count(1)
+            expect(row.locator(".state")).to_have_text("undone")
+            expect(row.get_by_role("button", name=f"Undo run {manifest['id']}")).to_be_disabled()
+            page.screenshot(path=str(ARTIFACTS / "actions-runs.png"), full_page=True)
+
+            # delete asks for the number of files, typed
+            page.get_by_role("link", name="Duplicates").click()
+            page.get_by_label("Action", exact=True).select_option("delete")
+            page.get_by_role("button", name="Preview").click()
+            expect(plan_status).to_contain_text("Would delete 3 files")
+            page.get_by_role("button", name="Apply…").click()
+            confirm = dialog.get_by_role("button", name="Apply")
+            expect(confirm).to_be_disabled()
+            count = dialog.get_by_label("Type the number of files to delete")
+            expect(count).to_be_focused()
+            count.fill("2")
+            expect(confirm).to_be_disabled()
+            count.fill("3")
+            expect(confirm).to_be_enabled()
+            page.keyboard.press("Escape")
+            expect(dialog).to_be_hidden()
+            assert tree_hashes(photos) == before and not (index.root / "trash").exists()
+
+            # this time typed and confirmed with Enter; then undone from the Actions view
+            page.get_by_role("button", name="Apply…").click()
+            count.fill("3")
+            page.keyboard.press("Enter")
+            expect(result).to_contain_text("Deleted (into the trash) 3 files")
+            trash = tree_hashes(index.root / "trash")
+            assert sorted(trash.values()) == sorted(h for p, h in before.items() if "/b/" in p)
+            assert not any(os.path.lexists(p) for p in before if "/b/" in p)
+            page.get_by_role("link", name="Actions").click()
+            expect(row).to_have_count(2)
+            expect(row.first.locator(".state")).to_have_text("applied")
+            row.first.get_by_role("button", name="Undo").click()
+            expect(page.locator("#actions-status")).to_contain_text("3 files are back in place")
+            expect(row.first.locator(".state")).to_have_text("undone")
+            assert tree_hashes(photos) == before
+            assert problems == []
+        finally:
+            browser.close()
+
+
+def recording(app, seen: list[dict]):
+    """The app, with every HTTP request it answers recorded (method, path, Origin, status, headers)."""
+    async def wrapper(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        record = {"method": scope["method"], "path": scope["path"], "origin": headers.get("origin")}
+        seen.append(record)
+
+        async def send_recorded(message):
+            if message["type"] == "http.response.start":  # recorded before the browser can see it
+                record["status"] = message["status"]
+                record["headers"] = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+            await send(message)
+
+        await app(scope, receive, send_recorded)
+    return wrapper
+
+
+ATTACK = """<!doctype html><html><body>
+<form id="form" method="post" enctype="text/plain" action="{api}/api/actions/apply">
+<input name='{{"plan_id":"{plan_id}","confirm":true,"x":"' value='"}}'></form>
+<script>
+(async () => {{
+  const body = JSON.stringify({{plan_id: "{plan_id}", confirm: true}});
+  const outcome = [];
+  try {{  // a JSON request: needs a CORS preflight, which the server does not grant
+    await fetch("{api}/api/actions/apply", {{method: "POST", credentials: "include",
+      headers: {{"Content-Type": "application/json"}}, body}});
+    outcome.push("json: answered");
+  }} catch (e) {{ outcome.push("json: blocked"); }}
+  // a "simple" request needs no preflight: it reaches the server, which must refuse it
+  await fetch("{api}/api/actions/apply", {{method: "POST", mode: "no-cors", credentials: "include",
+    headers: {{"Content-Type": "text/plain"}}, body}});
+  outcome.push("no-cors: sent");
+  document.title = outcome.join("; ");
+  document.getElementById("form").submit();  // last: a cross-site form post, navigating to the answer
+}})();
+</script></body></html>"""
+
+
+def test_a_page_on_another_origin_cannot_start_an_action(library, tmp_path):
+    photos, index = library
+    expect = sync_api.expect
+    expect.set_options(timeout=60_000)
+    target = tmp_path / "moved"
+    seen: list[dict] = []
+    app = recording(create_app(index, token=TOKEN, allow_actions=True, thumbs_dir=tmp_path / "thumbs"), seen)
+    with serve_in_thread(app) as api, sync_api.sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page()
+            # the user has the real page open: the token cookie is set (SameSite=Strict, but a page on
+            # another port of 127.0.0.1 is the same site, so the browser sends it along)
+            page.goto(f"{api}/?token={TOKEN}")
+            plan = page.evaluate("""async to => (await (await fetch("/api/actions/plan", {method: "POST",
+                headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({action: "move", to, threshold: 0.8, keep: "pixels,oldest"})})).json())""",
+                                 str(target))
+            assert len(plan["manifest"]["entries"]) == 3, plan
+            before = tree_hashes(photos)
+
+            evil = Starlette(routes=[Route("/", lambda request: HTMLResponse(
+                ATTACK.format(api=api, plan_id=plan["plan_id"])))])
+            with serve_in_thread(evil) as evil_url:
+                assert evil_url != api
+                seen.clear()
+                page.goto(evil_url)
+                page.wait_for_url(f"{api}/api/actions/apply")  # the form post, the attack's last step
+                assert "cross-origin request refused" in page.locator("body").inner_text()
+            applies = [r for r in seen if r["path"] == "/api/actions/apply"]
+            posts = [r for r in applies if r["method"] == "POST"]
+            assert len(posts) == 2 and all(r["origin"] == evil_url and r["status"] == 403 for r in posts), applies
+            for preflight in (r for r in applies if r["method"] == "OPTIONS"):
+                assert "access-control-allow-origin" not in preflight["headers"], preflight
+            assert tree_hashes(photos) == before and not target.exists() and not (index.root / "actions").exists()
+
+            # the plan was not spent: the page's own origin applies it
+            applied = page.evaluate("""async id => (await fetch("/api/actions/apply", {method: "POST",
+                headers: {"Content-Type": "application/json"}, body: JSON.stringify({plan_id: id, confirm: true})})).status""",
+                                    plan["plan_id"])
+            assert applied == 200
+            with Store.open(index.root) as store:
+                assert store.record(str(target / "chelsea_half.jpg")) is not None
+        finally:
+            browser.close()
