@@ -623,3 +623,20 @@ def test_undo_restores_all_it_can_syncs_the_index_and_reports_each_conflict(libr
     undone, _ = actions.undo(plan.manifest)
     assert undone.state == "undone" and tree_hashes(photos) == before
     assert set(records(index)) == set(before) and check_index(index)
+
+
+def test_a_check_that_fails_under_the_writer_lock_leaves_the_plan_unapplied(library, tmp_path):
+    """apply_plan's `check` runs with the lock held, before anything is written (the server's guard
+    against a plan the index moved on from): when it raises, no file moves and no manifest is written."""
+    photos, index = library
+    plan = plan_for(index, "move", to=tmp_path / "moved")
+    assert plan.todo
+    before = tree_hashes(photos)
+
+    def index_moved_on():
+        raise actions.ActionError("the index was written since this plan was made")
+
+    with pytest.raises(actions.ActionError, match="written since"):
+        actions.apply_plan(plan, check=index_moved_on)
+    assert tree_hashes(photos) == before and not (tmp_path / "moved").exists()
+    assert plan.state == "planned" and not list((index.root / actions.ACTIONS_DIR).glob("*.json"))

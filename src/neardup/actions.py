@@ -321,13 +321,18 @@ def _free_name(path: str, taken: set[str]) -> str:
 
 
 def apply_plan(plan: Plan, *, manifest: str | os.PathLike | None = None, wait: bool = True,
-               on_wait: Callable[[], None] | None = None, progress: ProgressCallback | None = None) -> Plan:
+               on_wait: Callable[[], None] | None = None, progress: ProgressCallback | None = None,
+               check: Callable[[], None] | None = None) -> Plan:
     """Execute the plan under the index's writer lock; returns it with statuses filled in and
-    `manifest` set to where it was written (default: <index>/actions/<id>.json)."""
+    `manifest` set to where it was written (default: <index>/actions/<id>.json). `check`, when given, runs
+    once the lock is held and interrupted runs are settled, before anything is written: an exception from
+    it leaves the plan unapplied (the server uses it to refuse a plan the index has moved on from)."""
     root = Path(plan.index)
-    plan.manifest = str(manifest or root / ACTIONS_DIR / f"{plan.id}.json")
     with Store.open(root, write=True, wait=wait, on_wait=on_wait) as store:
         recover(store)
+        if check is not None:
+            check()
+        plan.manifest = str(manifest or root / ACTIONS_DIR / f"{plan.id}.json")
         plan.state = "applying"
         _write_manifest(plan)
         journal = _Journal(plan.manifest)

@@ -204,11 +204,14 @@ def _apply(index: Index, previews: OrderedDict[str, _Preview], plan_id: str) -> 
         example = changed[0] if changed else None
         detail = f", e.g. {example.source}" if example else ""
         raise ApiError(409, f"the files changed since this plan was made{detail}: preview again")
-    if index.version() != preview.version:
-        raise ApiError(409, "the index was written since this plan was made (an index run, or another action): "
-                            "preview again")
+    def unchanged_index() -> None:  # run again under the writer lock: no write can slip in between
+        if index.version() != preview.version:
+            raise ApiError(409, "the index was written since this plan was made (an index run, or another "
+                                "action): preview again")
+
+    unchanged_index()
     try:
-        plan = actions.apply_plan(shown, wait=False)
+        plan = actions.apply_plan(shown, wait=False, check=unchanged_index)
     except IndexLocked:
         raise _locked() from None
     finally:
