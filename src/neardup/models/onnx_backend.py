@@ -72,8 +72,9 @@ INT8_FLOAT_BLOCKS = 1
 #: vs 0.9995, recall 0.731 vs 0.737). A broken quantisation (saturating kernels, collapsed ranges) scores far
 #: lower, and the nearest-original check catches a model that reorders photos.
 INT8_MIN_MEAN_COSINE = 0.98
-#: What building the int8 model costs (quantise 96 calibration inputs, guard on 192 images), measured on 2 cores.
-INT8_BUILD_SECONDS = 30
+#: What building the int8 model costs (quantise 96 calibration inputs, guard on 192 images): 12-18 s on 2
+#: quiet cores, 55 s under heavy load.
+INT8_BUILD_SECONDS = 15
 #: Images per ORT run. Unlike torch eager, ORT's fused kernels keep their speed per image up to
 #: batches of 8-16 on 2 cores (measured, see benchmarks/RESULTS.md); larger batches only add latency.
 ORT_BATCH = 8
