@@ -247,7 +247,9 @@ def index_run(embedder, paths: Sequence[Path], root: Path, workers: int | None,
     try:
         with Index.open(root, create=True, embedder=embedder) as index:
             start, cpu_start = time.perf_counter(), time.process_time()
-            summary = index.add([str(p) for p in paths], progress=progress, workers=workers)
+            # a GPU embedder names the batch it wants (256); CPU backends run best at the CLI's 32
+            summary = index.add([str(p) for p in paths], progress=progress, workers=workers,
+                                batch_size=getattr(embedder, "batch", 32))
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         if own:
