@@ -4,9 +4,11 @@ machine with every backend side by side in one run.
 Rows:
 * seed-style: what the seed's predict loop does, one image at a time: full-size decode, resize,
   torch eager with a batch of 1, no overlap. Its model time alone is the model-only baseline.
-* per backend, model-only: preprocessed tensors through `embed` in batches (no decoding).
+* per backend, model-only: decoded uint8 model inputs through `embed` in batches (no decoding); on a GPU
+  (`embed_on_device`) batches of 256 already on the device, so the device's own speed is what is timed.
 * per backend, end to end: `Index.add` on the image files (read, hash, draft-decode, preprocess in
-  worker threads, overlapped with batched inference, stored), the path users run.
+  worker processes or threads, overlapped with batched inference, stored), the path users run, with
+  where the indexing thread's time went: the model, the store's commits, and waiting for decoded files.
 * the bound set by the model's FLOPs and this machine's measured sgemm rate, and how close each
   backend comes to it.
 * queries: `Index.query_vector` exact and LSH, ms per query, on the index built above.
@@ -155,14 +157,16 @@ def seed_style(paths: Sequence[Path], tick: Callable[[int], None] | None = None)
     from PIL import Image
 
     from .models import default_embedder
-    from .models.efficientnet_lite0 import preprocess
+    from .models.default_model import INPUT_SIZE, normalise, trim_border
 
     embedder = default_embedder(os.cpu_count())
     model_seconds = 0.0
     start = time.perf_counter()
     for path in paths:
         with Image.open(path) as image:
-            pixels = preprocess(image.convert("RGB"))[None]
+            # the seed's plain full-size resize (no reducing_gap shortcut), after neardup's border trim
+            resized = trim_border(image.convert("RGB")).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC)
+            pixels = normalise(np.asarray(resized)[None])
         began = time.perf_counter()
         embedder.embed(pixels)
         model_seconds += time.perf_counter() - began
@@ -174,7 +178,10 @@ def seed_style(paths: Sequence[Path], tick: Callable[[int], None] | None = None)
 
 
 def model_only(embedder, pool: np.ndarray, n: int, batch: int = 32, tick: Callable[[int], None] | None = None) -> float:
-    """Images/s of `embed` on n preprocessed images (cycling through `pool`), in batches."""
+    """Images/s of `embed` on n decoded images (uint8 model inputs, cycling through `pool`), in batches; on a
+    GPU embedder, of `embed_on_device` on batches of its own size that live on the device."""
+    if hasattr(embedder, "embed_on_device"):
+        return _model_only_on_device(embedder, pool, n, tick)
     embedder.embed(pool[:batch])  # warm-up: first-run allocations, TensorRT engine build
     done, start = 0, time.perf_counter()
     while done < n:
@@ -188,12 +195,33 @@ def model_only(embedder, pool: np.ndarray, n: int, batch: int = 32, tick: Callab
     return n / (time.perf_counter() - start)
 
 
+def _model_only_on_device(embedder, pool: np.ndarray, n: int, tick: Callable[[int], None] | None) -> float:
+    import torch
+
+    size = embedder.batch
+    on_device = torch.from_numpy(np.take(pool, np.arange(size) % len(pool), axis=0)).to(embedder.device)
+    embedder.embed_on_device(on_device)  # warm-up: cuDNN's algorithm choice
+    rounds = max(1, -(-n // size))
+    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        embedder.embed_on_device(on_device)
+        if tick:
+            tick(size)
+    sync()
+    return rounds * size / (time.perf_counter() - start)
+
+
 def index_run(embedder, paths: Sequence[Path], root: Path, workers: int | None,
-              tick: Callable[[int], None] | None = None) -> tuple[float, float, Path]:
-    """Images/s of Index.add on the files into a fresh index at root (decode + embed + store), and the
-    CPU time it used per image over all threads (ms): on a busy machine wall time says little, while
-    cores / CPU time per image bounds what the same run reaches on idle cores."""
+              tick: Callable[[int], None] | None = None) -> tuple[float, float, Path, dict]:
+    """Images/s of Index.add on the files into a fresh index at root (decode + embed + store), the
+    CPU time it used per image in this process (ms; decoding processes not counted): on a busy machine
+    wall time says little, while cores / CPU time per image bounds what the same run reaches on idle
+    cores; and the stages: seconds the indexing thread spent in the model, in the store's commits, and
+    otherwise (waiting for decoded files, bookkeeping)."""
     from .index import Index
+    from .store import Store
 
     seen = 0
 
@@ -203,12 +231,36 @@ def index_run(embedder, paths: Sequence[Path], root: Path, workers: int | None,
             tick(done - seen)
         seen = done
 
-    with Index.open(root, create=True, embedder=embedder) as index:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        summary = index.add([str(p) for p in paths], progress=progress, workers=workers)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    spent = {"model": 0.0, "store": 0.0}
+
+    def timed(function, stage):
+        def run(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[stage] += time.perf_counter() - began
+        return run
+
+    embed, commit, own = embedder.embed, Store.commit, "embed" in vars(embedder)
+    embedder.embed, Store.commit = timed(embed, "model"), timed(commit, "store")
+    try:
+        with Index.open(root, create=True, embedder=embedder) as index:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            # a GPU embedder names the batch it wants (256); CPU backends run best at the CLI's 32
+            summary = index.add([str(p) for p in paths], progress=progress, workers=workers,
+                                batch_size=getattr(embedder, "batch", 32))
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        if own:
+            embedder.embed = embed
+        else:
+            del embedder.embed  # the class's method again
+        Store.commit = commit
     embedded = summary.added - summary.identical
-    return embedded / seconds, cpu / max(1, embedded) * 1000, root
+    stages = {"seconds": round(seconds, 3), "model_s": round(spent["model"], 3), "store_s": round(spent["store"], 3),
+              "decode_wait_s": round(seconds - spent["model"] - spent["store"], 3)}
+    return embedded / seconds, cpu / max(1, embedded) * 1000, root, stages
 
 
 def queries(root: Path, vectors: np.ndarray, n: int, tick: Callable[[int], None] | None = None) -> dict:
@@ -292,14 +344,14 @@ def run(*, n: int = 1000, images: Path | None = None, backends: Sequence[str] = 
                 continue
             row["providers"] = list(getattr(embedder, "providers", None) or [str(getattr(embedder, "device", "cpu"))])
             model_rate = model_only(embedder, pool, len(paths), tick=stage(f"model only: {backend}", len(paths)))
-            index_rate, cpu_ms, root = index_run(embedder, paths, work / f"index-{backend}", workers,
+            index_rate, cpu_ms, root, stages = index_run(embedder, paths, work / f"index-{backend}", workers,
                                          stage(f"end to end (Index.add): {backend}", len(paths)))
             row.update(model_images_per_s=round(model_rate, 2),
                        model_ratio=round(model_rate / seed["model_images_per_s"], 2),
                        model_fraction_of_bound=round(model_rate / bound, 3),
                        index_images_per_s=round(index_rate, 2),
                        index_ratio=round(index_rate / seed["images_per_s"], 2),
-                       index_cpu_ms_per_image=round(cpu_ms, 2))
+                       index_cpu_ms_per_image=round(cpu_ms, 2), index_stages=stages)
             if backend == "onnx-int8":
                 row["int8_guard"] = int8_report(embedder.path)
             rows.append(row)
@@ -312,10 +364,11 @@ def run(*, n: int = 1000, images: Path | None = None, backends: Sequence[str] = 
 
 
 def _preprocessed(paths: Sequence[Path]) -> np.ndarray:
+    """uint8 model inputs [n, 224, 224, 3] of the files, as the decode stage gives them."""
     from .images import load_image
-    from .models.efficientnet_lite0 import INPUT_SIZE, preprocess
+    from .models.default_model import INPUT_SIZE, model_pixels
 
-    return np.stack([preprocess(load_image(p, min_side=INPUT_SIZE).image) for p in paths])
+    return np.stack([model_pixels(load_image(p, min_side=INPUT_SIZE).image) for p in paths])
 
 
 def _mean_megapixels(paths: Sequence[Path]) -> float:
@@ -366,8 +419,12 @@ def summary_lines(figures: dict) -> list[str]:
             lines.append(f"{row['backend']}: not available: {row['error']}")
             continue
         cpu = row["index_cpu_ms_per_image"]
+        stages = row.get("index_stages") or {}
         lines.append(f"{row['backend']}: end to end {cpu:.1f} ms of CPU per image (all threads), so at most "
-                     f"{cores * 1000 / cpu:.0f} images/s on {cores} idle cores")
+                     f"{cores * 1000 / cpu:.0f} images/s on {cores} idle cores"
+                     + (f"; of {stages['seconds']:.1f} s the indexing thread spent {stages['model_s']:.1f} s in the model, "
+                        f"{stages['store_s']:.1f} s storing, {stages['decode_wait_s']:.1f} s waiting for decoded files"
+                        if stages else ""))
         if "int8_guard" in row:
             g = row["int8_guard"]
             lines.append(f"int8 guard: mean cosine to fp32 {g['mean_cosine']:.4f} (min {g['min_cosine']:.4f}) over "

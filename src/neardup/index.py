@@ -17,8 +17,6 @@ import hashlib
 import math
 import os
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -455,29 +453,12 @@ class Index:
         return tuple(np.concatenate(parts) for parts in zip(*found))
 
     def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None, lookahead: int = 0):
-        """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker threads.
+        """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker processes or
+        threads (neardup.decode), overlapping inference. `lookahead` files (at least two model batches)
+        are kept in flight so the workers never wait for the model to finish."""
+        from .decode import prepare_files
 
-        Decoding overlaps inference: Pillow and ONNX Runtime (or torch) release the GIL, so the workers
-        keep decoding while the caller's thread runs a batch through the model. `lookahead` files (at
-        least two model batches) are kept in flight so the workers never wait for the model to finish."""
-        known = {}
-        input_size = self.embedder.input_size
-        preprocess = self.embedder.preprocess
-
-        def prepare(path: str) -> _Prepared:
-            return _prepare_file(path, known.get(path), input_size, preprocess)
-
-        workers = workers or os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque = deque()
-            for path in files:
-                path = str(path)
-                known[path] = store.record(path)
-                pending.append(pool.submit(prepare, path))
-                if len(pending) >= max(4 * workers, lookahead):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        yield from prepare_files(files, store.record, self.embedder, _prepare_file, _failed, workers, lookahead)
 
 
 def maybe_compact(store: Store) -> None:

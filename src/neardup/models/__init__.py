@@ -4,13 +4,18 @@ backends that run it.
 Backends (``load_embedder(backend)``, CLI ``--backend``, env NEARDUP_BACKEND):
 
 * ``torch``      the model in torch eager mode (on CUDA when torch sees a GPU).
+* ``torch-fp16``  the model on a CUDA GPU in fp16, channels_last, batches of 256, uint8 pixels sent from
+                 pinned buffers and normalised on the device (neardup.models.cuda); guarded (mean cosine
+                 to fp32 >= 0.999, every guard copy's nearest original unchanged), else fp32 on the GPU.
 * ``onnx``       the model exported to ONNX (cached by weights hash) in ONNX Runtime: on a GPU
                  through TensorRT (FP16) or CUDA when onnxruntime-gpu provides them, else on CPU.
-* ``onnx-int8``  statically quantised on real photos (mixed precision: stem, first block and GeM
-                 pooling in float); used only if it passes its accuracy guard
-                 (mean cosine to fp32 >= 0.99, nearest original of every guard copy unchanged).
-* ``auto``       the fastest that is usable here: ONNX Runtime on a GPU, else torch on a GPU,
-                 else int8 when its guarded model is built (and passed), else fp32 ONNX.
+* ``onnx-int8``  statically quantised on the photos shipped with neardup (mixed precision: stem, first
+                 block and GeM pooling in float); used only if it passes its accuracy guard where it
+                 is built (mean cosine to fp32 >= INT8_MIN_MEAN_COSINE, nearest original of every
+                 guard copy unchanged).
+* ``auto``       the fastest that is usable here: torch-fp16 where torch sees a CUDA device, else
+                 ONNX Runtime's GPU providers (onnxruntime-gpu), else int8 (built, guarded and cached the first time it is needed, about half a
+                 minute; a refusal falls back to fp32 ONNX with one line on stderr saying why).
 
 Identity. An index stores the identity of the model that built it (name, weights sha256,
 preprocessing, dim) and refuses any other. The identity names the *vector space*, not the
@@ -33,10 +38,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..errors import BackendError
+
 if TYPE_CHECKING:
     from PIL import Image
 
-BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "torch-fp16")
 
 
 class Embedder(Protocol):
@@ -81,8 +88,6 @@ def _shared_torch_embedder() -> Embedder:
 def backend_from_env(backend: str | None = None) -> str:
     chosen = backend or os.environ.get("NEARDUP_BACKEND") or "auto"
     if chosen not in BACKENDS:
-        from .onnx_backend import BackendError
-
         raise BackendError(f"unknown backend {chosen!r} (choose from {', '.join(BACKENDS)})")
     return chosen
 
@@ -106,8 +111,6 @@ def load_embedder(backend: str | None = None, *, model: str | os.PathLike | None
     backend = backend_from_env(backend)
     if model is not None:
         if backend not in ("auto", "onnx"):
-            from .onnx_backend import BackendError
-
             raise BackendError(f"a custom --model runs in ONNX Runtime; --backend {backend} applies only to the built-in model")
         # a dict spec is passed as canonical JSON so that the loaded model can be cached by value
         key = json.dumps(spec, sort_keys=True) if isinstance(spec, dict) else (None if spec is None else str(spec))
@@ -124,29 +127,35 @@ def _load_custom(model: str, spec: str | None, spec_is_json: bool, threads: int 
     return CustomOnnxEmbedder(model, json.loads(spec) if spec_is_json else spec, threads=threads, providers=providers)
 
 
-def resolve_backend(backend: str | None = None) -> str:
-    """The concrete backend a name stands for here: `auto` becomes onnx (ORT on a GPU when it has
-    GPU providers, else on CPU), torch (when only torch sees a GPU) or onnx-int8 (when a guarded int8
-    model is already built in the cache and passed its guard; a refused one is never picked)."""
+def resolve_backend(backend: str | None = None, threads: int | None = None) -> str:
+    """The concrete backend a name stands for here: `auto` becomes torch-fp16 where torch sees a CUDA
+    device, onnx where only ORT has GPU providers, or, on a CPU, onnx-int8 when its guarded model
+    passes (built now the first time, then cached) and onnx when the guard refused it."""
     backend = backend_from_env(backend)
     if backend != "auto":
         return backend
     from . import onnx_backend as ob
 
+    if torch_cuda_available():
+        return "torch-fp16"
     if ob.gpu_providers():
         return "onnx"
-    if torch_cuda_available():
-        return "torch"
-    return "onnx-int8" if ob.guarded_int8_model() is not None else "onnx"
+    return "onnx-int8" if ob.auto_int8_model(threads) is not None else "onnx"
 
 
 @functools.cache
 def _load_builtin(backend: str, threads: int | None) -> Embedder:
     from . import onnx_backend as ob
 
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, threads)
     if backend == "torch":
         return _torch_embedder(threads)
+    if backend == "torch-fp16":
+        if not torch_cuda_available():
+            raise BackendError("--backend torch-fp16 needs a CUDA GPU that torch sees; use onnx or onnx-int8")
+        from .cuda import guarded_cuda_embedder
+
+        return guarded_cuda_embedder()
     if backend == "onnx-int8":
         return ob.OnnxEmbedder(ob.guarded_int8_model() or ob.int8_model(threads=threads), threads=threads,
                                backend="onnx-int8")

@@ -24,6 +24,7 @@ with another normalisation, is refused by that index.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -113,6 +114,9 @@ class CustomOnnxEmbedder:
             raise BackendError(f"{model}: no output named {self._output!r} (outputs: {', '.join(outputs)})")
         self._mean = np.asarray(self.spec["mean"], np.float32) * 255
         self._scale = 1 / (np.asarray(self.spec["std"], np.float32) * 255)
+        # a module function with the spec's settings bound: decoding processes can run it
+        self.model_pixels = functools.partial(model_pixels, size=self.spec["input_size"], resize=self.spec["resize"],
+                                              resample=self.spec["resample"])
         # one run on a grey image checks that the model accepts the spec's input and gives a vector
         probe = self._run(np.stack([self.preprocess_array(np.full((self.input_size, self.input_size, 3), 128, np.uint8))]))
         self.dim = int(probe.shape[1])
@@ -125,27 +129,19 @@ class CustomOnnxEmbedder:
         }
 
     def preprocess(self, image) -> np.ndarray:
-        from PIL import Image
-
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        size = self.input_size
-        resample = Image.Resampling.BICUBIC if self.spec["resample"] == "bicubic" else Image.Resampling.BILINEAR
-        if self.spec["resize"] == "center-crop":
-            w, h = image.size
-            scale = size / min(w, h)
-            image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        else:
-            image = image.resize((size, size), resample)
-        return self.preprocess_array(np.asarray(image))
+        return self.preprocess_array(self.model_pixels(image))
 
     def preprocess_array(self, pixels: np.ndarray) -> np.ndarray:
+        return self.normalise(pixels[None])[0]
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels [n, s, s, 3] -> float32 model input [n, 3, s, s] per the spec's mean and std."""
         normalised = (pixels.astype(np.float32) - self._mean) * self._scale
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+        return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[1:] == (self.input_size, self.input_size, 3):
+            batch = self.normalise(batch)
         batch = checked_batch(batch, self.input_size)
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -175,3 +171,21 @@ class CustomOnnxEmbedder:
             return out[:, 0] if pooling in ("auto", "cls") else out.mean(axis=1)
         raise BackendError(f"model {self.name}: cannot make a vector from an output of shape {list(out.shape)} "
                            f"with pooling {pooling!r}")
+
+
+def model_pixels(image, *, size: int, resize: str, resample: str) -> np.ndarray:
+    """A PIL image -> uint8 pixels [size, size, 3] as a custom spec resizes it (see the module's keys)."""
+    from PIL import Image
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    method = Image.Resampling.BICUBIC if resample == "bicubic" else Image.Resampling.BILINEAR
+    if resize == "center-crop":
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), method)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        image = image.resize((size, size), method)
+    return np.asarray(image)

@@ -38,6 +38,7 @@ from .default_model import (  # noqa: F401
     checked_batch,
     identity,
     lsh_center,
+    model_pixels,
     preprocess,
     weights_path,
     weights_sha256,
@@ -223,12 +224,13 @@ class TorchEmbedder:
         self._micro_batch = MICRO_BATCH if self.device.type == "cpu" else 256
         self.identity = identity()
         self.center = lsh_center()
+        self.model_pixels = model_pixels  # a module function: decoding processes can run it
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [n, 3, 224, 224] -> float32 [n, DIM], each row L2-normalised."""
+        """float32 [n, 3, 224, 224] (or uint8 pixels [n, 224, 224, 3]) -> float32 [n, DIM], unit rows."""
         batch = checked_batch(batch, self.input_size)
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
