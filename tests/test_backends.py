@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -223,13 +224,17 @@ def test_int8_guard_accepts_good_quantisation_and_refuses_broken_calibration(tmp
     def load(path):
         return CustomOnnxEmbedder(path, TRIMMED_SPEC, threads=2)
 
+    def later_blocks(model):  # as for the default model: the stem and block 0 stay in float
+        return [node.name for node in model.graph.node if re.match(r"/blocks\.[1-9]/", node.name)]
+
     good = tmp_path / "good.onnx"
-    report = ob.build_guarded_int8(fp32, load, originals, copies, good, input_name="image")
-    assert report["passed"] and report["mean_cosine"] >= 0.99 and report["top1_changed"] == 0
+    report = ob.build_guarded_int8(fp32, load, originals, copies, good, input_name="image",
+                                   select_nodes=later_blocks)
+    assert report["passed"] and report["mean_cosine"] >= ob.INT8_MIN_MEAN_COSINE and report["top1_changed"] == 0
     assert good.exists() and ob.int8_report(good) == report
     quantised = load(good)
     cosines = np.sum(quantised.embed(originals) * fp32.embed(originals), axis=1)
-    assert cosines.mean() >= 0.99
+    assert cosines.mean() >= ob.INT8_MIN_MEAN_COSINE
     # calibrating on black frames collapses every activation range: the guard must refuse it
     broken = tmp_path / "broken.onnx"
     black = np.full((8, *originals.shape[1:]), -127 / 128, dtype=np.float32)
