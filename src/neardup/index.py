@@ -385,10 +385,10 @@ class Index:
 
     def similarity(self, a: int, b: int) -> float | None:
         """Cosine of the stored vectors of two indexed image ids; None unless both are indexed."""
-        records = [self._reader.record_by_id(int(i)) for i in (a, b)]
-        if any(r is None or r.status != "indexed" for r in records):
+        va, vb = (self._reader.vector(int(i)) for i in (a, b))
+        if va is None or vb is None:
             return None
-        va, vb = (self._reader.vector(r) for r in records)  # float16 on disk: renormalise like the search does
+        # float16 on disk: renormalise like the search does
         return float(np.dot(va, vb) / max(float(np.linalg.norm(va) * np.linalg.norm(vb)), 1e-12))
 
     def version(self) -> int:
@@ -572,9 +572,7 @@ class _Batch:
         if sha256 in self.by_sha256:
             return self.by_sha256[sha256]
         existing = self.store.indexed_with_sha256(sha256)
-        if existing is None:
-            return None
-        return self.store.vector(existing)
+        return None if existing is None else self.store.vector(existing.id)
 
     def add_vector(self, record: Record, vector: np.ndarray | int) -> None:
         self.by_sha256.setdefault(record.sha256, len(self.records))
