@@ -278,6 +278,11 @@ class Store:
         ).fetchone()
         return None if row is None else Record(*row)
 
+    def paths_with_sha256(self, sha256: str) -> list[str]:
+        """Paths of the indexed images with these bytes."""
+        return [path for (path,) in self._conn.execute(
+            "SELECT path FROM images WHERE sha256 = ? AND status = 'indexed' ORDER BY id", (sha256,))]
+
     def paths_under(self, folders: Iterable[str]) -> list[str]:
         """Catalogued paths equal to or below any of the given absolute paths."""
         found: set[str] = set()
