@@ -177,11 +177,11 @@ def test_a_reader_mapping_segments_while_a_compaction_commits_reads_the_state_it
         assert len(os.listdir(root / "segments")) == 2
 
 
-def test_readers_in_other_processes_never_fail_while_a_writer_compacts_200_times(tmp_path):
+def test_readers_in_other_processes_never_fail_while_a_writer_compacts_120_times(tmp_path):
     root = tmp_path / "idx"
     forty_images(root)
     ready = [tmp_path / "ready-snapshot", tmp_path / "ready-similarity"]
-    writer = child(WRITER, root, 200, *ready)
+    writer = child(WRITER, root, 120, *ready)
     readers = [child(READER, root, kind, marker) for kind, marker in zip(("snapshot", "similarity"), ready)]
     _, err = writer.communicate(timeout=600)
     assert writer.returncode == 0, err
@@ -191,6 +191,6 @@ def test_readers_in_other_processes_never_fail_while_a_writer_compacts_200_times
         assert reader.returncode == 0, err
         reads, failures, kinds = out.split(maxsplit=2)
         results.append((int(reads), int(failures), kinds.strip()))
-    print(f"\nreads and failures (snapshot, similarity) during 200 compactions: {results}")
+    print(f"\nreads and failures (snapshot, similarity) during 120 compactions: {results}")
     assert [failures for _, failures, _ in results] == [0, 0], results
     assert all(reads > 1 for reads, _, _ in results)
