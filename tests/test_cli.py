@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,7 +117,10 @@ def test_sigkill_during_indexing_leaves_a_consistent_index(tmp_path, collection)
         if not (index / "catalog.sqlite").exists():
             return 0
         with Store.open(index) as store:
-            return store.counts()["indexed"]
+            try:
+                return store.counts()["indexed"]
+            except sqlite3.OperationalError:  # the child has created the catalog file, not yet its tables
+                return 0
 
     committed = []
     for kill_after in (None, 8, 48, 96):
@@ -142,3 +147,56 @@ def test_sigkill_during_indexing_leaves_a_consistent_index(tmp_path, collection)
         assert store.verify() == [] and store.counts()["indexed"] == 128
         registered = {f"{name}.{kind}.npy" for name in store.segment_names() for kind in ("vectors", "codes")}
     assert set(os.listdir(index / "segments")) == registered
+
+
+def test_names_that_are_not_utf8_are_failed_files_and_never_stop_a_run(tmp_path, collection):
+    """Review 2026-12-04 defect 10: a Latin-1 file name and a folder name with a 0xff byte. The run indexes
+    the rest, records both with a one-line reason under a printable spelling, and info, --prune and
+    remove treat them like any failed file."""
+    photos, originals = tmp_path / "photos", collection["originals"]
+    (photos / os.fsdecode(b"dir\xff")).mkdir(parents=True)
+    shutil.copy(originals["coffee"], photos / "ok.jpg")
+    shutil.copy(originals["brick"], photos / os.fsdecode(b"caf\xe9.jpg"))
+    shutil.copy(originals["camera"], photos / os.fsdecode(b"dir\xff") / "camera.jpg")
+    index = tmp_path / "idx"
+    result = neardup("index", photos, "--failures", index=index)
+    assert "Traceback" not in result.stderr
+    assert "1 added" in result.stdout and "2 failed" in result.stdout
+    assert f"failed: {photos}/caf\\xe9.jpg: file name is not valid UTF-8" in result.stdout
+    assert f"failed: {photos}/dir\\xff/camera.jpg: file name is not valid UTF-8" in result.stdout
+    info = json.loads(neardup("info", "--json", "--failures", index=index).stdout)
+    assert info["images"] == 1 and sorted(info["failures"], key=lambda f: f["path"]) == [
+        {"path": f"{photos}/caf\\xe9.jpg", "reason": "file name is not valid UTF-8"},
+        {"path": f"{photos}/dir\\xff/camera.jpg", "reason": "file name is not valid UTF-8"}]
+    again = neardup("index", photos, "--prune", index=index)  # still there: nothing pruned
+    assert "0 removed" in again.stdout and "2 failed" in again.stdout
+    assert "removed 1 files" in neardup("remove", photos / os.fsdecode(b"caf\xe9.jpg"), index=index).stdout
+    os.rename(photos / os.fsdecode(b"dir\xff"), photos / "dir")  # the user renames the folder
+    renamed = neardup("index", photos, "--prune", index=index)
+    assert "1 added" in renamed.stdout and "1 removed" in renamed.stdout
+    info = json.loads(neardup("info", "--json", "--failures", index=index).stdout)
+    assert info["images"] == 2 and info["failures"] == [
+        {"path": f"{photos}/caf\\xe9.jpg", "reason": "file name is not valid UTF-8"}]  # re-indexed: seen again
+    assert neardup("dups", "--action", "move", "--to", tmp_path / "moved", index=index).returncode == 0
+
+
+def test_a_folder_indexed_again_through_a_symlink_is_not_a_copy_of_itself(tmp_path, collection):
+    """Review 2026-12-04 defect 2 at index time: real/ indexed, then alias -> real indexed in a second run.
+    The alias's files are the catalogued files (same device and inode): reported, not catalogued, so
+    `dups` finds only the real copy, never a file paired with itself."""
+    real = tmp_path / "B" / "real"
+    real.mkdir(parents=True)
+    shutil.copy(collection["originals"]["camera"], real / "camera.jpg")
+    shutil.copy(collection["originals"]["rocket"], real / "rocket.jpg")
+    shutil.copy(real / "rocket.jpg", real / "rocket-copy.jpg")  # a real copy: a duplicate
+    (tmp_path / "B" / "alias").symlink_to("real")
+    index = tmp_path / "idx"
+    neardup("index", real, index=index)
+    second = neardup("index", tmp_path / "B" / "alias", "--failures", index=index)
+    assert "0 added" in second.stdout and "0 identical copies" in second.stdout
+    assert "3 not added (same file as a catalogued path)" in second.stdout
+    alias = tmp_path / "B" / "alias"
+    assert f"not added: {alias}/camera.jpg: same file as {real}/camera.jpg" in second.stdout
+    groups = json.loads(neardup("dups", "--json", index=index).stdout)["groups"]
+    assert [sorted(g["files"]) for g in groups] == [[str(real / "rocket-copy.jpg"), str(real / "rocket.jpg")]]
+    assert json.loads(neardup("info", "--json", index=index).stdout)["images"] == 3

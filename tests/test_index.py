@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,6 +143,39 @@ def test_bad_files_are_recorded_with_reasons_and_never_indexed(tmp_path, photo_f
     assert not indexed & set(reasons)
     index.close()
 
+
+
+def test_a_fifo_swapped_in_after_discovery_is_a_recorded_failure_not_a_hang(tmp_path, photo_folder, collection,
+                                                                          embedder, monkeypatch):
+    """The loader opens files with files.open_regular: a FIFO put where discovery saw a photo (the race
+    between listing and reading, forced here by swapping right after the real discovery) is refused at
+    open, never waited on; a symlinked photo is still indexed."""
+    from neardup import index as index_module
+
+    swapped = photo_folder / "coffee.jpg"
+    (photo_folder / "link.jpg").symlink_to(collection["originals"]["moon"])  # a photo outside the folder
+    real_discover = index_module.discover
+
+    def discover_then_swap(roots):
+        found = real_discover(roots)
+        swapped.unlink()
+        os.mkfifo(swapped)
+        return found
+
+    monkeypatch.setattr(index_module, "discover", discover_then_swap)
+    index = Index.open(tmp_path / "idx", create=True, embedder=embedder)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("summary", index.add([photo_folder])), daemon=True)
+    worker.start()
+    worker.join(timeout=300)  # only turns a hang into a failure
+    if worker.is_alive():  # the old loader blocks in open(): give it a writer so the thread can end
+        os.close(os.open(swapped, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join()
+        raise AssertionError("indexing waited on a FIFO")
+    summary = outcome["summary"]
+    assert summary.failures == [(str(swapped), "is a named pipe (FIFO), not a file")]
+    assert summary.added == 8 and str(photo_folder / "link.jpg") in index.snapshot().paths
+    index.close()
 
 @needs_peer_data
 def test_peer_data_groups_like_imagededup_expects(tmp_path, embedder):

@@ -12,6 +12,7 @@ after; for actions the manifest and the disk agree and undo restores the origina
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
 import signal
@@ -348,47 +349,80 @@ def neardup_process(*args, index: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_until_locked(root: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if (root / "catalog.sqlite").exists():
-            try:
-                Store.open(root, write=True, wait=False).close()
-            except IndexLocked:
-                return
-        time.sleep(0.05)
-    raise AssertionError("the first writer never held the lock")
+# Holds the index's writer lock (the real Store lock) until a line arrives on stdin; says so on stdout.
+LOCK_HOLDER = textwrap.dedent("""
+    import sys
+    from neardup.store import Store
+    with Store.open(sys.argv[1], write=True):
+        print("held", flush=True)
+        sys.stdin.readline()
+""")
 
 
 def test_second_writer_waits_with_a_message_or_fails_with_no_wait(tmp_path, photos, base_index):
+    """Ordered by what the processes say, not by how long anything takes: a holder process takes the
+    lock and says so; a second writer is started and must print the waiting message; --no-wait must
+    fail; only then is the holder told to let go, and the waiting writer completes its job."""
     root = tmp_path / "idx"
     shutil.copytree(base_index, root)
-    more = tmp_path / "more"
-    for n in range(3):  # 96 new files, 2 per commit: the first writer holds the lock for seconds
-        shutil.copytree(photos, more / str(n))
-    writer = neardup_process("index", more, "--commit-every", "2", "--batch-size", "2", index=root)
-    wait_until_locked(root, writer)
-    waiter = neardup_process("remove", photos / "copies", index=root)
-    refused = subprocess.run([sys.executable, "-m", "neardup.cli", "remove", photos / "copies", "--index", root,
-                              "--no-wait"], capture_output=True, text=True, check=False, timeout=120)
-    writer_out, _ = writer.communicate(timeout=300)
-    _, waited = waiter.communicate(timeout=300)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(root)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = neardup_process("remove", photos / "copies", index=root)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in waiter.stderr] + [lines.put("")],
+                         daemon=True).start()
+        waited = []
+        while not waited or "another process is writing this index; waiting" not in waited[-1]:
+            waited.append(lines.get(timeout=300))  # the timeout only turns a hang into a failure
+            assert waited[-1], f"the second writer ended without waiting: {waited}"
+        refused = subprocess.run([sys.executable, "-m", "neardup.cli", "remove", photos / "copies", "--index", root,
+                                  "--no-wait"], capture_output=True, text=True, check=False, timeout=120)
+        assert waiter.poll() is None  # still waiting: the lock is still held
+    finally:
+        holder.communicate("release\n", timeout=120)
+    waiter_out = waiter.stdout.read()
+    waiter.wait(timeout=300)
+    waiter_err = "".join(waited)
+    assert holder.returncode == 0
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [f"neardup: error: the index at {root} is being written by another process"]
-    assert waiter.returncode == 0 and writer.returncode == 0
-    assert "another process is writing this index; waiting" in waited
-    assert "96 added" in writer_out  # the first writer finished its whole job
-    assert check_store(root)["counts"]["indexed"] == 32 + 96 - 16
+    assert waiter.returncode == 0, waiter_err
+    assert "removed 16 files" in waiter_out  # the waiting writer did its whole job once the lock was free
+    assert check_store(root)["counts"]["indexed"] == 32 - 16
+
+
+# `neardup ARGS` whose every commit waits until a reader has seen the new count (a file seen-N in DIR).
+WAIT_UNTIL_SEEN = textwrap.dedent("""
+    import os, sys, time
+    from neardup.store import Store
+    seen_dir, real_commit = sys.argv[1], Store.commit
+
+    def commit_then_wait_until_seen(self, **kwargs):
+        real_commit(self, **kwargs)
+        marker = os.path.join(seen_dir, f"seen-{self.counts()['indexed']}")
+        while not os.path.exists(marker):
+            time.sleep(0.002)
+
+    Store.commit = commit_then_wait_until_seen
+    from neardup.cli import main
+    main(sys.argv[2:], prog_name="neardup")
+""")
 
 
 def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, photos, embedder):
     """A writer process adds 32 files, 3 per commit; reader threads snapshot, query and list duplicates in
     a loop. Every snapshot is a whole number of commits, its ids, paths and vectors agree, and every path
-    a reader saw is in the final index with the same vector."""
+    a reader saw is in the final index with the same vector. The writer goes on after each commit only
+    once a reader has seen it (a file per count seen), so the readers see every commit however the
+    machine schedules them; they still read while the writer embeds and commits the next batch."""
     root = tmp_path / "idx"
     Index.open(root, create=True, embedder=embedder).close()
     probe = embedder.embed(embedder.preprocess(load_image(str(min((photos / "originals").iterdir()))).image)[None])[0]
-    writer = neardup_process("index", photos, "--commit-every", "3", "--batch-size", "3", index=root)
+    writer = subprocess.Popen([sys.executable, "-c", WAIT_UNTIL_SEEN, str(tmp_path), "index", str(photos),
+                               "--commit-every", "3", "--batch-size", "3", "--index", str(root)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen_counts, seen, reads = set(), {}, []
     problems = []
 
@@ -401,6 +435,7 @@ def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, photos, embe
                     if not len(snap.ids) == len(snap.paths) == len(vectors):
                         problems.append(f"torn snapshot: {len(snap.ids)} ids, {len(vectors)} vectors")
                     seen_counts.add(len(snap))
+                    (tmp_path / f"seen-{len(snap)}").touch()
                     reads.append(len(snap))
                     for path, vector in zip(snap.paths, vectors.astype(np.float32)):
                         seen.setdefault(path, vector)
@@ -413,13 +448,16 @@ def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, photos, embe
     threads = [threading.Thread(target=reader) for _ in range(2)]
     for thread in threads:
         thread.start()
-    _, err = writer.communicate(timeout=300)
+    try:
+        _, err = writer.communicate(timeout=300)  # the timeout only turns a hang into a failure
+    finally:
+        writer.kill()
     for thread in threads:
         thread.join(timeout=60)
     assert writer.returncode == 0, err
     assert problems == []
     final = check_store(root)
-    assert len(seen_counts) >= 3, seen_counts  # the readers really ran while commits landed
+    assert seen_counts >= {*range(3, 31, 3), 32}, seen_counts  # the readers saw every commit
     assert all(n % 3 == 0 or n == 32 for n in seen_counts), seen_counts
     print(f"\n{len(reads)} snapshots (+ a query and a duplicates run each) by 2 readers during 11 commits; "
           f"sizes seen: {sorted(seen_counts)}")

@@ -15,12 +15,13 @@ import time
 import click
 
 from .actions import ACTIONS, DEFAULT_KEEP
-from .images import ImageError
+from .images import ImageError, printable_path
 from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
 from .models import BACKENDS
 from .store import StoreError
 
-USER_ERRORS = (StoreError, NeardupError, ImageError, OSError)  # OSError: disk full, permission denied, vanished files...
+# OSError: disk full, permission denied, vanished files...; UnicodeError: a name that is not valid UTF-8
+USER_ERRORS = (StoreError, NeardupError, ImageError, OSError, UnicodeError)
 
 
 class Failure(click.ClickException):
@@ -162,14 +163,17 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
         f"{summary.added} added, {summary.updated} updated, {summary.unchanged} unchanged, "
         f"{summary.identical} identical copies, {summary.failed} failed, {summary.removed} removed, "
         f"{summary.skipped} skipped (not images)"
+        + (f", {len(summary.aliases)} not added (same file as a catalogued path)" if summary.aliases else "")
     )
     if show_failures:
         for path, reason in summary.failures:
             click.echo(f"failed: {path}: {reason}")
+        for path, catalogued in summary.aliases:
+            click.echo(f"not added: {path}: same file as {catalogued}")
         for path in summary.skipped_files:
             click.echo(f"skipped: {path}: not an image file (extension)")
-    elif summary.failures:
-        click.echo("(run with --failures to list the failed files and why)")
+    elif summary.failures or summary.aliases:
+        click.echo("(run with --failures to list the failed and not added files and why)")
 
 
 @main.command("query")
@@ -192,14 +196,14 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
                 matches = index.query(image, k=k, threshold=threshold, exact=exact)
             except ImageError as exc:
                 failed += 1
-                click.echo(f"neardup: error: cannot read query {image}: {exc.reason}", err=True)
+                click.echo(f"neardup: error: cannot read query {printable_path(image)}: {exc.reason}", err=True)
                 continue
             results.append({"query": image, "matches": [{"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]})
     if as_json:
         click.echo(json.dumps({"threshold": threshold, "results": results}, indent=2))
     else:
         for result in results:
-            click.echo(f"{result['query']}:")
+            click.echo(f"{printable_path(result['query'])}:")
             for match in result["matches"] or [{"path": "(no match)", "score": float("nan")}]:
                 click.echo(f"  {match['score']:.4f}  {match['path']}")
     if plot and results:

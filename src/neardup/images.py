@@ -286,6 +286,21 @@ def _detail(error: Exception) -> str:
     return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."
 
 
+NOT_UTF8 = "file name is not valid UTF-8"
+
+
+def printable_path(path: str) -> str:
+    """A found path as text that can be catalogued and printed. Names on disk are bytes; one that is not
+    valid UTF-8 reaches Python with surrogate escapes, which neither SQLite nor a UTF-8 terminal takes.
+    Such a path is spelled with its undecodable bytes as \\xNN escapes (``caf\\xe9.jpg``); a valid path
+    is returned unchanged."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
 @dataclass
 class Discovery:
     """What :func:`discover` found."""

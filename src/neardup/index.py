@@ -24,8 +24,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import lsh
+from .files import FileCheckError, open_regular, same_file
 from .groups import group_pairs
-from .images import ImageError, discover, load_image
+from .images import NOT_UTF8, ImageError, discover, load_image, printable_path
 from .store import CATALOG, Record, Snapshot, Store
 from .errors import ModelMismatch, NeardupError  # noqa: F401 (re-exported)
 
@@ -91,6 +92,9 @@ class AddSummary:
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+    """(new path, catalogued path) of new paths that reach an already catalogued file (same device and
+    inode: a symlinked folder, a bind mount or a hard link): not catalogued a second time."""
 
 
 @dataclass
@@ -171,16 +175,25 @@ class Index:
         roots = [os.path.abspath(p) for p in paths]
         found = discover(roots)
         summary = AddSummary(discovered=len(found.files), skipped=len(found.skipped),
-                             skipped_files=[str(p) for p in found.skipped],
-                             failures=[(str(folder), f"cannot list folder: {reason}") for folder, reason in found.errors])
+                             skipped_files=[printable_path(str(p)) for p in found.skipped],
+                             failures=[(printable_path(str(folder)), f"cannot list folder: {reason}")
+                                       for folder, reason in found.errors])
         summary.failed = len(summary.failures)
+        files = [p for p in found.files if printable_path(str(p)) == str(p)]
+        misnamed = [str(p) for p in found.files if printable_path(str(p)) != str(p)]
         with Store.open(self.root, create=True, write=True, wait=wait, on_wait=on_wait) as store:
             self._check_model(store, initialise=True)
             planes, center = self._lsh_state(store)
             batch = _Batch(store, self.embedder, planes, center, commit_every)
             total = len(found.files)
-            done = 0
-            for item in self._prepare_all(store, found.files, workers, lookahead=2 * batch_size):
+            for path in misnamed:
+                summary.failed += 1
+                summary.failures.append((printable_path(path), NOT_UTF8))
+                failure = _misnamed_record(path)
+                if failure is not None:
+                    batch.failed.append(failure)
+            done = len(misnamed)
+            for item in self._prepare_all(store, files, workers, lookahead=2 * batch_size):
                 done += 1
                 record, known = item.record, item.known
                 if item.action == "failed":
@@ -192,6 +205,8 @@ class Index:
                 elif item.action == "touch":
                     summary.unchanged += 1
                     batch.touched.append(record)
+                elif known is None and (alias := batch.alias_of(record)) is not None:
+                    summary.aliases.append((record.path, alias))
                 else:
                     copy_of = batch.vector_for_sha256(record.sha256)
                     if copy_of is not None:
@@ -206,10 +221,10 @@ class Index:
                 batch.maybe_commit()
                 if progress:
                     progress(done, total, summary.failed)
-            if prune:
-                existing = {str(f) for f in found.files}
-                unlisted = tuple(str(folder).rstrip(os.sep) + os.sep for folder, _ in found.errors)
-                gone = [p for p in store.paths_under(roots)
+            if prune:  # catalog spellings: a misnamed file is catalogued under its printable path
+                existing = {printable_path(str(f)) for f in found.files}
+                unlisted = tuple(printable_path(str(folder)).rstrip(os.sep) + os.sep for folder, _ in found.errors)
+                gone = [p for p in store.paths_under(map(printable_path, roots))
                         if p not in existing and not p.startswith(unlisted) and not os.path.exists(p)]
                 batch.removed.extend(gone)
                 summary.removed = len(gone)
@@ -220,7 +235,7 @@ class Index:
     def remove(self, paths: Iterable[str | os.PathLike], *, wait: bool = True,
                on_wait: Callable[[], None] | None = None) -> int:
         """Forget the given files, or every catalogued file under the given folders. Returns the count."""
-        targets = [os.path.abspath(p) for p in paths]
+        targets = [printable_path(os.path.abspath(p)) for p in paths]  # the catalog's spelling
         with Store.open(self.root, write=True, wait=wait, on_wait=on_wait) as store:
             gone = store.paths_under(targets)
             store.commit(removed=gone)
@@ -383,10 +398,10 @@ class Index:
 
     def similarity(self, a: int, b: int) -> float | None:
         """Cosine of the stored vectors of two indexed image ids; None unless both are indexed."""
-        records = [self._reader.record_by_id(int(i)) for i in (a, b)]
-        if any(r is None or r.status != "indexed" for r in records):
+        va, vb = (self._reader.vector(int(i)) for i in (a, b))
+        if va is None or vb is None:
             return None
-        va, vb = (self._reader.vector(r) for r in records)  # float16 on disk: renormalise like the search does
+        # float16 on disk: renormalise like the search does
         return float(np.dot(va, vb) / max(float(np.linalg.norm(va) * np.linalg.norm(vb)), 1e-12))
 
     def version(self) -> int:
@@ -501,6 +516,20 @@ def pair_bits(threshold: float, n: int = 1_000_000, unrelated_cosine: float = UN
                           recall=PAIR_RECALL).k
 
 
+def _misnamed_record(path: str) -> Record | None:
+    """The failure record of a file whose name is not valid UTF-8, under its printable spelling; None
+    (reported in the summary only) when that spelling is itself the name of a file, which must not be
+    confused with this one."""
+    spelling = printable_path(path)
+    if os.path.lexists(spelling):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return Record(spelling, 0, 0, status="failed", error=NOT_UTF8)
+    return Record(spelling, stat.st_size, stat.st_mtime_ns, status="failed", error=NOT_UTF8)
+
+
 def _failed(path: str, known: Record | None, reason: str, size: int = 0, mtime_ns: int = 0,
             sha256: str | None = None) -> _Prepared:
     return _Prepared("failed", Record(path, size, mtime_ns, sha256, status="failed", error=reason), known)
@@ -511,8 +540,13 @@ def _prepare_file(path: str, known: Record | None, input_size: int, preprocess) 
         stat = os.stat(path)
         if known is not None and known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
             return _Prepared("unchanged", known, known)
-        with open(path, "rb") as f:
+        # the safe open: a FIFO or device swapped in since discovery is refused, never waited on;
+        # symlinked files are followed on purpose (discovery includes them)
+        with open_regular(path, follow_symlinks=True) as f:
+            stat = os.fstat(f.fileno())  # the file read is the file whose size and mtime are recorded
             data = f.read()
+    except FileCheckError as exc:
+        return _failed(path, known, str(exc))
     except OSError as exc:
         return _failed(path, known, f"cannot read file: {exc.strerror or exc}")
     return _prepare_bytes(path, data, stat.st_mtime_ns, known, input_size, preprocess)
@@ -553,9 +587,15 @@ class _Batch:
         if sha256 in self.by_sha256:
             return self.by_sha256[sha256]
         existing = self.store.indexed_with_sha256(sha256)
-        if existing is None:
-            return None
-        return self.store.vector(existing)
+        return None if existing is None else self.store.vector(existing.id)
+
+    def alias_of(self, record: Record) -> str | None:
+        """A catalogued path (or one waiting in this batch) that is the same file as `record.path`
+        (same device and inode). Such a path has the same bytes, so only paths with its sha256 are
+        compared."""
+        waiting = [r.path for r in self.records if r.sha256 == record.sha256] if record.sha256 in self.by_sha256 else []
+        candidates = waiting + self.store.paths_with_sha256(record.sha256)
+        return next((path for path in candidates if path != record.path and same_file(path, record.path)), None)
 
     def add_vector(self, record: Record, vector: np.ndarray | int) -> None:
         self.by_sha256.setdefault(record.sha256, len(self.records))

@@ -13,7 +13,8 @@ fsynced; only then one SQLite transaction registers the segment and points catal
 transaction is the commit point: a crash before it leaves orphan files (removed by the next writer),
 a crash after it leaves a complete segment. Segment files are never modified. A removed or re-embedded
 image simply stops pointing at its old row (a tombstone); compaction copies the live rows into a new
-segment and drops the old ones.
+segment and drops the old ones, whose files are deleted once no reader can still be
+mapping them (`Store._remove_orphans`).
 """
 
 from __future__ import annotations
@@ -277,6 +278,11 @@ class Store:
         ).fetchone()
         return None if row is None else Record(*row)
 
+    def paths_with_sha256(self, sha256: str) -> list[str]:
+        """Paths of the indexed images with these bytes."""
+        return [path for (path,) in self._conn.execute(
+            "SELECT path FROM images WHERE sha256 = ? AND status = 'indexed' ORDER BY id", (sha256,))]
+
     def paths_under(self, folders: Iterable[str]) -> list[str]:
         """Catalogued paths equal to or below any of the given absolute paths."""
         found: set[str] = set()
@@ -314,8 +320,9 @@ class Store:
                 rows = self._conn.execute(
                     "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
                 ).fetchall()
-                # map the files while the read transaction pins this state: a compaction cannot commit
-                # (and so cannot delete these files) before it ends
+                # map the files while the read transaction pins this state: a compaction may commit
+                # meanwhile (WAL), but it deletes the old files only once no reader holds an older
+                # state (_remove_orphans), and a mapping stays valid after its file is unlinked
                 loaded = {seg_id: self._segment(seg_id, name, n) for seg_id, name, n in segments}
                 live = {name for _, name, _ in segments}
                 for stale in set(self._segment_cache) - live:
@@ -328,10 +335,23 @@ class Store:
         seg_rows = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
         return Snapshot(ids, paths, segment_ids, seg_rows, loaded)
 
-    def vector(self, record: Record) -> np.ndarray:
-        """The stored vector of one indexed record."""
-        name, rows = self._conn.execute("SELECT name, rows FROM segments WHERE id = ?", (record.segment,)).fetchone()
-        return np.array(self._segment(record.segment, name, rows).vectors[record.row], dtype=np.float32)
+    def vector(self, image_id: int) -> np.ndarray | None:
+        """The stored vector of one image id (None unless it is indexed). The image's row, its segment and
+        the segment's file are read in one transaction, so a compaction committing meanwhile (which moves
+        the row to a new segment) is seen whole or not at all."""
+        with self._read_lock:
+            self._conn.execute("BEGIN")
+            try:
+                found = self._conn.execute(
+                    "SELECT s.id, s.name, s.rows, i.row FROM images i JOIN segments s ON s.id = i.segment"
+                    " WHERE i.id = ? AND i.status = 'indexed'", (int(image_id),)
+                ).fetchone()
+                if found is None:
+                    return None
+                seg_id, name, rows, row = found
+                return np.array(self._segment(seg_id, name, rows).vectors[row], dtype=np.float32)
+            finally:
+                self._conn.execute("COMMIT")
 
     def _segment(self, seg_id: int, name: str, rows: int) -> _Segment:
         cached = self._segment_cache.get(name)
@@ -473,7 +493,18 @@ class Store:
             raise StoreError("the index was opened read-only")
 
     def _remove_orphans(self) -> None:
-        """Delete segment files no committed segment owns (left by a crash before a commit point)."""
+        """Delete segment files no committed segment owns: left by a crash before a commit point, or
+        dropped by a compaction.
+
+        A reader maps a segment's files inside its read transaction, and in WAL mode that transaction
+        does not stop a writer from committing a compaction. So the files are deleted only once no reader
+        holds a state older than the current one: a FULL checkpoint waits (busy timeout) until every
+        reader reads the latest state, in which these segments no longer exist. A reader that started
+        earlier has by then mapped its files (a mapping outlives the unlink). If readers stay busy past
+        the timeout, the files are left for the next writer."""
+        busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        if busy:
+            return
         known = set(self.segment_names())
         for entry in os.scandir(self.root / SEGMENTS):
             stem = entry.name.split(".", 1)[0]
