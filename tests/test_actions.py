@@ -20,6 +20,7 @@ from conftest import tree_hashes
 from PIL import Image
 
 from neardup import actions
+from neardup import index as index_module
 from neardup.index import Index
 from neardup.schemas import MANIFEST
 from neardup.store import Record, Store
@@ -452,15 +453,19 @@ def test_hardlink_undo_never_overwrites_a_file_saved_at_the_source_since(library
     check_index(index)
 
 
-def test_one_file_reached_by_two_catalog_paths_is_never_its_own_duplicate(library, tmp_path):
+def test_one_file_reached_by_two_catalog_paths_is_never_its_own_duplicate(library, tmp_path, monkeypatch):
     """Review #2: photos/a indexed a second time through a symlinked folder. Each of its files is then in
     the catalog twice; acting on one path acted on the survivor itself (delete left neither). At plan time
     no action pairs a file with itself; at apply time a source made a hard link to its survivor since the
-    plan is skipped too."""
+    plan is skipped too. `index` no longer catalogues such aliases (test_cli), but a catalog written before
+    it did, or merged from shards listed under another mount point, still holds them: the actions must
+    stand on their own, so the index's alias check is switched off to build that catalog."""
     photos, index = library
     originals = tree_hashes(photos / "a")
     os.symlink("a", photos / "alias")
+    monkeypatch.setattr(index_module._Batch, "alias_of", lambda batch, record: None)
     summary = index.add([photos / "alias"])
+    monkeypatch.undo()
     assert summary.added == 3  # the same three files, catalogued under a second spelling
     for action, options in (("move", {"to": tmp_path / "moved"}), ("delete", {}), ("hardlink", {})):
         plan = plan_for(index, action, **options)

@@ -394,13 +394,21 @@ def undo_command(manifest, no_wait) -> None:
     """Put back every file an applied `dups --action` moved, deleted or hard-linked (from its MANIFEST)."""
     from . import actions
 
+    incomplete = None
     with _step_progress("undoing") as progress:
-        plan, reembed = actions.undo(manifest, wait=not no_wait, on_wait=_waiting, progress=progress)
+        try:
+            plan, reembed = actions.undo(manifest, wait=not no_wait, on_wait=_waiting, progress=progress)
+        except actions.UndoIncomplete as exc:  # every other file is back; the index must learn of them too
+            incomplete, plan, reembed = exc, exc.plan, exc.reembed
     if reembed:
         with Index.open(plan.index) as index:
             index.add(reembed, wait=not no_wait, on_wait=_waiting)
     restored = sum(e.status == "undone" for e in plan.entries)
     click.echo(f"{restored} files of {manifest} are back in place (index updated)")
+    if incomplete is not None:
+        for entry in incomplete.not_restored:
+            click.echo(f"not restored {entry.source}: {entry.reason}", err=True)
+        raise incomplete
 
 
 @main.command("serve")
@@ -411,9 +419,11 @@ def undo_command(manifest, no_wait) -> None:
 @click.option("--token", envvar="NEARDUP_TOKEN", help="Require this token on every API call (env NEARDUP_TOKEN).")
 @click.option("--max-upload-mb", default=25.0, show_default=True, type=click.FloatRange(0.01, 1024),
               help="Largest image accepted by /api/search.")
+@click.option("--upload-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds an upload may take to arrive; a slower one gets 408.")
 @click.option("--allow-actions", is_flag=True,
               help="Let the page move, hard-link or delete duplicates (as `dups --action`, with undo); off: read-only.")
-def serve_command(index_dir, host, port, token, max_upload_mb, allow_actions) -> None:
+def serve_command(index_dir, host, port, token, max_upload_mb, upload_timeout, allow_actions) -> None:
     """Serve the page and the JSON API (search by upload, duplicate groups, thumbnails)."""
     import socket
 
@@ -437,7 +447,8 @@ def serve_command(index_dir, host, port, token, max_upload_mb, allow_actions) ->
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    app = create_app(index, token=token, max_upload_bytes=int(max_upload_mb * 1_000_000), allow_actions=allow_actions)
+    app = create_app(index, token=token, max_upload_bytes=int(max_upload_mb * 1_000_000),
+                     upload_timeout=upload_timeout, allow_actions=allow_actions)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host.strip('[]')}]" if ":" in host else host
     url = f"http://{shown_host}:{bound_port}/" + (f"?token={token}" if token else "")
