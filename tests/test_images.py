@@ -680,3 +680,19 @@ def test_discover_prefers_real_paths_across_roots(tmp_path):
     (first / "shortcut").symlink_to(second, target_is_directory=True)
     assert discover([first, second]).files == [second / "x.jpg"]
     assert discover([first]).files == [first / "shortcut" / "x.jpg"]
+
+
+def test_large_png_is_reduced_before_conversion_and_embeds_as_the_full_decode(tmp_path, embedder):
+    """A 2,048-px PNG (no draft decoding) is box-reduced to no less than 3x the requested side before the
+    colour conversion; its reported size stays the full size, and the model sees what the full decode gave."""
+    photo = Image.fromarray(samples.astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC)
+    path = tmp_path / "big.png"
+    photo.save(path)
+    decoded = load_image(path, min_side=224)
+    assert (decoded.width, decoded.height) == (2048, 2048)
+    assert decoded.image.size == (683, 683)  # 2048 // (3 x 224) = factor 3: still >= 3 x 224 (ceil 2048 / 3)
+    reduced, full = embedder.embed(np.stack([embedder.preprocess(decoded.image), embedder.preprocess(photo)]))
+    assert float(reduced @ full) >= 0.995
+    with_alpha = tmp_path / "alpha.png"
+    photo.convert("RGBA").save(with_alpha)
+    assert load_image(with_alpha, min_side=224).image.size == (2048, 2048)  # alpha: composited first, not reduced
