@@ -41,6 +41,8 @@ def test_a_crowded_neighbourhood_lowers_the_score_and_its_loss_is_bounded():
     assert b.tolist() == [neighbourhood.B_MIN, 0.3, neighbourhood.B_MAX]
     quiet, crowded = neighbourhood.normalised(0.7, b[0], b[0]), neighbourhood.normalised(0.7, b[2], b[2])
     assert quiet > 0.7 > crowded == pytest.approx(0.7 - neighbourhood.B_MAX + neighbourhood.OFFSET)
+    # and a quiet neighbourhood never links a pair under the cosine floor
+    assert neighbourhood.normalised(neighbourhood.COSINE_FLOOR - 0.01, b[0], b[0]) == -np.inf
 
 
 def test_small_collections_keep_plain_cosine(tmp_path, photo_folder, embedder):
