@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from neardup import distributed, shards
+from neardup import distributed, neighbourhood, shards
 from neardup.cli import main
 from neardup.index import Index, _exact_pairs
 from neardup.store import Record
@@ -177,8 +177,10 @@ def test_distributed_dups_equal_local_and_exact(full_index, ray_cluster, thresho
     snap = full_index.snapshot()
     found = distributed.duplicates(full_index, threshold, chunk_rows=48, tables_per_task=7)  # several chunks and blocks
     a, b, scores = found.pairs
-    local = full_index._lsh_pairs(snap, threshold)
-    exact = _exact_pairs(snap, threshold)
+    # the join runs at the lowest cosine a collection-aware score can reach the threshold from
+    join = neighbourhood.join_threshold(threshold, full_index.backgrounds()) if neighbourhood.applies(len(snap)) else threshold
+    local = full_index._lsh_pairs(snap, join)
+    exact = _exact_pairs(snap, join)
     assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
     # Ray runs the local join's tables: the same pairs. Both find each pair at the threshold with
     # probability >= 0.999 (lsh.plan_pairs), so they hold nearly all the exact pairs and nothing else.

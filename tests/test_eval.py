@@ -268,3 +268,10 @@ def test_group_pair_curve_matches_brute_force(case):
         predicted, correct, true = evaluation.pair_counts([g for g in groups if len(g) > 1], cluster)
         assert p == pytest.approx(correct / predicted if predicted else 1.0)
         assert r == pytest.approx(correct / true if true else 0.0)
+
+
+def test_grouped_with_original_counts_copies_in_their_originals_group():
+    groups = [["o1", "c1", "c2"], ["o2", "x"]]
+    fractions = evaluation.grouped_with_original(groups, ["c1", "c2", "c3", "c4"], ["o1", "o2", "o2", "o3"],
+                                                 ["grey", "grey", "logo", "logo"])
+    assert fractions == {"all": 0.25, "grey": 0.5, "logo": 0.0}

@@ -36,3 +36,11 @@ def test_groups_equal_reference_components(pairs):
 def test_connected_components_labels_by_smallest_member():
     labels = connected_components(6, np.array([5, 1, 3]), np.array([4, 4, 2]))
     assert labels.tolist() == [0, 1, 2, 2, 1, 1]
+
+
+def test_groups_report_the_cosines_of_normalised_links():
+    a, b = np.array([0, 1, 3]), np.array([1, 2, 4])
+    scores, cosines = np.array([0.7, 0.9, 0.8]), np.array([0.6, 0.95, 0.5])
+    groups = group_pairs(a, b, scores, cosines)
+    assert [(g.members.tolist(), g.min_score, g.max_score, g.min_cosine, g.max_cosine) for g in groups] == [
+        ([0, 1, 2], 0.7, 0.9, 0.6, 0.95), ([3, 4], 0.8, 0.8, 0.5, 0.5)]

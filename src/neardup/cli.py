@@ -259,7 +259,8 @@ def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, 
         return
     if as_json:
         click.echo(json.dumps({"threshold": threshold, "groups": [
-            {"files": g.files, "min_score": round(g.min_score, 6), "max_score": round(g.max_score, 6)} for g in groups
+            {"files": g.files, "min_score": round(g.min_score, 6), "max_score": round(g.max_score, 6),
+             "min_cosine": round(g.min_cosine, 6), "max_cosine": round(g.max_cosine, 6)} for g in groups
         ]}, indent=2))
     elif as_csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -269,7 +270,8 @@ def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, 
                 writer.writerow([number, path, f"{g.min_score:.6f}", f"{g.max_score:.6f}"])
     else:
         for number, g in enumerate(groups, 1):
-            click.echo(f"group {number}: {len(g.files)} files, cosine {g.min_score:.3f}–{g.max_score:.3f}")
+            click.echo(f"group {number}: {len(g.files)} files, score {g.min_score:.3f}–{g.max_score:.3f}, "
+                       f"cosine {g.min_cosine:.3f}–{g.max_cosine:.3f}")
             for path in g.files:
                 click.echo(f"  {path}")
         click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files (threshold {threshold})", err=True)

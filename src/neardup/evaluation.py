@@ -12,7 +12,8 @@ JSON file itself. The run indexes the gallery with the public Index API, searche
 * `dups`: every gallery image and query indexed together, groups at a threshold, pairwise
   precision/recall (a predicted pair is two files in one group; a true pair is an original and its copy,
   or two copies of one original; two distractors with the same `source`, tiles of one image, are a pair
-  counted neither way);
+  counted neither way), and per edit kind the fraction of copies grouped with their original; pairs are
+  scored as `dups` scores them (collection-aware, neardup.neighbourhood, in a set of MIN_FILES or more);
 * the threshold, per method, that keeps group-pair precision >= TARGET_PRECISION on this set.
 
 Baselines, scored identically: the seed's published recipe (8-bit codes x 10 tables from random
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import neighbourhood
 from .benchmark_set import TRUTH_FILE
 
 from .errors import EvalSetError, NeardupError  # noqa: F401 (re-exported)
@@ -106,6 +108,17 @@ def pair_counts(groups: list[list[str]], cluster: dict[str, str], part_of: dict[
     correct = sum(c * (c - 1) // 2 for g in groups for c in Counter(cluster[x] for x in g).values())
     true = sum(c * (c - 1) // 2 for c in Counter(cluster.values()).values())
     return predicted, correct, true
+
+
+def grouped_with_original(groups: list[list[str]], copies: list[str], originals: list[str], kinds: list[str]) -> dict:
+    """Per edit kind (and "all"), the fraction of copies that share a group with their original."""
+    group_of = {path: number for number, group in enumerate(groups) for path in group}
+    per = defaultdict(list)
+    for copy, original, kind in zip(copies, originals, kinds):
+        together = copy in group_of and group_of.get(original) == group_of[copy]
+        per[kind].append(together)
+        per["all"].append(together)
+    return {kind: float(np.mean(flags)) for kind, flags in sorted(per.items())}
 
 
 def _same_part_pairs(items, part_of) -> int:
@@ -312,6 +325,7 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
     truths = [set(q["matches"]) for q in evalset.queries]
     edits = [q.get("edit", "unlabelled") for q in evalset.queries]
     id_of_path = dict(zip(gallery_paths, gallery_ids))
+    id_to_path = dict(zip(gallery_ids, gallery_paths))
     timings = {}
     with tempfile.TemporaryDirectory(prefix="neardup-eval-") as tmp:
         root = Path(index_dir) if index_dir else Path(tmp) / "index"
@@ -353,6 +367,7 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
                 cluster[p] = q["matches"][0] if len(q["matches"]) == 1 else f"query:{q['id']}"
             index.add(query_paths, progress=lambda d, t, f: progress("index queries", d, t))
             dups = {}
+            originals = [id_to_path[q["matches"][0]] for q in evalset.queries]
             for mode, exact in (("lsh", False), ("exact", True)):
                 started = time.perf_counter()
                 groups = [g.files for g in index.duplicates(threshold, exact=exact)]
@@ -361,7 +376,9 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
                 dups[mode] = {"threshold": threshold, "groups": len(groups), "predicted_pairs": predicted,
                               "correct_pairs": correct, "true_pairs": true,
                               "precision": correct / predicted if predicted else 1.0,
-                              "recall": correct / true if true else 0.0, "seconds": elapsed}
+                              "recall": correct / true if true else 0.0, "seconds": elapsed,
+                              "collection_aware": neighbourhood.applies(len(index.snapshot())),
+                              "grouped_with_original": grouped_with_original(groups, query_paths, originals, edits)}
 
     all_paths = gallery_paths + query_paths
     all_ok = np.array(gok + qok)
@@ -373,6 +390,9 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
     # neardup: exact search ranks and cosine pairs
     allvec = np.concatenate([gvec, qvec])
     a, b, s = pairs_above(_masked(allvec, all_ok), PAIR_FLOOR["neardup"])
+    if neighbourhood.applies(int(all_ok.sum())):  # the score `dups` thresholds (see neighbourhood)
+        backgrounds = neighbourhood.backgrounds(neighbourhood.kth_exact(_masked(allvec, all_ok)))
+        s = neighbourhood.normalised(s, backgrounds[a], backgrounds[b])
     curve = group_pair_curve(a, b, s, labels, parts)
     methods["neardup"] = _method_result(ranked["exact"], truths, edits, k, curve, threshold)
     methods["neardup"]["lsh_search"] = ranking_metrics(ranked["lsh"], truths, k)
@@ -453,10 +473,14 @@ def table(result: dict) -> str:
         return f"{metrics['top1']:.3f} / {metrics[f'recall@{k}']:.3f} / {metrics['mAP']:.3f} / {metrics['micro_AP']:.3f}"
 
     edits = result["edits"]
-    for edit in edits:
-        rows.append(f"{edit:<26}" + "".join(f"{cells(result['methods'][m]['per_edit'][edit]):>36}" for m in methods))
-    rows.append(f"{'ALL':<26}" + "".join(f"{cells(result['methods'][m]['overall']):>36}" for m in methods))
     ours = result["methods"]["neardup"]
+    grouped = ours["dups"]["lsh"].get("grouped_with_original", {})
+    rows[-1] += f"{'grouped at ' + str(result['default_threshold']):>20}"
+    for edit in edits:
+        rows.append(f"{edit:<26}" + "".join(f"{cells(result['methods'][m]['per_edit'][edit]):>36}" for m in methods)
+                    + f"{grouped.get(edit, float('nan')):>20.3f}")
+    rows.append(f"{'ALL':<26}" + "".join(f"{cells(result['methods'][m]['overall']):>36}" for m in methods)
+                + f"{grouped.get('all', float('nan')):>20.3f}")
     rows.append(f"neardup through the LSH tables: {cells(ours['lsh_search'])}")
     for mode, d in ours["dups"].items():
         rows.append(f"dups ({mode}) at threshold {d['threshold']}: {d['groups']} groups, pair precision "

@@ -11,13 +11,17 @@ import numpy as np
 class Group:
     """Members (row numbers, ascending) and the weakest / strongest verified link that joined them.
 
-    Every member has at least one partner in the group with cosine >= min_score; members are not
-    guaranteed to be that close to *every* other member (groups are connected components).
+    Every member has at least one partner in the group with score >= min_score; members are not
+    guaranteed to be that close to *every* other member (groups are connected components). The score is
+    the one the threshold applied to (cosine, or the collection-aware score of neardup.neighbourhood);
+    min_cosine / max_cosine are the plain cosines of the same links.
     """
 
     members: np.ndarray
     min_score: float
     max_score: float
+    min_cosine: float
+    max_cosine: float
 
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -41,11 +45,13 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def group_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> list[Group]:
-    """Groups of two or more rows from verified pairs a[i]–b[i], largest first, then by smallest member."""
+def group_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray, cosines: np.ndarray | None = None) -> list[Group]:
+    """Groups of two or more rows from verified pairs a[i]–b[i], largest first, then by smallest member.
+    `cosines` (default: the scores) are the links' plain cosines where the scores are normalised."""
     a, b, scores = (np.asarray(x) for x in (a, b, scores))
+    cosines = scores if cosines is None else np.asarray(cosines)
     distinct = a != b
-    a, b, scores = a[distinct], b[distinct], scores[distinct]
+    a, b, scores, cosines = a[distinct], b[distinct], scores[distinct], cosines[distinct]
     if len(a) == 0:
         return []
     nodes, local = np.unique(np.r_[a, b], return_inverse=True)
@@ -58,10 +64,15 @@ def group_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> list[Group]
     highest = np.full(len(nodes), -np.inf)
     np.minimum.at(lowest, edge_label, scores)
     np.maximum.at(highest, edge_label, scores)
+    lowest_cos = np.full(len(nodes), np.inf)
+    highest_cos = np.full(len(nodes), -np.inf)
+    np.minimum.at(lowest_cos, edge_label, cosines)
+    np.maximum.at(highest_cos, edge_label, cosines)
     groups = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         members = nodes[order[start:end]]
         label = labels[order[start]]
-        groups.append(Group(np.sort(members), float(lowest[label]), float(highest[label])))
+        groups.append(Group(np.sort(members), float(lowest[label]), float(highest[label]),
+                            float(lowest_cos[label]), float(highest_cos[label])))
     groups.sort(key=lambda g: (-len(g.members), int(g.members[0])))
     return groups

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import lsh
+from . import lsh, neighbourhood
 from .files import FileCheckError, open_regular, same_file
 from .groups import group_pairs
 from .images import NOT_UTF8, ImageError, discover, load_image, printable_path
@@ -74,8 +74,12 @@ class Match:
 class DuplicateGroup:
     files: list[str]
     ids: list[int]
+    # the score the threshold applied to: collection-aware (neardup.neighbourhood) in a collection of
+    # at least neighbourhood.MIN_FILES files, else cosine; min/max_cosine are the same links' cosines
     min_score: float
     max_score: float
+    min_cosine: float
+    max_cosine: float
 
 
 @dataclass
@@ -366,15 +370,49 @@ class Index:
         matches = [Match(snap.paths[p], float(s), int(snap.ids[p])) for p, s in zip(positions, scores)]
         return [m for m in matches if (threshold is None or m.score >= threshold) and m.path != exclude]
 
-    def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False) -> list[DuplicateGroup]:
-        """Groups of indexed images linked by pairs with cosine >= threshold, largest groups first.
+    def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False,
+                   collection_aware: bool = True) -> list[DuplicateGroup]:
+        """Groups of indexed images linked by pairs scoring >= threshold, largest groups first.
+        The score is collection-aware (`neighbourhood`: cosine lowered by both files' K-th neighbour
+        similarity) in a collection of at least neighbourhood.MIN_FILES files, else the cosine.
         Pairs come from LSH tables of k random stored bits each (`lsh.plan_pairs`: k ~ log2 n, tables
-        enough that a pair at the threshold collides with probability >= PAIR_RECALL), streamed,
+        enough that a pair at the join's cosine collides with probability >= PAIR_RECALL), streamed,
         filtered by Hamming distance, verified by exact cosine and merged with union-find;
         `exact` compares every pair instead (the oracle; O(n²))."""
-        snap = self._search_state().snap
-        pairs = _exact_pairs(snap, threshold) if exact else self._lsh_pairs(snap, threshold)
-        return duplicate_groups(snap, *pairs)
+        state = self._search_state()
+        snap = state.snap
+        b = self.backgrounds(exact=exact) if collection_aware and neighbourhood.applies(len(snap)) else None
+        join = threshold if b is None else neighbourhood.join_threshold(threshold, b)
+        pairs = _exact_pairs(snap, join) if exact else self._lsh_pairs(snap, join)
+        return duplicate_groups(snap, *pairs, backgrounds=b, threshold=threshold)
+
+    def backgrounds(self, *, exact: bool = False) -> np.ndarray:
+        """b of every snapshot position (neighbourhood.backgrounds): its cosine to its K-th nearest other
+        file, by exact scan up to EXACT_SCAN_MAX files (or when `exact`), else by the LSH query path (a
+        bounded candidate list per file). Kept with the search state, so it is recomputed once after
+        each change to the collection, on the next `dups`."""
+        state = self._search_state()
+        with self._search_lock:
+            cached = state.backgrounds
+        if cached is not None:
+            return cached
+        snap, k = state.snap, neighbourhood.K
+        if exact or len(snap) <= EXACT_SCAN_MAX:
+            dense = state.dense()
+            vectors = dense if dense is not None else lsh.normalise_rows(snap.vectors())
+            kth = neighbourhood.kth_exact(vectors, k)
+        else:
+            kth = np.zeros(len(snap))
+            for start in range(0, len(snap), 1 << 14):
+                rows = lsh.normalise_rows(snap.vectors(np.arange(start, min(start + (1 << 14), len(snap))), dtype=None))
+                for i, vector in enumerate(rows):
+                    matches = self.query_vector(vector, k + 1, exact=False)
+                    others = [m.score for m in matches if m.id != int(snap.ids[start + i])]
+                    kth[start + i] = others[k - 1] if len(others) >= k else (others[-1] if others else 0.0)
+        b = neighbourhood.backgrounds(kth)
+        with self._search_lock:
+            state.backgrounds = b
+        return b
 
     def stats(self) -> dict:
         counts = self._reader.counts()
@@ -490,12 +528,19 @@ def query_bits(n: int) -> int:
     return min(lsh.MAX_TABLE_BITS, max(8, math.ceil(math.log2(max(n, 2)))))
 
 
-def duplicate_groups(snap: Snapshot, a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> list[DuplicateGroup]:
-    """Verified pairs (snapshot positions) merged into groups of paths and catalog ids, largest first."""
+def duplicate_groups(snap: Snapshot, a: np.ndarray, b: np.ndarray, scores: np.ndarray, *,
+                     backgrounds: np.ndarray | None = None, threshold: float | None = None) -> list[DuplicateGroup]:
+    """Verified pairs (snapshot positions, cosines) merged into groups of paths and catalog ids, largest
+    first. With `backgrounds` the pairs are scored collection-aware and those under `threshold` dropped."""
+    cosines = scores
+    if backgrounds is not None:
+        scores = neighbourhood.normalised(cosines, backgrounds[a], backgrounds[b])
+        keep = scores >= threshold
+        a, b, scores, cosines = a[keep], b[keep], scores[keep], cosines[keep]
     return [
         DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members],
-                       g.min_score, g.max_score)
-        for g in group_pairs(a, b, scores)
+                       g.min_score, g.max_score, g.min_cosine, g.max_cosine)
+        for g in group_pairs(a, b, scores, cosines)
     ]
 
 
@@ -645,6 +690,7 @@ class _SearchState:
     snap: Snapshot
     tables: lsh.LSHTables | None = None
     words: np.ndarray | None = None
+    backgrounds: np.ndarray | None = None  # Index.backgrounds, once computed for this snapshot
     _dense: np.ndarray | None = None
 
     def dense(self) -> np.ndarray | None:

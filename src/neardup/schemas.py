@@ -5,6 +5,9 @@ Scores are cosine similarities of unit vectors, in [-1, 1]; 1.0 means identical 
 
 _SCORE = {"type": "number", "minimum": -1.0001, "maximum": 1.0001}
 _THRESHOLD = {"type": ["number", "null"]}
+#: A `dups` link's score: cosine, or collection-aware (neardup.neighbourhood: cosine - mean of the two
+#: files' backgrounds + OFFSET), which lies within [-1 - 0.45 + 0.37, 1 - 0.15 + 0.37]
+_PAIR_SCORE = {"type": "number", "minimum": -1.1001, "maximum": 1.2201}
 
 QUERY = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -54,12 +57,15 @@ DUPS = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["files", "min_score", "max_score"],
+                "required": ["files", "min_score", "max_score", "min_cosine", "max_cosine"],
                 "additionalProperties": False,
                 "properties": {
                     "files": {"type": "array", "minItems": 2, "items": {"type": "string", "description": "absolute path"}},
-                    "min_score": {**_SCORE, "description": "weakest verified link joining the group"},
-                    "max_score": {**_SCORE, "description": "strongest verified link in the group"},
+                    "min_score": {**_PAIR_SCORE, "description": "weakest verified link joining the group, in the "
+                                  "score the threshold applies to (collection-aware from 80 files, else cosine)"},
+                    "max_score": {**_PAIR_SCORE, "description": "strongest verified link in the group, same score"},
+                    "min_cosine": {**_SCORE, "description": "lowest plain cosine among the group's links"},
+                    "max_cosine": {**_SCORE, "description": "highest plain cosine among the group's links"},
                 },
             },
         },
