@@ -178,7 +178,7 @@ def test_distributed_dups_equal_local_and_exact(full_index, ray_cluster, thresho
     found = distributed.duplicates(full_index, threshold, chunk_rows=48, tables_per_task=7)  # several chunks and blocks
     a, b, scores = found.pairs
     # the join runs at the lowest cosine a collection-aware score can reach the threshold from
-    join = neighbourhood.join_threshold(threshold, full_index.backgrounds()) if neighbourhood.applies(len(snap)) else threshold
+    join = neighbourhood.join_threshold(threshold) if neighbourhood.applies(len(snap)) else threshold
     local = full_index._lsh_pairs(snap, join)
     exact = _exact_pairs(snap, join)
     assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once

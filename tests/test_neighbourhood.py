@@ -31,8 +31,38 @@ def test_no_pair_under_the_join_cosine_reaches_the_threshold():
     a, c = np.triu_indices(len(v), 1)
     threshold = 0.6
     scores = neighbourhood.normalised(sims[a, c], b[a], b[c])
-    below = sims[a, c] < neighbourhood.join_threshold(threshold, b)
+    below = sims[a, c] < neighbourhood.join_threshold(threshold)
     assert below.any() and not (scores[below] >= threshold).any()
+
+
+def test_kth_exact_of_some_rows_equals_those_rows_of_the_full_scan():
+    v = unit_rows(300, 16, 2)
+    rows = np.array([299, 0, 17, 150])
+    assert np.allclose(neighbourhood.kth_exact(v, rows=rows, block=3), neighbourhood.kth_exact(v)[rows])
+
+
+def test_dups_with_backgrounds_of_paired_files_only_equals_the_brute_force_oracle(full_index):
+    """duplicates() computes b only for files in candidate pairs; the groups must be those of scoring every
+    pair of the collection with every file's b (the brute-force oracle), by the exact and the LSH path."""
+    from neardup.groups import group_pairs
+
+    snap = full_index.snapshot()
+    assert neighbourhood.applies(len(snap))
+    v = snap.vectors().astype(np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    b = neighbourhood.backgrounds(neighbourhood.kth_exact(v))
+    a, c = np.triu_indices(len(v), 1)
+    cosines = np.einsum("ij,ij->i", v[a], v[c])
+    scores = neighbourhood.normalised(cosines, b[a], b[c])
+    keep = scores >= DEFAULT_THRESHOLD
+    oracle = sorted(sorted(snap.paths[m] for m in g.members)
+                    for g in group_pairs(a[keep], c[keep], scores[keep], cosines[keep]))
+    assert len(oracle) >= 10
+    for exact in (True, False):
+        found = sorted(sorted(g.files) for g in full_index.duplicates(DEFAULT_THRESHOLD, exact=exact))
+        assert found == oracle, exact
+    asked = full_index.backgrounds()
+    assert np.allclose(asked, b, atol=1e-3)  # float16-stored vectors against float64 here
 
 
 def test_a_crowded_neighbourhood_lowers_the_score_and_its_loss_is_bounded():

@@ -376,13 +376,11 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
     n = len(snap)
     if n < 2:
         return DuplicateSearch([], _no_pairs(), 0)
-    # collection-aware scores as in Index.duplicates: the backgrounds come from the index's own k-NN
-    # queries on the driver; the join runs at the lowest cosine that can still reach the threshold
-    backgrounds = index.backgrounds() if neighbourhood.applies(n) else None
-    if backgrounds is not None and len(backgrounds) != n:
-        raise RayError("the index changed while dups started; run it again")
-    group_threshold, threshold = threshold, (threshold if backgrounds is None
-                                             else neighbourhood.join_threshold(threshold, backgrounds))
+    # collection-aware scores as in Index.duplicates: the join runs at the lowest cosine that can still
+    # reach the threshold; then the backgrounds of the files in verified pairs come from the index's own
+    # k-NN queries on the driver
+    aware = neighbourhood.applies(n)
+    group_threshold, threshold = threshold, (neighbourhood.join_threshold(threshold) if aware else threshold)
     plan = index.pair_plan(n, threshold)
     starts = list(range(0, n, chunk_rows))
     chunks = len(starts)
@@ -414,5 +412,11 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
         return DuplicateSearch([], _no_pairs(), count, plan)
     a, b, s = (np.concatenate(x) for x in (found_a, found_b, found_s))
     a, b = a.astype(np.int64), b.astype(np.int64)
+    backgrounds = None
+    if aware:
+        try:
+            backgrounds = index.backgrounds(np.union1d(a, b), snapshot=snap)
+        except NeardupError as exc:
+            raise RayError(str(exc)) from None
     groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, threshold=group_threshold)
     return DuplicateSearch(groups, (a, b, s), count, plan)

@@ -381,38 +381,49 @@ class Index:
         `exact` compares every pair instead (the oracle; O(n²))."""
         state = self._search_state()
         snap = state.snap
-        b = self.backgrounds(exact=exact) if collection_aware and neighbourhood.applies(len(snap)) else None
-        join = threshold if b is None else neighbourhood.join_threshold(threshold, b)
-        pairs = _exact_pairs(snap, join) if exact else self._lsh_pairs(snap, join)
-        return duplicate_groups(snap, *pairs, backgrounds=b, threshold=threshold)
+        aware = collection_aware and neighbourhood.applies(len(snap))
+        join = neighbourhood.join_threshold(threshold) if aware else threshold
+        a, b, scores = _exact_pairs(snap, join) if exact else self._lsh_pairs(snap, join)
+        backgrounds = self.backgrounds(np.union1d(a, b), exact=exact, snapshot=snap) if aware else None
+        return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
 
-    def backgrounds(self, *, exact: bool = False) -> np.ndarray:
-        """b of every snapshot position (neighbourhood.backgrounds): its cosine to its K-th nearest other
-        file, by exact scan up to EXACT_SCAN_MAX files (or when `exact`), else by the LSH query path (a
-        bounded candidate list per file). Kept with the search state, so it is recomputed once after
-        each change to the collection, on the next `dups`."""
+    def backgrounds(self, positions: np.ndarray | None = None, *, exact: bool = False,
+                    snapshot: Snapshot | None = None) -> np.ndarray:
+        """b (neighbourhood.backgrounds: the cosine to the K-th nearest other file, clipped) of the snapshot
+        positions asked for (default: all), in an array over every position (NaN where not asked). By
+        exact scan up to EXACT_SCAN_MAX files (or when `exact`), else by the LSH query path (a bounded
+        candidate list per file). `duplicates` asks only for the files of its candidate pairs, so the
+        cost follows the duplicates, not the collection. Values are kept with the search state until the
+        collection changes. `snapshot`, when given, must be the state's (else NeardupError: the index
+        changed meanwhile)."""
         state = self._search_state()
+        snap = state.snap
+        if snapshot is not None and snapshot is not snap and not np.array_equal(snapshot.ids, snap.ids):
+            raise NeardupError("the index changed while dups ran; run it again")
+        positions = np.arange(len(snap)) if positions is None else np.asarray(positions, dtype=np.int64)
         with self._search_lock:
-            cached = state.backgrounds
-        if cached is not None:
-            return cached
-        snap, k = state.snap, neighbourhood.K
-        if exact or len(snap) <= EXACT_SCAN_MAX:
-            dense = state.dense()
-            vectors = dense if dense is not None else lsh.normalise_rows(snap.vectors())
-            kth = neighbourhood.kth_exact(vectors, k)
-        else:
-            kth = np.zeros(len(snap))
-            for start in range(0, len(snap), 1 << 14):
-                rows = lsh.normalise_rows(snap.vectors(np.arange(start, min(start + (1 << 14), len(snap))), dtype=None))
-                for i, vector in enumerate(rows):
-                    matches = self.query_vector(vector, k + 1, exact=False)
-                    others = [m.score for m in matches if m.id != int(snap.ids[start + i])]
-                    kth[start + i] = others[k - 1] if len(others) >= k else (others[-1] if others else 0.0)
-        b = neighbourhood.backgrounds(kth)
-        with self._search_lock:
-            state.backgrounds = b
-        return b
+            if state.backgrounds is None or len(state.backgrounds) != len(snap):
+                state.backgrounds = np.full(len(snap), np.nan)
+            known = state.backgrounds
+            missing = positions[np.isnan(known[positions])]
+        if len(missing):
+            k = neighbourhood.K
+            if exact or len(snap) <= EXACT_SCAN_MAX:
+                dense = state.dense()
+                vectors = dense if dense is not None else lsh.normalise_rows(snap.vectors())
+                kth = neighbourhood.kth_exact(vectors, k, rows=missing)
+            else:
+                kth = np.zeros(len(missing))
+                for start in range(0, len(missing), 1 << 14):
+                    chunk = missing[start:start + (1 << 14)]
+                    rows = lsh.normalise_rows(snap.vectors(chunk, dtype=None))
+                    for i, vector in enumerate(rows):
+                        matches = self.query_vector(vector, k + 1, exact=False)
+                        others = [m.score for m in matches if m.id != int(snap.ids[chunk[i]])]
+                        kth[start + i] = others[k - 1] if len(others) >= k else (others[-1] if others else 0.0)
+            with self._search_lock:
+                known[missing] = neighbourhood.backgrounds(kth)
+        return known.copy()
 
     def stats(self) -> dict:
         counts = self._reader.counts()

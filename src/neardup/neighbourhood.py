@@ -57,21 +57,24 @@ def normalised(scores: np.ndarray, b_a: np.ndarray, b_b: np.ndarray) -> np.ndarr
     return np.where(cosines >= COSINE_FLOOR, out, -np.inf)
 
 
-def join_threshold(threshold: float, b: np.ndarray) -> float:
-    """The lowest cosine a pair can have and still reach `threshold` after normalisation."""
-    lowest = float(np.min(b)) if len(b) else B_MIN
-    return max(COSINE_FLOOR, threshold - OFFSET + lowest)
+def join_threshold(threshold: float) -> float:
+    """The lowest cosine a pair can have and still reach `threshold` after normalisation (b >= B_MIN).
+    It needs no background, so the pair join runs first and backgrounds are computed only for the files
+    it returns: in a large collection most files are in no candidate pair at all."""
+    return max(COSINE_FLOOR, threshold - OFFSET + B_MIN)
 
 
-def kth_exact(vectors: np.ndarray, k: int = K, block: int = 2048) -> np.ndarray:
-    """Cosine of each unit row to its k-th nearest other row, by blockwise exact scan (O(n^2 d))."""
+def kth_exact(vectors: np.ndarray, k: int = K, block: int = 2048, rows: np.ndarray | None = None) -> np.ndarray:
+    """Cosine of each unit row (or of the rows at positions `rows`) to its k-th nearest other row, by
+    blockwise exact scan (O(len(rows) n d))."""
     n = len(vectors)
-    out = np.zeros(n, dtype=np.float64)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    out = np.zeros(len(rows), dtype=np.float64)
     if n <= k:
         return out
-    for start in range(0, n, block):
-        sims = vectors[start:start + block] @ vectors.T
-        rows = np.arange(len(sims))
-        sims[rows, rows + start] = -np.inf  # a file is not its own neighbour
+    for start in range(0, len(rows), block):
+        chunk = rows[start:start + block]
+        sims = vectors[chunk] @ vectors.T
+        sims[np.arange(len(chunk)), chunk] = -np.inf  # a file is not its own neighbour
         out[start:start + block] = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
     return out
