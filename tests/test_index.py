@@ -247,3 +247,23 @@ def test_compaction_keeps_answers_and_drops_dead_rows(tmp_path, photo_folder, em
     assert [m.path for m in after] == [m.path for m in before if not m.path.endswith("rocket.jpg")][:5]
     assert {m.id for m in after} <= {m.id for m in before}
     index.close()
+
+
+def test_add_sends_the_embedders_own_batch_size_to_the_model(tmp_path, photo_folder, embedder):
+    """Without batch_size, Index.add batches as the embedder asks (the GPU embedder's `batch`, 256), else 32."""
+
+    class Batching:
+        def __init__(self, inner, batch):
+            self.inner, self.batch, self.sizes = inner, batch, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def embed(self, pixels):
+            self.sizes.append(len(pixels))
+            return self.inner.embed(pixels)
+
+    counting = Batching(embedder, 3)
+    with Index.open(tmp_path / "idx", create=True, embedder=counting) as index:
+        assert index.add([photo_folder]).added == 8
+    assert max(counting.sizes) == 3 and sum(counting.sizes) == 8

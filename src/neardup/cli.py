@@ -16,7 +16,7 @@ import click
 
 from .actions import ACTIONS, DEFAULT_KEEP
 from .images import ImageError, printable_path
-from .index import DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
+from .index import DEFAULT_BATCH, DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
 from .models import BACKENDS
 from .store import StoreError
 
@@ -101,7 +101,8 @@ def _waiting() -> None:
 @main.command("index")
 @click.argument("paths", nargs=-1, required=True)
 @index_option
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per model call.")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 4096),
+              help="Images per model call  [default: the backend's: 256 on a GPU, else 32].")
 @click.option("--prune", is_flag=True, help="Remove catalogued files under PATHS that no longer exist.")
 @click.option("--failures", "show_failures", is_flag=True, help="List every file that failed, with its reason.")
 @click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
@@ -542,7 +543,7 @@ def _index_on_ray(paths, index_dir, address, shards_dir, batch_size, show_failur
         out = shards_dir or str(index.root / "incoming" / uuid.uuid4().hex[:12])
         distributed.connect(address)
         run = distributed.index_to_shards(
-            paths, out, batch_size=batch_size,
+            paths, out, batch_size=batch_size or DEFAULT_BATCH,
             embedder={"backend": backend, "model": model_path and os.path.abspath(model_path),
                       "spec": model_spec and os.path.abspath(model_spec)}, known=index.record)
         elapsed = time.perf_counter() - started

@@ -31,6 +31,8 @@ from .store import CATALOG, Record, Snapshot, Store
 from .errors import ModelMismatch, NeardupError  # noqa: F401 (re-exported)
 
 DEFAULT_INDEX_DIR = ".neardup"
+#: Images per model call on a CPU (an embedder with a `batch` attribute, the GPU one, brings its own).
+DEFAULT_BATCH = 32
 #: Default cosine threshold for `duplicates`, calibrated with `neardup eval` (README, "Scores and the
 #: threshold") for the default descriptor (border trim, GeM, learned whitening to 768-d): the lowest
 #: threshold whose groups keep pairwise precision >= 0.99 is 0.613 on the set built with seed 1 and 0.660
@@ -169,13 +171,15 @@ class Index:
 
     # ---- writing -------------------------------------------------------------------------------
 
-    def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int = 32, prune: bool = False,
+    def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int | None = None, prune: bool = False,
             progress: ProgressCallback | None = None, workers: int | None = None,
             commit_every: int = 512, wait: bool = True, on_wait: Callable[[], None] | None = None) -> AddSummary:
         """Index image files and folders (recursively). Unchanged files are skipped (size + mtime, then
         sha256), changed ones re-embedded, byte-identical copies share the already computed vector, and
         undecodable files are recorded with a reason. With `prune`, catalogued files under the given
-        folders that no longer exist are removed. Raises FileNotFoundError for a missing path."""
+        folders that no longer exist are removed. `batch_size` images go to the model per call (default:
+        the embedder's own `batch`, e.g. 256 on a GPU, else 32). Raises FileNotFoundError for a missing path."""
+        batch_size = batch_size or getattr(self.embedder, "batch", None) or DEFAULT_BATCH
         roots = [os.path.abspath(p) for p in paths]
         found = discover(roots)
         summary = AddSummary(discovered=len(found.files), skipped=len(found.skipped),
