@@ -229,9 +229,10 @@ def test_permission_error_is_reported(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(images, "open", refuse, raising=False)
+    path = write(tmp_path, "secret.jpg", encode(CHELSEA, "JPEG"))
+    monkeypatch.setattr(os, "open", refuse)  # files.open_regular, the one open of a catalogued file
     with pytest.raises(ImageError, match="^permission denied$"):
-        load_image(write(tmp_path, "secret.jpg", encode(CHELSEA, "JPEG")))
+        load_image(path)
 
 
 def test_svg_extension_is_refused_before_decoding(tmp_path):
@@ -696,3 +697,12 @@ def test_large_png_is_reduced_before_conversion_and_embeds_as_the_full_decode(tm
     with_alpha = tmp_path / "alpha.png"
     photo.convert("RGBA").save(with_alpha)
     assert load_image(with_alpha, min_side=224).image.size == (2048, 2048)  # alpha: composited first, not reduced
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    """load_image(path) (query, report, thumbnails) opens through files.open_regular: a FIFO is refused at
+    once, never waited on for a writer that never comes."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="^is a named pipe"):
+        load_image(fifo)

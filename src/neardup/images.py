@@ -25,6 +25,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 from .errors import ImageError  # noqa: F401 (re-exported)
+from .files import FileCheckError, open_regular
 
 
 def _register_optional_plugins() -> None:
@@ -140,16 +141,12 @@ def load_image(
 
 @contextlib.contextmanager
 def _open_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    # The one safe open (a FIFO or device at the path is refused, never waited on); a symlinked file is
+    # followed, as discovery includes symlinked files on purpose.
     try:
-        stream = open(path, "rb")  # noqa: SIM115 (closed by the with block below)
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageError("is a folder, not a file") from None
-    except OSError as error:
-        raise ImageError(f"cannot read file: {error.strerror or error}") from None
+        stream = open_regular(path, follow_symlinks=True)
+    except FileCheckError as error:
+        raise ImageError(str(error)) from None
     with stream:
         if os.fstat(stream.fileno()).st_size == 0:
             raise ImageError("empty file (0 bytes)")
