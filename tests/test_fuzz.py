@@ -290,7 +290,7 @@ def test_permission_denied_for_real_as_another_user(tmp_path, seeds):
         env = {**os.environ, "HOME": str(index)}
         result = neardup_cli("index", photos, "--index", index, "--failures", env=env, user=65534)
         assert result.returncode == 0, result.stderr
-        assert f"failed: {photos / 'secret.jpg'}: cannot read file: Permission denied" in result.stdout
+        assert f"failed: {photos / 'secret.jpg'}: permission denied" in result.stdout
         assert f"failed: {photos / 'closed'}: cannot list folder: permission denied" in result.stdout
         assert "1 added" in result.stdout and "2 failed" in result.stdout
         denied = neardup_cli("index", photos, "--index", base / "not-writable" / "idx", env=env, user=65534)
