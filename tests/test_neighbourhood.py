@@ -94,3 +94,22 @@ def test_peer_nested_folder_gives_exactly_the_ukbench00120_group(tmp_path, embed
         groups = [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates(DEFAULT_THRESHOLD)]
     assert groups == [["ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg",
                        "ukbench00120_rotation.jpg"]]
+
+
+def test_dups_cosine_flag_thresholds_the_plain_cosine(full_index):
+    import json
+
+    from click.testing import CliRunner
+
+    from neardup.cli import main
+
+    def groups(*flags):
+        result = CliRunner().invoke(main, ["dups", "--index", str(full_index.root), "--json", *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["groups"]
+
+    aware, plain = groups(), groups("--cosine")
+    assert plain and all(g["min_score"] == g["min_cosine"] for g in plain)
+    assert any(g["min_score"] != g["min_cosine"] for g in aware)
+    expected = sorted(sorted(g.files) for g in full_index.duplicates(DEFAULT_THRESHOLD, collection_aware=False))
+    assert sorted(sorted(g["files"]) for g in plain) == expected

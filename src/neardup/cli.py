@@ -17,6 +17,7 @@ import click
 from .actions import ACTIONS, DEFAULT_KEEP
 from .images import ImageError, printable_path
 from .index import DEFAULT_BATCH, DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
+from . import neighbourhood
 from .models import BACKENDS
 from .store import StoreError
 
@@ -218,7 +219,10 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
 
 @main.command("dups")
 @index_option
-@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1), help=threshold_help)
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1.5),
+              help="Link pairs whose score is >= T: the collection-aware score in an index of "
+                   f"{neighbourhood.MIN_FILES} files or more (README, 'Scores and the threshold'), else the cosine.")
+@click.option("--cosine", "plain_cosine", is_flag=True, help="Threshold the plain cosine, whatever the index's size.")
 @click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.DUPS).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV: group,path,min_score,max_score.")
@@ -234,8 +238,8 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
 @click.option("--no-wait", "action_no_wait", is_flag=True, help="With --apply: fail at once if another process is writing the index.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Search pairs on a Ray cluster (ADDRESS, else $RAY_ADDRESS, else a local one): the same groups.")
-def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, keep, keep_in, do_apply, yes,
-                 action_no_wait, ray_address) -> None:
+def dups_command(index_dir, threshold, plain_cosine, exact, as_json, as_csv, action, move_to, keep, keep_in, do_apply,
+                 yes, action_no_wait, ray_address) -> None:
     """List groups of near-duplicate images, or move, hard-link or delete the duplicates (--action)."""
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -251,9 +255,9 @@ def dups_command(index_dir, threshold, exact, as_json, as_csv, action, move_to, 
             from . import distributed
 
             distributed.connect(ray_address)
-            groups = distributed.duplicates(index, threshold).groups
+            groups = distributed.duplicates(index, threshold, collection_aware=not plain_cosine).groups
         else:
-            groups = index.duplicates(threshold, exact=exact)
+            groups = index.duplicates(threshold, exact=exact, collection_aware=not plain_cosine)
         root = index.root
     if action:
         _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_apply, as_json, action_no_wait)

@@ -362,7 +362,7 @@ class DuplicateSearch:
 
 
 def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
-               tables_per_task: int | None = None) -> DuplicateSearch:
+               tables_per_task: int | None = None, collection_aware: bool = True) -> DuplicateSearch:
     """`index.duplicates(threshold)` computed on the connected Ray cluster: the same plan (tables of
     random stored bits), the same candidates per table with the same Hamming filter, the same cosine
     check and grouping, so the same pairs and groups.
@@ -379,7 +379,7 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
     # collection-aware scores as in Index.duplicates: the join runs at the lowest cosine that can still
     # reach the threshold; then the backgrounds of the files in verified pairs come from the index's own
     # k-NN queries on the driver
-    aware = neighbourhood.applies(n)
+    aware = collection_aware and neighbourhood.applies(n)
     group_threshold, threshold = threshold, (neighbourhood.join_threshold(threshold) if aware else threshold)
     plan = index.pair_plan(n, threshold)
     starts = list(range(0, n, chunk_rows))
