@@ -26,7 +26,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from neardup.cli import main
-from neardup.index import Index
+from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.schemas import ACTION_PLAN, ACTION_RUN, ACTION_RUNS, ERROR
 from neardup.store import Store
 from neardup.web.app import create_app
@@ -142,7 +142,7 @@ def test_plan_defaults_to_the_index_threshold_and_policy(library, client):
     response = client.post("/api/actions/plan", json={"action": "delete"})
     assert response.status_code == 200, response.text
     manifest = response.json()["manifest"]
-    assert manifest["threshold"] == 0.66 and manifest["keep"] == ["pixels", "size", "oldest"]
+    assert manifest["threshold"] == DEFAULT_THRESHOLD and manifest["keep"] == ["pixels", "size", "oldest"]
     assert manifest["trash"].startswith(str(library[1].root / "trash"))
 
 

@@ -156,12 +156,15 @@ DUPS_PAGE = {
             "description": "largest groups first, the same order as `dups`",
             "items": {
                 "type": "object",
-                "required": ["number", "min_score", "max_score", "images"],
+                "required": ["number", "min_score", "max_score", "min_cosine", "max_cosine", "images"],
                 "additionalProperties": False,
                 "properties": {
                     "number": {"type": "integer", "minimum": 1, "description": "position in the whole list"},
-                    "min_score": {**_SCORE, "description": "weakest verified link joining the group"},
-                    "max_score": {**_SCORE, "description": "strongest verified link in the group"},
+                    "min_score": {**_PAIR_SCORE, "description": "weakest verified link joining the group, in the "
+                                  "score the threshold applies to (as `dups --json`)"},
+                    "max_score": {**_PAIR_SCORE, "description": "strongest verified link in the group, same score"},
+                    "min_cosine": {**_SCORE, "description": "lowest plain cosine among the group's links"},
+                    "max_cosine": {**_SCORE, "description": "highest plain cosine among the group's links"},
                     "images": {"type": "array", "minItems": 2, "items": _IMAGE},
                 },
             },
@@ -401,7 +404,7 @@ ACTION_PLAN_REQUEST = {
         "action": _ACTIONS,
         "to": {"type": ["string", "null"], "description": "move only: the folder to move into (absolute)"},
         "threshold": {"type": ["number", "null"], "minimum": 0.5, "maximum": 1,
-                      "description": "groups at this cosine threshold (default: the index default, 0.66)"},
+                      "description": "groups at this cosine threshold (default: the index default, 0.67)"},
         "keep": {"type": "string", "description": "survivor criteria in order, comma-separated; from pixels, "
                                                   "size, oldest, newest, shortest-path (default pixels,size,oldest)"},
         "keep_in": {"type": "array", "items": {"type": "string"},

@@ -235,7 +235,8 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         for number, group in enumerate(groups[start:start + per_page], start + 1):
             images = [_image_info(index.image(i)) for i in group.ids]
             shown.append({"number": number, "min_score": round(group.min_score, 6),
-                          "max_score": round(group.max_score, 6), "images": [i for i in images if i]})
+                          "max_score": round(group.max_score, 6), "min_cosine": round(group.min_cosine, 6),
+                          "max_cosine": round(group.max_cosine, 6), "images": [i for i in images if i]})
         return {"threshold": threshold, "page": page, "per_page": per_page, "pages": pages,
                 "total_groups": len(groups), "total_files": sum(len(g.ids) for g in groups), "groups": shown}
 
