@@ -87,7 +87,7 @@ def test_small_collections_keep_plain_cosine(tmp_path, photo_folder, embedder):
 @needs_peer_data
 @pytest.mark.xfail(strict=True, reason="issue 12: ukbench00120_rotation.jpg (~30 degrees, black corners) scores "
                    "cosine 0.57 against its group; the 5-file folder is too small for collection-aware scores, "
-                   "so the plain default 0.66 applies")
+                   "so the plain cosine and the default threshold apply")
 def test_peer_nested_folder_gives_exactly_the_ukbench00120_group(tmp_path, embedder):
     with Index.open(tmp_path / "idx", create=True, embedder=embedder) as index:
         index.add([PEER_DATA / "mixed_nested_images"])
