@@ -446,7 +446,9 @@ def _copy_verified(source: str, destination: str, sha256: str) -> None:
             dst.flush()
             os.fsync(dst.fileno())
         shutil.copystat(source, tmp, follow_symlinks=False)  # times and mode only; the bytes are checked next
-        if _sha256(tmp) != sha256:
+        with open(tmp, "rb") as copied:
+            matches = files.sha256_of(copied) == sha256
+        if not matches:
             raise ActionError(f"the copy of {source} does not match its sha256; source left in place")
         os.link(tmp, destination, follow_symlinks=False)  # fails rather than overwrite
     except FileCheckError as exc:
@@ -874,11 +876,3 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
     return str(exc)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -22,9 +22,6 @@ from typing import BinaryIO
 
 from .errors import NeardupError
 
-_CHUNK = 1 << 20
-
-
 class FileCheckError(NeardupError):
     """The file at a path is not the one expected (gone, swapped, changed, not a regular file)."""
 
@@ -90,10 +87,19 @@ def read_checked(path: str | os.PathLike[str], *, size: int | None = None, mtime
     """
     with open_regular(path, follow_symlinks=follow_symlinks) as stream:
         check_record(stream, size=size, mtime_ns=mtime_ns)
-        try:
-            data = stream.read()
-        except OSError as error:
-            raise FileCheckError(f"cannot read file: {error.strerror or error}") from None
+        return read_verified(stream, size=size, sha256=sha256)
+
+
+def read_verified(stream: BinaryIO, *, size: int | None = None, sha256: str | None = None) -> bytes:
+    """The rest of an open file's content, checked against the catalog's size and sha256 once read.
+
+    Raises:
+        FileCheckError: one-line reason when the bytes read are not the ones catalogued.
+    """
+    try:
+        data = stream.read()
+    except OSError as error:
+        raise FileCheckError(f"cannot read file: {error.strerror or error}") from None
     if size is not None and len(data) != size:
         raise FileCheckError(f"changed while being read ({len(data)} bytes, expected {size})")
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
@@ -102,11 +108,8 @@ def read_checked(path: str | os.PathLike[str], *, size: int | None = None, mtime
 
 
 def sha256_of(stream: BinaryIO) -> str:
-    """sha256 of an open file's content from its current position (read in chunks)."""
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: stream.read(_CHUNK), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 (hex) of an open binary file's content from its current position."""
+    return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def identity(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
+
 from .errors import ImageError  # noqa: F401 (re-exported)
 from .files import FileCheckError, open_regular
 

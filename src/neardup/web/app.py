@@ -25,7 +25,6 @@ the app get the same access check (the `guard` middleware) and the same JSON err
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -47,7 +46,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..files import FileCheckError, check_record, open_regular
+from ..files import FileCheckError, check_record, open_regular, sha256_of
 from ..images import ImageError, load_image
 from ..index import DEFAULT_THRESHOLD, Index, NeardupError
 from ..store import Record, StoreError
@@ -247,8 +246,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
         stream = _open_indexed(record)
         try:
             if record.sha256:  # the whole content is checked before the first byte leaves
-                digest = hashlib.file_digest(stream, "sha256").hexdigest()
-                if digest != record.sha256:
+                if sha256_of(stream) != record.sha256:
                     raise ApiError(409, _changed(record, "its content differs"))
                 stream.seek(0)
         except OSError as exc:

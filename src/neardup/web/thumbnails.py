@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import uuid
@@ -12,7 +11,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from ..errors import ImageError
-from ..files import FileCheckError, read_checked
+from ..files import FileCheckError, read_checked, read_verified
 from ..images import load_image
 from ..store import Record
 
@@ -63,12 +62,7 @@ class ThumbnailCache:
             return cached.read_bytes()
         except OSError:
             pass
-        try:
-            content = stream.read()
-        except OSError as exc:
-            raise FileCheckError(f"cannot read file: {exc.strerror or exc}") from None
-        if len(content) != record.size or (record.sha256 and hashlib.sha256(content).hexdigest() != record.sha256):
-            raise FileCheckError("changed since it was indexed (content differs)")
+        content = read_verified(stream, size=record.size, sha256=record.sha256)
         data = thumbnail_jpeg(content, self.size)
         try:
             own.mkdir(parents=True, exist_ok=True)
