@@ -78,3 +78,40 @@ def photo_folder(tmp_path, collection) -> Path:
         if copy["original"] in ("chelsea", "coffee") and copy["edit"] in ("half", "flip"):
             shutil.copy(copy["path"], folder / Path(copy["path"]).name)
     return folder
+
+
+def build_library(base: Path, collection: dict, embedder, extra: dict[str, str] | None = None) -> Path:
+    """The actions' test library under base/work, indexed, and a copy of it in base/pristine:
+    photos/a: chelsea, coffee, rocket (the originals, oldest); photos/b: chelsea half-size and flipped (in
+    b/deep), coffee re-encoded at JPEG quality 30; `extra` adds files to photos/b (name: source path)."""
+    photos = base / "work" / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "b" / "deep").mkdir(parents=True)
+    originals = collection["originals"]
+    copies = {(c["original"], c["edit"]): c["path"] for c in collection["copies"]}
+    for name in ("chelsea", "coffee", "rocket"):
+        shutil.copy(originals[name], photos / "a" / f"{name}.jpg")
+    shutil.copy(copies["chelsea", "half"], photos / "b" / "chelsea_half.jpg")
+    shutil.copy(copies["chelsea", "flip"], photos / "b" / "deep" / "chelsea_flip.jpg")
+    shutil.copy(copies["coffee", "jpeg30"], photos / "b" / "coffee_jpeg30.jpg")
+    for name, source in (extra or {}).items():
+        shutil.copy(source, photos / "b" / name)
+    for path in photos.rglob("*.jpg"):  # the originals are the oldest files
+        stamp = 1_000_000_000 if path.parent.name == "a" else 1_500_000_000
+        os.utime(path, (stamp, stamp))
+    with Index.open(base / "work" / "idx", create=True, embedder=embedder) as index:
+        summary = index.add([photos])
+    assert summary.added == 6 + len(extra or {}) and summary.failed == 0
+    shutil.copytree(base / "work", base / "pristine")
+    return base
+
+
+def restored_library(base: Path, embedder):
+    """base/work restored from base/pristine (copy2 keeps mtimes to the ns: the catalog still matches);
+    yields (photos folder, open Index)."""
+    work = base / "work"
+    shutil.rmtree(work)
+    shutil.copytree(base / "pristine", work)
+    index = Index.open(work / "idx", embedder=embedder)
+    yield work / "photos", index
+    index.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import tree_hashes
+from conftest import build_library, restored_library, tree_hashes
 from PIL import Image
 
 from neardup import actions
@@ -30,40 +30,14 @@ ODD_NAME = "coffee copy\nnew ünïcode 写真.jpg"  # spaces, a newline, non-ASC
 
 @pytest.fixture(scope="module")
 def pristine_library(tmp_path_factory, collection, embedder) -> Path:
-    """photos/a: two originals and a singleton; photos/b: their copies (resized, flipped, re-encoded, a
-    byte-identical copy under an odd name); an index of it all. Built once at base/work, kept in
-    base/pristine; each test gets base/work restored (same paths, so the index stays valid)."""
-    base = tmp_path_factory.mktemp("library")
-    photos = base / "work" / "photos"
-    (photos / "a").mkdir(parents=True)
-    (photos / "b" / "deep").mkdir(parents=True)
-    originals = collection["originals"]
-    copies = {(c["original"], c["edit"]): c["path"] for c in collection["copies"]}
-    shutil.copy(originals["chelsea"], photos / "a" / "chelsea.jpg")
-    shutil.copy(originals["coffee"], photos / "a" / "coffee.jpg")
-    shutil.copy(originals["rocket"], photos / "a" / "rocket.jpg")
-    shutil.copy(copies["chelsea", "half"], photos / "b" / "chelsea_half.jpg")
-    shutil.copy(copies["chelsea", "flip"], photos / "b" / "deep" / "chelsea_flip.jpg")
-    shutil.copy(copies["coffee", "jpeg30"], photos / "b" / "coffee_jpeg30.jpg")
-    shutil.copy(originals["coffee"], photos / "b" / ODD_NAME)
-    for path in photos.rglob("*.jpg"):  # the originals are the oldest files
-        stamp = 1_000_000_000 if path.parent.name == "a" else 1_500_000_000
-        os.utime(path, (stamp, stamp))
-    with Index.open(base / "work" / "idx", create=True, embedder=embedder) as index:
-        summary = index.add([photos])
-    assert summary.added == 7 and summary.failed == 0
-    shutil.copytree(base / "work", base / "pristine")
-    return base
+    """conftest.build_library, plus a byte-identical copy of coffee under an odd name in photos/b."""
+    return build_library(tmp_path_factory.mktemp("library"), collection, embedder,
+                         extra={ODD_NAME: collection["originals"]["coffee"]})
 
 
 @pytest.fixture
 def library(pristine_library, embedder):
-    work = pristine_library / "work"
-    shutil.rmtree(work)
-    shutil.copytree(pristine_library / "pristine", work)  # copy2 keeps mtimes to the ns: the catalog still matches
-    index = Index.open(work / "idx", embedder=embedder)
-    yield work / "photos", index
-    index.close()
+    yield from restored_library(pristine_library, embedder)
 
 
 def plan_for(index: Index, action: str, keep=("pixels", "oldest"), **options) -> actions.Plan:

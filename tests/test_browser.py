@@ -5,15 +5,12 @@ Screenshots are written to test-artifacts/ at the repository root (git-ignored).
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
+from chromium import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
 
-CHROMIUM = os.environ.get("NEARDUP_CHROMIUM", "/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
 
@@ -22,10 +19,7 @@ from webserver import serve_in_thread
 from neardup.index import Index
 from neardup.web.app import create_app
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TOKEN = "browser-test-token"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")

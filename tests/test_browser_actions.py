@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from chromium import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
 from conftest import tree_hashes
 
-CHROMIUM = os.environ.get("NEARDUP_CHROMIUM", "/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
 
@@ -29,10 +28,7 @@ from neardup.index import Index
 from neardup.store import Store
 from neardup.web.app import create_app
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TOKEN = "browser-actions-token"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from conftest import tree_hashes
+from conftest import build_library, restored_library, tree_hashes
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
@@ -38,37 +38,12 @@ TOKEN = "actions-test-token"
 
 @pytest.fixture(scope="module")
 def pristine_library(tmp_path_factory, collection, embedder) -> Path:
-    """photos/a: chelsea, coffee, rocket (originals, oldest); photos/b: chelsea half-size and flipped
-    (in b/deep), coffee re-encoded at JPEG quality 30; an index of it all. Kept in base/pristine; each
-    test gets base/work restored (same paths, so the index stays valid)."""
-    base = tmp_path_factory.mktemp("webactions")
-    photos = base / "work" / "photos"
-    (photos / "a").mkdir(parents=True)
-    (photos / "b" / "deep").mkdir(parents=True)
-    originals = collection["originals"]
-    copies = {(c["original"], c["edit"]): c["path"] for c in collection["copies"]}
-    for name in ("chelsea", "coffee", "rocket"):
-        shutil.copy(originals[name], photos / "a" / f"{name}.jpg")
-    shutil.copy(copies["chelsea", "half"], photos / "b" / "chelsea_half.jpg")
-    shutil.copy(copies["chelsea", "flip"], photos / "b" / "deep" / "chelsea_flip.jpg")
-    shutil.copy(copies["coffee", "jpeg30"], photos / "b" / "coffee_jpeg30.jpg")
-    for path in photos.rglob("*.jpg"):
-        stamp = 1_000_000_000 if path.parent.name == "a" else 1_500_000_000
-        os.utime(path, (stamp, stamp))
-    with Index.open(base / "work" / "idx", create=True, embedder=embedder) as index:
-        assert index.add([photos]).added == 6
-    shutil.copytree(base / "work", base / "pristine")
-    return base
+    return build_library(tmp_path_factory.mktemp("webactions"), collection, embedder)
 
 
 @pytest.fixture
 def library(pristine_library, embedder):
-    work = pristine_library / "work"
-    shutil.rmtree(work)
-    shutil.copytree(pristine_library / "pristine", work)
-    index = Index.open(work / "idx", embedder=embedder)
-    yield work / "photos", index
-    index.close()
+    yield from restored_library(pristine_library, embedder)
 
 
 @pytest.fixture
