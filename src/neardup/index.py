@@ -187,14 +187,15 @@ class Index:
                              failures=[(printable_path(str(folder)), f"cannot list folder: {reason}")
                                        for folder, reason in found.errors])
         summary.failed = len(summary.failures)
-        files = [p for p in found.files if printable_path(str(p)) == str(p)]
-        misnamed = [str(p) for p in found.files if printable_path(str(p)) != str(p)]
+        files, misnamed = [], []
+        for path in found.files:  # names that are not valid UTF-8 are recorded as failed, never read
+            (files if printable_path(str(path)) == str(path) else misnamed).append(path)
         with Store.open(self.root, create=True, write=True, wait=wait, on_wait=on_wait) as store:
             self._check_model(store, initialise=True)
             planes, center = self._lsh_state(store)
             batch = _Batch(store, self.embedder, planes, center, commit_every)
             total = len(found.files)
-            for path in misnamed:
+            for path in map(str, misnamed):
                 summary.failed += 1
                 summary.failures.append((printable_path(path), NOT_UTF8))
                 failure = _misnamed_record(path)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
 from .errors import IndexLocked, IndexWriteError, StoreError  # noqa: F401 (re-exported)
 
 #: 2: vectors stored as float16 (half the disk and page cache; scores move by <= ~1e-3, see lsh.cosines).
@@ -313,22 +314,18 @@ class Store:
 
     def snapshot(self) -> Snapshot:
         """The live images, read in one transaction so a concurrent commit is seen whole or not at all."""
-        with self._read_lock:
-            self._conn.execute("BEGIN")
-            try:
-                segments = self._conn.execute("SELECT id, name, rows FROM segments").fetchall()
-                rows = self._conn.execute(
-                    "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
-                ).fetchall()
-                # map the files while the read transaction pins this state: a compaction may commit
-                # meanwhile (WAL), but it deletes the old files only once no reader holds an older
-                # state (_remove_orphans), and a mapping stays valid after its file is unlinked
-                loaded = {seg_id: self._segment(seg_id, name, n) for seg_id, name, n in segments}
-                live = {name for _, name, _ in segments}
-                for stale in set(self._segment_cache) - live:
-                    del self._segment_cache[stale]
-            finally:
-                self._conn.execute("COMMIT")
+        with self._read_transaction():
+            segments = self._conn.execute("SELECT id, name, rows FROM segments").fetchall()
+            rows = self._conn.execute(
+                "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
+            ).fetchall()
+            # map the files while the read transaction pins this state: a compaction may commit
+            # meanwhile (WAL), but it deletes the old files only once no reader holds an older
+            # state (_remove_orphans), and a mapping stays valid after its file is unlinked
+            loaded = {seg_id: self._segment(seg_id, name, n) for seg_id, name, n in segments}
+            live = {name for _, name, _ in segments}
+            for stale in set(self._segment_cache) - live:
+                del self._segment_cache[stale]
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         paths = [r[1] for r in rows]
         segment_ids = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
@@ -339,17 +336,23 @@ class Store:
         """The stored vector of one image id (None unless it is indexed). The image's row, its segment and
         the segment's file are read in one transaction, so a compaction committing meanwhile (which moves
         the row to a new segment) is seen whole or not at all."""
+        with self._read_transaction():
+            found = self._conn.execute(
+                "SELECT s.id, s.name, s.rows, i.row FROM images i JOIN segments s ON s.id = i.segment"
+                " WHERE i.id = ? AND i.status = 'indexed'", (int(image_id),)
+            ).fetchone()
+            if found is None:
+                return None
+            seg_id, name, rows, row = found
+            return np.array(self._segment(seg_id, name, rows).vectors[row], dtype=np.float32)
+
+    @contextlib.contextmanager
+    def _read_transaction(self):
+        """One read transaction on this connection (one at a time: the connection is shared by threads)."""
         with self._read_lock:
             self._conn.execute("BEGIN")
             try:
-                found = self._conn.execute(
-                    "SELECT s.id, s.name, s.rows, i.row FROM images i JOIN segments s ON s.id = i.segment"
-                    " WHERE i.id = ? AND i.status = 'indexed'", (int(image_id),)
-                ).fetchone()
-                if found is None:
-                    return None
-                seg_id, name, rows, row = found
-                return np.array(self._segment(seg_id, name, rows).vectors[row], dtype=np.float32)
+                yield
             finally:
                 self._conn.execute("COMMIT")
 
