@@ -579,15 +579,23 @@ def recover_interrupted(index_root: str | os.PathLike, *, wait: bool = True,
         return recover(store)
 
 
+def manifests(index_root: str | os.PathLike) -> list[Path]:
+    """The manifests in an index's actions folder, oldest run first (run ids start with the time);
+    temporary files (dot names) left out."""
+    folder = Path(index_root) / ACTIONS_DIR
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in sorted(names) if n.endswith(".json") and not n.startswith(".")]
+
+
 def recover(store: Store) -> list[str]:
     """Finish the bookkeeping of runs a crash interrupted: every manifest of this index still marked
     'applying' gets its statuses from the disk, the index is brought in line, leftover temporary links
     are removed, and it is marked 'interrupted'. Returns the manifests recovered."""
     recovered = []
-    folder = store.root / ACTIONS_DIR
-    if not folder.is_dir():
-        return recovered
-    for path in sorted(folder.glob("*.json")):
+    for path in manifests(store.root):
         try:
             plan = load_manifest(path)
         except ActionError:

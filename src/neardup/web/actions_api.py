@@ -117,7 +117,7 @@ def actions_router(index: Index, *, enabled: bool) -> APIRouter:
     def runs():
         """Past runs from <index>/actions/, newest first (schema: neardup.schemas.ACTION_RUNS)."""
         found = []
-        for path in _manifests(index):
+        for path in map(str, actions.manifests(index.root)):
             try:
                 run = actions.load_manifest(path)
             except ActionError:
@@ -221,7 +221,7 @@ def _apply(index: Index, previews: OrderedDict[str, _Preview], plan_id: str) -> 
 
 
 def _undo(index: Index, run_id: str) -> dict:
-    manifest = next((p for p in _manifests(index) if os.path.basename(p) == f"{run_id}.json"), None)
+    manifest = next((p for p in map(str, actions.manifests(index.root)) if os.path.basename(p) == f"{run_id}.json"), None)
     if manifest is None:
         raise ApiError(404, f"no run {run_id!r} in {index.root / actions.ACTIONS_DIR}")
     try:
@@ -273,15 +273,6 @@ def _same_origin(origin: str, host: str) -> bool:
     except ValueError:
         return False
     return bool(netloc) and netloc.lower() == host.strip().lower()
-
-
-def _manifests(index: Index) -> list[str]:
-    folder = index.root / actions.ACTIONS_DIR
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return [str(folder / n) for n in sorted(names) if n.endswith(".json") and not n.startswith(".")]
 
 
 def _substance(plan: actions.Plan, entry: actions.Entry) -> tuple:
