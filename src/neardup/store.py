@@ -190,6 +190,8 @@ class Store:
         lock_file = _acquire_lock(root, wait, on_wait) if write else None
         conn = None
         try:
+            if write and not catalog.exists():
+                _create_catalog(catalog)
             conn = sqlite3.connect(catalog, timeout=60, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -513,6 +515,27 @@ class Store:
             stem = entry.name.split(".", 1)[0]
             if entry.name.startswith(".tmp-") or stem not in known:
                 os.unlink(entry.path)
+
+
+def _create_catalog(catalog: Path) -> None:
+    """A new catalog with its whole schema, made under a temporary name and renamed into place (under
+    the writer lock): a catalog that exists always has its tables, even when the first `index` was killed
+    while creating it (readers of a half-made catalog failed with "no such table")."""
+    tmp = catalog.with_name(f".{catalog.name}.{uuid.uuid4().hex[:8]}.tmp")
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
+    finally:
+        conn.close()  # the last connection checkpoints its WAL into the file
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, catalog)
+    fsync_dir(catalog.parent)
 
 
 def _acquire_lock(root: Path, wait: bool, on_wait: Callable[[], None] | None):
