@@ -4,14 +4,17 @@ Real photos, a real corrupt file, real processes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import resource
 import shutil
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from neardup import decode
+from neardup import bench, decode
 from neardup.images import load_image
 from neardup.index import Index, _failed, _prepare_file
 from neardup.models import default_model
@@ -101,3 +104,29 @@ def test_index_add_through_processes_matches_threads(tmp_path, files, onnx_embed
     assert vectors["threads"].keys() == vectors["processes"].keys()
     for path, vector in vectors["threads"].items():
         assert np.array_equal(vector, vectors["processes"][path])
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_bench_cpu_per_image_counts_the_decode_worker_processes(tmp_path, files, onnx_embedder, monkeypatch):
+    """`neardup bench`'s CPU per image bounds images/s on idle cores, so it is the CPU of the whole run:
+    this process's threads and the decode worker processes (review 2026-12-06, defect #6: it was this
+    process's alone). Measured here independently, around bench.index_run: this process's CPU and the
+    CPU of the children reaped meanwhile (the workers are joined before Index.add returns)."""
+    monkeypatch.setattr(decode, "PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr(decode, "PROCESS_MIN_CORES", 1)
+    paths = files[:-1]  # missing.jpg would stop Index.add; broken.jpg is recorded as failed, not embedded
+    children_before = set(multiprocessing.active_children())
+    own, children = time.process_time(), _children_cpu()
+    _, cpu_ms, _, _ = bench.index_run(onnx_embedder, paths, tmp_path / "idx", 2)
+    own, children = time.process_time() - own, _children_cpu() - children
+    assert set(multiprocessing.active_children()) <= children_before  # no decode worker left running
+    assert children > 0.2  # two spawned workers ran (each starts Python, numpy, Pillow, then decodes)
+    reported = cpu_ms * (len(paths) - 1) / 1000  # index_run gives ms per embedded image
+    # all that was measured outside, less what this process spent outside Index.add (opening the index:
+    # milliseconds, far below half the workers' share); before the fix the workers' share was missing
+    outside_add = 0.5 * children
+    assert own + children - outside_add <= reported <= own + children + 0.02

@@ -41,7 +41,9 @@ def prepare_files(files: Sequence, known: Callable, embedder, prepare: Callable,
     """Yield prepare(path, known(path), input_size, pixels) for each file, in order. `known(path)` (the
     catalog record) is called here, in the caller's thread; `failed(path, known, reason)` makes the record
     of a file whose worker died twice. `lookahead` files are kept in flight (at least two model batches)
-    so the workers never wait for the model. `processes`: None decides (use_processes)."""
+    so the workers never wait for the model. `processes`: None decides (use_processes). When the
+    iterator ends (or is closed), the pool is shut down and waited for: worker processes have exited
+    and been joined, so their CPU time is in getrusage(RUSAGE_CHILDREN) (`neardup bench` counts it)."""
     workers = workers or os.cpu_count() or 1
     if processes is None:
         processes = use_processes(embedder, len(files), workers)
@@ -62,7 +64,7 @@ def prepare_files(files: Sequence, known: Callable, embedder, prepare: Callable,
             result, pool = _result(pending, pool, processes, workers, prepare, failed, size, pixels)
             yield result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # joins the worker processes (reaps them)
 
 
 def _pool(processes: bool, workers: int) -> Executor:

@@ -273,7 +273,8 @@ BENCH = {
                     "index_images_per_s": {**_RATE, "description": "Index.add end to end: read, decode, embed, store"},
                     "index_ratio": {"type": "number", "description": "index_images_per_s / seed images_per_s"},
                     "index_cpu_ms_per_image": {"type": "number",
-                                               "description": "CPU time of Index.add per image, all threads (ms)"},
+                                               "description": "CPU time of Index.add per image, all threads and "
+                                                              "decode worker processes (ms)"},
                     "int8_guard": _GUARD,
                 },
             },
