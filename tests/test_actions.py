@@ -332,7 +332,7 @@ def test_an_action_compacts_by_the_index_rule_too_many_segments(library, tmp_pat
     assert {e.destination for e in plan.entries} <= set(catalog)
 
 
-def test_purge_trash_removes_only_old_run_folders_inside_the_trash(library, tmp_path):
+def test_purge_trash_removes_only_what_old_runs_put_in_the_trash(library, tmp_path):
     from click.testing import CliRunner
 
     from neardup.cli import main
@@ -346,7 +346,7 @@ def test_purge_trash_removes_only_old_run_folders_inside_the_trash(library, tmp_
     outside = tmp_path / "outside"
     (outside / "sub").mkdir(parents=True)
     (outside / "keep.jpg").write_bytes(Path(new.entries[0].destination).read_bytes())
-    os.symlink(outside, Path(old.trash) / "link-to-a-folder")  # links inside a run: removed, never followed
+    os.symlink(outside, Path(old.trash) / "link-to-a-folder")  # links inside a run: never followed, left
     os.symlink(outside / "keep.jpg", Path(old.trash) / "link-to-a-file.jpg")
     os.symlink(outside, trash / "a-link-not-a-run")  # not a run folder: left alone
     (trash / "notes.txt").write_text("not a run folder")
@@ -366,7 +366,10 @@ def test_purge_trash_removes_only_old_run_folders_inside_the_trash(library, tmp_
     purged = runner.invoke(main, ["purge-trash", "--index", str(index.root), "--apply", "--yes"])
     assert purged.exit_code == 0, purged.output
     assert "purged 1 trash folders" in purged.output
-    assert not os.path.lexists(old.trash)
+    assert not any(os.path.lexists(e.destination) for e in old.entries)
+    # what the run did not put there stays, and so does its folder, with a warning naming it
+    assert sorted(os.listdir(old.trash)) == ["link-to-a-file.jpg", "link-to-a-folder"]
+    assert f"{old.trash} keeps 2 entries its run did not put there" in purged.output
     assert tree_hashes(outside) == outside_before and tree_hashes(Path(new.trash)) == new_before
     assert os.path.islink(trash / "a-link-not-a-run") and (trash / "notes.txt").is_file()
     with pytest.raises(actions.ActionError, match="has been purged"):
@@ -619,3 +622,123 @@ def test_a_check_that_fails_under_the_writer_lock_leaves_the_plan_unapplied(libr
         actions.apply_plan(plan, check=index_moved_on)
     assert tree_hashes(photos) == before and not (tmp_path / "moved").exists()
     assert plan.state == "planned" and not list((index.root / actions.ACTIONS_DIR).glob("*.json"))
+
+
+# ---- regression tests for the review of 2026-12-06 (issue 21): each failed on 91b733b -------------------
+
+
+@pytest.mark.parametrize("where", ["segments", "trash", "actions", ".", "link-to-segments", "link-to-index/sub"])
+def test_a_move_target_inside_the_index_folder_is_refused(library, tmp_path, where):
+    """Review #1: --to <index>/segments was accepted, and the same apply's orphan sweep deleted the moved
+    photos; --to <index>/trash let purge-trash delete them. Every spelling that leads into the index
+    folder (itself, a sub-folder, a symbolic link to either) is refused at plan time; nothing moves."""
+    from click.testing import CliRunner
+
+    from neardup.cli import main
+
+    photos, index = library
+    (tmp_path / "link-to-segments").symlink_to(index.root / "segments", target_is_directory=True)
+    (tmp_path / "link-to-index").symlink_to(index.root, target_is_directory=True)
+    target = tmp_path / where if where.startswith("link") else index.root / where
+    before = tree_hashes(photos)
+    with pytest.raises(actions.ActionError, match="inside the index folder"):
+        plan_for(index, "move", to=target)
+    result = CliRunner().invoke(main, ["dups", "--index", str(index.root), "--threshold", "0.8", "--action", "move",
+                                       "--to", str(target), "--apply"])
+    assert result.exit_code == 1 and "inside the index folder" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert tree_hashes(photos) == before and not list((index.root / actions.ACTIONS_DIR).glob("*.json"))
+
+
+def test_apply_refuses_a_target_turned_into_a_link_into_the_index_since_the_plan(library, tmp_path):
+    """The plan's --to was an ordinary (not yet existing) folder; before apply it became a symbolic link
+    to the index's segments folder. Apply re-checks the target right before touching anything."""
+    photos, index = library
+    target = tmp_path / "review"
+    plan = plan_for(index, "move", to=target)
+    assert plan.todo
+    target.symlink_to(index.root / "segments", target_is_directory=True)
+    before = tree_hashes(photos)
+    with pytest.raises(actions.ActionError, match="inside the index folder"):
+        actions.apply_plan(plan)
+    assert tree_hashes(photos) == before
+    assert not [n for n in os.listdir(index.root / "segments") if n.endswith(".jpg")]
+
+
+def test_a_folder_on_the_way_replaced_by_a_link_into_the_index_skips_that_file(library, tmp_path):
+    """Per step: a sub-folder of the target swapped for a link into the index between plan and apply
+    skips the files bound there (kept in place, with the reason); the others move."""
+    photos, index = library
+    target = tmp_path / "review"
+    plan = plan_for(index, "move", to=target)
+    deep = [e for e in plan.todo if os.sep + "deep" + os.sep in e.destination]
+    assert deep and len(deep) < len(plan.todo)
+    folder = Path(deep[0].destination).parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.symlink_to(index.root / "segments", target_is_directory=True)
+    actions.apply_plan(plan)
+    for entry in plan.entries:
+        if entry in deep:
+            assert entry.status == "skipped" and "leads into the index folder" in entry.reason
+            assert os.path.isfile(entry.source)
+        elif entry.status == "done":
+            assert os.path.isfile(entry.destination) and not os.path.lexists(entry.source)
+    assert not [n for n in os.listdir(index.root / "segments") if n.endswith(".jpg")]
+
+
+def test_the_segment_sweep_deletes_only_files_the_store_wrote(library, tmp_path):
+    """Review #1 (second half) and #3: the orphan sweep deleted every file in segments/ it did not know,
+    and a sub-folder there made every later write fail ('Is a directory'). It now removes only regular
+    files named like its own segments (orphans and temporaries) and leaves everything else."""
+    photos, index = library
+    segments = index.root / "segments"
+    chelsea = next(photos.rglob("chelsea.jpg"))
+    foreign = {
+        "photo.jpg": chelsea.read_bytes(),
+        "sub/deep/photo.jpg": chelsea.read_bytes(),
+        "notes.npy": b"user data",
+        "20261206034303-375f2f53.vectors.npy.bak": b"user data",
+    }
+    for name, data in foreign.items():
+        (segments / name).parent.mkdir(parents=True, exist_ok=True)
+        (segments / name).write_bytes(data)
+    (segments / "20990101000000-deadbeef.codes.npy").mkdir()  # a folder with a segment's name
+    (segments / "20990101000000-0badf00d.vectors.npy").symlink_to(chelsea)  # a link with a segment's name
+    orphans = [segments / "20990101000000-abcdef12.vectors.npy", segments / ".tmp-20990101000000-abcdef12.codes.npy"]
+    for orphan in orphans:
+        orphan.write_bytes(b"left by a crash")
+    before = tree_hashes(photos)
+
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(next(photos.rglob("rocket.jpg")), new / "rocket2.png")
+    index.add([new])  # a writer: sweeps at open
+    with Store.open(index.root, write=True) as store:
+        store.compact()  # and after a compaction
+    assert not any(o.exists() for o in orphans)
+    for name, data in foreign.items():
+        assert (segments / name).read_bytes() == data
+    assert (segments / "20990101000000-deadbeef.codes.npy").is_dir()
+    assert os.path.islink(segments / "20990101000000-0badf00d.vectors.npy") and chelsea.is_file()
+    assert tree_hashes(photos) == before
+    index.add([photos])  # later writes keep working
+    check_index(index)
+
+
+def test_purge_trash_leaves_folders_no_manifest_of_this_index_made(library, tmp_path):
+    """Review #1 (purge half): purge-trash deleted any folder in the trash as an old run. Now a folder is a
+    run's only when a manifest names it, and only the files its entries put there are deleted."""
+    photos, index = library
+    run = actions.apply_plan(plan_for(index, "delete"))
+    assert any(e.status == "done" for e in run.entries)
+    trash = index.root / actions.TRASH_DIR
+    stranger = trash / "20260101-000000.000-abcdef"  # looks like a run, no manifest made it
+    (stranger / "sub").mkdir(parents=True)
+    (stranger / "sub" / "photo.jpg").write_bytes(b"a user's photo")
+    (Path(run.trash) / "added-later.jpg").write_bytes(b"another user's photo")
+    purged = actions.purge_trash(index.root, 0)
+    assert [r.path for r in purged] == [run.trash]
+    assert not any(os.path.lexists(e.destination) for e in run.entries if e.destination)
+    assert (stranger / "sub" / "photo.jpg").read_bytes() == b"a user's photo"
+    assert (Path(run.trash) / "added-later.jpg").read_bytes() == b"another user's photo"
+    assert purged[0].left == [str(Path(run.trash) / "added-later.jpg")]

@@ -352,3 +352,23 @@ def test_serve_allow_actions_starts_a_server_that_acts(library):
         assert server.wait(30) == 0
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     assert "--allow-actions" in help_text
+
+
+def test_a_target_leading_into_the_index_folder_is_refused(library, client, tmp_path):
+    """Review 2026-12-06 #1 (web): `to` a symbolic link to the index's segments folder was planned and
+    applied, and the apply's segment sweep deleted the moved photos. It is refused with the reason, both
+    at plan time and (when the link appears after the plan) at apply time; no file is touched."""
+    photos, index = library
+    before = tree_hashes(photos)
+    innocent = tmp_path / "dups-out"
+    innocent.symlink_to(index.root / "segments", target_is_directory=True)
+    refused = client.post("/api/actions/plan", json={"action": "move", "to": str(innocent), "threshold": THRESHOLD})
+    assert "inside the index folder" in assert_error(refused, 422)
+
+    later = tmp_path / "later"
+    planned = plan(client, to=str(later))
+    assert planned["manifest"]["entries"]
+    later.symlink_to(index.root, target_is_directory=True)
+    assert "inside the index folder" in assert_error(apply(client, planned["plan_id"]), 422)
+    assert tree_hashes(photos) == before
+    assert not [n for n in os.listdir(index.root / "segments") if not n.endswith(".npy")]

@@ -44,6 +44,7 @@ Safety:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -185,6 +186,8 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
     if action == "move" and not to:
         raise ActionError("--action move needs --to DIR")
     root = Path(index_root).absolute()
+    if action == "move":
+        _refuse_index_target(str(to), root)
     keep = tuple(keep)
     protected_folders = [files.real_folder(f) for f in keep_in]
     now = time.time()
@@ -247,6 +250,18 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
             acted_on[identity] = record.path
             entry.destination = _free_name(os.path.join(target, os.path.relpath(record.path, base)), taken)
     return plan
+
+
+def _refuse_index_target(to: str, index_root: str | os.PathLike) -> None:
+    """A move target whose real location is the index folder or lies inside it is refused: neardup owns
+    every file there (segments it sweeps, trash it purges, manifests it rewrites), so photos put there
+    could be deleted as neardup's own leftovers."""
+    index = files.real_folder(index_root)
+    target = files.real_folder(to)
+    if target == index or target.startswith(index.rstrip(os.sep) + os.sep):
+        spelled = "" if os.path.abspath(to) == target else f" (it leads to {target})"
+        raise ActionError(f"the move target {to} is inside the index folder {index}{spelled}, where neardup keeps its own "
+                          "files and may delete unknown ones: choose a folder outside it")
 
 
 def _holds_catalogued(store: Store, folder: str) -> bool:
@@ -332,6 +347,8 @@ def apply_plan(plan: Plan, *, manifest: str | os.PathLike | None = None, wait: b
         recover(store)
         if check is not None:
             check()
+        if plan.action == "move":  # the target may have become a symbolic link into the index since the plan
+            _refuse_index_target(plan.to, root)
         plan.manifest = str(manifest or root / ACTIONS_DIR / f"{plan.id}.json")
         plan.state = "applying"
         _write_manifest(plan)
@@ -389,6 +406,9 @@ def _do(plan: Plan, entry: Entry) -> None:
         raise _Skip(f"its survivor {entry.survivor} {_since_plan(reason)}: this copy is kept") from None
     if source == survivor:
         raise _Skip(_same_file_reason(entry.source, entry.survivor))
+    if entry.action == "move" and files.is_within(entry.destination, [files.real_folder(plan.index)]):
+        raise _Skip(f"its destination {entry.destination} now leads into the index folder (a folder on the way "
+                    "was replaced by a symbolic link since the plan): this copy is kept")
     if entry.action in ("move", "delete"):
         _move_file(entry.source, entry.destination, entry.sha256, source)
     else:
@@ -667,7 +687,7 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
                 if state == "done":
                     _restore(entry)
                 elif state == "lost":
-                    raise ActionError(_lost_reason(plan))
+                    raise ActionError(_lost_reason(plan, entry))
                 else:  # back at its source already (an undo cut short): only leftovers to clear
                     _remove_partial(plan, entry)
                 if entry.action != "move":
@@ -688,8 +708,9 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
     return plan, reembed
 
 
-def _lost_reason(plan: Plan) -> str:
-    if plan.trash and not os.path.lexists(plan.trash):
+def _lost_reason(plan: Plan, entry: Entry) -> str:
+    in_trash = plan.trash and entry.destination and entry.destination.startswith(plan.trash + os.sep)
+    if in_trash and not os.path.lexists(entry.destination):  # purge-trash removed it (or its whole run)
         return f"its bytes were kept in {plan.trash}, which has been purged"
     return ("neither at its source nor at its destination with its recorded sha256 (changed since, or moved "
             "by a later action: undo later manifests first)")
@@ -755,22 +776,28 @@ def _left_by_hardlink(entry: Entry) -> Identity | None:
 
 @dataclass
 class TrashRun:
-    """One run's folder in the trash: what purging it frees."""
+    """One run's folder in the trash: what purging it frees (only the files its run put there)."""
 
     path: str
     age_days: float  # since the folder was last written to (its mtime)
     files: int
     bytes: int
+    owned: list[tuple[str, str, int]] = field(default_factory=list, repr=False)  # (path, sha256, size)
+    left: list[str] = field(default_factory=list)  # after purging: what its run did not put there, kept
 
 
 def purge_trash(index_root: str | os.PathLike, older_than_days: float, *, dry_run: bool = False,
                 wait: bool = True, on_wait: Callable[[], None] | None = None,
                 progress: ProgressCallback | None = None) -> list[TrashRun]:
-    """Delete the run folders in ``<index>/trash/`` last written to more than `older_than_days` days ago
-    (0: all); their runs can no longer be undone. Returns them; with `dry_run` only lists them. Only real
-    folders directly inside a trash folder that is itself no symbolic link are removed, and symbolic
-    links inside them are removed, never followed: nothing outside the trash is touched. Runs under the
-    writer lock, after settling interrupted runs (as apply and undo do)."""
+    """Delete what runs older than `older_than_days` days (by their folder's mtime; 0: all) put in
+    ``<index>/trash/``; those runs can no longer be undone. Returns them; with `dry_run` only lists them.
+
+    Only what this index's own manifests put there is deleted: a folder in the trash is a run's only when
+    a manifest names it as its trash, and within it only the files its entries moved there, each checked
+    (a regular file, not a symbolic link, with the size and sha256 the manifest recorded) right before it
+    is unlinked; then the folders left empty. Anything else (files put there by hand, links) stays, and
+    so does its folder. A trash folder that is itself a symbolic link is refused. Runs under the writer
+    lock, after settling interrupted runs (as apply and undo do)."""
     root = Path(index_root).absolute()
     if dry_run:
         return _old_trash_runs(root, older_than_days)
@@ -778,12 +805,30 @@ def purge_trash(index_root: str | os.PathLike, older_than_days: float, *, dry_ru
         recover(store)
         runs = _old_trash_runs(root, older_than_days)
         for done, run in enumerate(runs, 1):
-            shutil.rmtree(run.path)
+            _purge_run(run)
             if progress:
                 progress(done, len(runs))
         if runs:
             fsync_dir(root / TRASH_DIR)
     return runs
+
+
+def _purge_run(run: TrashRun) -> None:
+    for path, sha256, size in run.owned:
+        try:
+            _verify(path, sha256, size)
+        except FileCheckError:
+            continue  # not the bytes the run put there: kept, and listed in run.left
+        os.unlink(path)
+    for folder, subfolders, names in os.walk(run.path, topdown=False):  # os.walk does not follow links
+        for name in subfolders:
+            with contextlib.suppress(OSError):  # not empty: it holds something this run did not put there
+                os.rmdir(os.path.join(folder, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(run.path)
+    if os.path.lexists(run.path):
+        run.left = sorted(os.path.join(folder, name) for folder, subfolders, names in os.walk(run.path)
+                          for name in names + [d for d in subfolders if os.path.islink(os.path.join(folder, d))])
 
 
 def _old_trash_runs(root: Path, older_than_days: float) -> list[TrashRun]:
@@ -792,21 +837,34 @@ def _old_trash_runs(root: Path, older_than_days: float) -> list[TrashRun]:
         raise ActionError(f"{trash} is not a plain folder (a symbolic link?); nothing purged")
     if not trash.exists():
         return []
+    owners: dict[str, Plan] = {}  # run folder name -> the plan whose trash it is
+    for path in manifests(root):
+        try:
+            plan = load_manifest(path)
+        except ActionError as exc:
+            log.warning("neardup: warning: %s", exc)
+            continue
+        if plan.trash and files.real_folder(os.path.dirname(plan.trash)) == files.real_folder(trash):
+            owners[os.path.basename(plan.trash)] = plan
     now = time.time()
     runs = []
     with os.scandir(trash) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.is_dir(follow_symlinks=False):
-                continue  # not a run folder: left alone
+            plan = owners.get(entry.name)
+            if plan is None or not entry.is_dir(follow_symlinks=False):
+                continue  # not a run folder of this index: left alone
             age = (now - entry.stat(follow_symlinks=False).st_mtime) / 86400
             if older_than_days and age < older_than_days:  # (0 takes all, even a folder dated in the future)
                 continue
-            files = size = 0
-            for folder, _, names in os.walk(entry.path):  # os.walk does not follow symbolic links
-                for name in names:
-                    files += 1
-                    size += os.lstat(os.path.join(folder, name)).st_size
-            runs.append(TrashRun(entry.path, age, files, size))
+            owned = []
+            for e in plan.entries:
+                relative = e.destination and os.path.relpath(e.destination, plan.trash)
+                if not relative or relative.startswith(os.pardir):
+                    continue
+                path = os.path.join(entry.path, relative)  # as this index's root spells it
+                if os.path.isfile(path) and not os.path.islink(path):
+                    owned.append((path, e.sha256, e.size))
+            runs.append(TrashRun(entry.path, age, len(owned), sum(size for _, _, size in owned), owned))
     return runs
 
 

@@ -687,6 +687,9 @@ def purge_trash_command(index_dir, older_than, do_apply, yes, no_wait) -> None:
         runs = actions.purge_trash(root, older_than, dry_run=True)
     for run in runs:
         click.echo(f"{run.path}: {run.files} files, {run.bytes / 1e6:.1f} MB, {run.age_days:.1f} days old")
+        if run.left:
+            click.echo(f"{run.path} keeps {len(run.left)} entries its run did not put there (left in place): "
+                       + ", ".join(os.path.relpath(p, run.path) for p in run.left), err=True)
     size = sum(run.bytes for run in runs) / 1e6
     if do_apply:
         click.echo(f"purged {len(runs)} trash folders ({size:.1f} MB); their runs can no longer be undone", err=True)

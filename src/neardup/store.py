@@ -24,6 +24,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -41,6 +42,9 @@ SCHEMA_VERSION = 2
 VECTOR_DTYPE = np.float16
 CATALOG = "catalog.sqlite"
 SEGMENTS = "segments"
+# the only names the store writes in SEGMENTS (see commit, compact and _write_array); the orphan sweep
+# deletes nothing else, whatever a user or another program put there
+_SEGMENT_FILE = re.compile(r"(?P<tmp>\.tmp-)?(?P<name>\d{14}-[0-9a-f]{8})\.(?:vectors|codes)\.npy")
 PLANES = "planes.npy"
 LOCK = "lock"
 
@@ -387,7 +391,7 @@ class Store:
             raise ValueError("vectors and codes must have one row per indexed record")
         name = None
         if n:
-            name = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            name = _new_segment_name()
             base = self.root / SEGMENTS / name
             _write_array(Path(f"{base}.vectors.npy"), np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE))
             _write_array(Path(f"{base}.codes.npy"), np.ascontiguousarray(codes))
@@ -444,7 +448,7 @@ class Store:
         order = np.argsort(snap.ids)
         old = self.segment_names()
         vectors, codes = snap.vectors(order, dtype=None), snap.codes(order)
-        name = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        name = _new_segment_name()
         base = self.root / SEGMENTS / name
         if len(snap):
             _write_array(Path(f"{base}.vectors.npy"), vectors)
@@ -511,10 +515,18 @@ class Store:
         if busy:
             return
         known = set(self.segment_names())
-        for entry in os.scandir(self.root / SEGMENTS):
-            stem = entry.name.split(".", 1)[0]
-            if entry.name.startswith(".tmp-") or stem not in known:
-                os.unlink(entry.path)
+        with os.scandir(self.root / SEGMENTS) as entries:
+            for entry in entries:
+                made = _SEGMENT_FILE.fullmatch(entry.name)
+                if made is None or not entry.is_file(follow_symlinks=False):
+                    continue  # not a file this store wrote: never ours to delete
+                if made["tmp"] or made["name"] not in known:
+                    os.unlink(entry.path)
+
+
+def _new_segment_name() -> str:
+    """A new segment's file stem: time then randomness, the shape `_SEGMENT_FILE` matches."""
+    return f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def _create_catalog(catalog: Path) -> None:
