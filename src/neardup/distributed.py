@@ -415,7 +415,7 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
     backgrounds = None
     if aware:
         try:
-            backgrounds = index.backgrounds(np.union1d(a, b), snapshot=snap)
+            backgrounds = index.pair_backgrounds(a, b, s, group_threshold, snapshot=snap)
         except NeardupError as exc:
             raise RayError(str(exc)) from None
     groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, threshold=group_threshold)

@@ -389,46 +389,101 @@ class Index:
         aware = collection_aware and neighbourhood.applies(len(snap))
         join = neighbourhood.join_threshold(threshold) if aware else threshold
         a, b, scores = _exact_pairs(snap, join) if exact else self._lsh_pairs(snap, join)
-        backgrounds = self.backgrounds(np.union1d(a, b), exact=exact, snapshot=snap) if aware else None
+        backgrounds = self.pair_backgrounds(a, b, scores, threshold, exact=exact, snapshot=snap) if aware else None
         return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
+
+    def pair_backgrounds(self, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, threshold: float, *,
+                         exact: bool = False, snapshot: Snapshot | None = None) -> np.ndarray:
+        """b of every file in the pairs (a, b), as `backgrounds`, such that the links they give are the
+        links exact backgrounds give: an approximate K-th neighbour (the LSH path, above EXACT_SCAN_MAX
+        files) is never nearer than the true one, so its b is a lower bound and a pair failing with it
+        fails with the true b too; every pair that passes with it and whose cosine does not pass whatever
+        b is gets the exact b of both files before it links. The exact scans follow the few borderline
+        pairs, not the candidates. The local and the Ray joins both score through this."""
+        files = np.union1d(a, b)
+        values, is_exact = self._backgrounds(files, exact=exact, snapshot=snapshot)
+        if is_exact[files].all():
+            return values
+        passing = neighbourhood.normalised(cosines, values[a], values[b]) >= threshold - 1e-6  # float slack
+        doubtful = passing & ~neighbourhood.links_whatever_b(cosines, threshold)
+        doubtful &= ~(is_exact[a] & is_exact[b])
+        if doubtful.any():
+            self._backgrounds(np.union1d(a[doubtful], b[doubtful]), exact=True, snapshot=snapshot)
+            values, _ = self._backgrounds(files, exact=False, snapshot=snapshot)  # exact where known now
+        return values
 
     def backgrounds(self, positions: np.ndarray | None = None, *, exact: bool = False,
                     snapshot: Snapshot | None = None) -> np.ndarray:
         """b (neighbourhood.backgrounds: the cosine to the K-th nearest other file, clipped) of the snapshot
         positions asked for (default: all), in an array over every position (NaN where not asked). By
         exact scan up to EXACT_SCAN_MAX files (or when `exact`), else by the LSH query path (a bounded
-        candidate list per file). `duplicates` asks only for the files of its candidate pairs, so the
-        cost follows the duplicates, not the collection. Values are kept with the search state until the
-        collection changes. `snapshot`, when given, must be the state's (else NeardupError: the index
-        changed meanwhile)."""
+        candidate list per file: a lower bound of the exact b; `pair_backgrounds` makes the links agree).
+        Values are kept with the search state until the collection changes, exact ones apart from
+        approximate ones, so an exact request never gets an approximate value. `snapshot`, when given,
+        must be the state's (else NeardupError: the index changed meanwhile)."""
+        values, _ = self._backgrounds(positions, exact=exact, snapshot=snapshot)
+        return values
+
+    def _backgrounds(self, positions: np.ndarray | None, *, exact: bool,
+                     snapshot: Snapshot | None) -> tuple[np.ndarray, np.ndarray]:
+        """(b over every position, NaN where unknown; which of them are exact)."""
         state = self._search_state()
         snap = state.snap
         if snapshot is not None and snapshot is not snap and not np.array_equal(snapshot.ids, snap.ids):
             raise NeardupError("the index changed while dups ran; run it again")
         positions = np.arange(len(snap)) if positions is None else np.asarray(positions, dtype=np.int64)
+        exact = exact or len(snap) <= EXACT_SCAN_MAX
         with self._search_lock:
-            if state.backgrounds is None or len(state.backgrounds) != len(snap):
-                state.backgrounds = np.full(len(snap), np.nan)
-            known = state.backgrounds
+            if state.exact_backgrounds is None:
+                state.exact_backgrounds = np.full(len(snap), np.nan)
+                state.lsh_backgrounds = np.full(len(snap), np.nan)
+            known = state.exact_backgrounds if exact else np.where(
+                np.isnan(state.exact_backgrounds), state.lsh_backgrounds, state.exact_backgrounds)
             missing = positions[np.isnan(known[positions])]
         if len(missing):
-            k = neighbourhood.K
-            if exact or len(snap) <= EXACT_SCAN_MAX:
-                dense = state.dense()
-                vectors = dense if dense is not None else lsh.normalise_rows(snap.vectors())
-                kth = neighbourhood.kth_exact(vectors, k, rows=missing)
-            else:
-                kth = np.zeros(len(missing))
-                for start in range(0, len(missing), 1 << 14):
-                    chunk = missing[start:start + (1 << 14)]
-                    rows = lsh.normalise_rows(snap.vectors(chunk, dtype=None))
-                    for i, vector in enumerate(rows):
-                        matches = self.query_vector(vector, k + 1, exact=False)
-                        others = [m.score for m in matches if m.id != int(snap.ids[chunk[i]])]
-                        kth[start + i] = others[k - 1] if len(others) >= k else (others[-1] if others else 0.0)
+            kth = self._kth_exact(state, missing) if exact else self._kth_lsh(snap, missing)
             with self._search_lock:
-                known[missing] = neighbourhood.backgrounds(kth)
-        return known.copy()
+                (state.exact_backgrounds if exact else state.lsh_backgrounds)[missing] = neighbourhood.backgrounds(kth)
+        with self._search_lock:
+            is_exact = ~np.isnan(state.exact_backgrounds)
+            values = np.where(is_exact, state.exact_backgrounds, np.nan if exact else state.lsh_backgrounds)
+        return values, is_exact
+
+    @staticmethod
+    def _kth_exact(state: "_SearchState", rows: np.ndarray) -> np.ndarray:
+        dense = state.dense()
+        if dense is not None:
+            return neighbourhood.kth_exact(dense, neighbourhood.K, rows=rows)
+        # too large to hold as float32: scan the mapped float16 vectors, a block of columns at a time
+        snap, k = state.snap, neighbourhood.K
+        out = np.zeros(len(rows))
+        row_block, column_block = 2048, 1 << 15
+        for first in range(0, len(rows), row_block):
+            chunk = rows[first:first + row_block]
+            queries = lsh.normalise_rows(snap.vectors(chunk, dtype=None)).astype(np.float32)
+            best = np.full((len(chunk), k), -np.inf, dtype=np.float32)
+            for start in range(0, len(snap), column_block):
+                columns = np.arange(start, min(start + column_block, len(snap)))
+                sims = queries @ lsh.normalise_rows(snap.vectors(columns, dtype=None)).astype(np.float32).T
+                own = (chunk >= start) & (chunk < start + len(columns))
+                sims[np.flatnonzero(own), chunk[own] - start] = -np.inf  # a file is not its own neighbour
+                best = -np.partition(-np.concatenate([best, sims], axis=1), k - 1, axis=1)[:, :k]
+            kth = best.min(axis=1)
+            out[first:first + len(chunk)] = np.where(np.isfinite(kth), kth, 0.0)
+        return out
+
+    def _kth_lsh(self, snap: Snapshot, rows: np.ndarray) -> np.ndarray:
+        k = neighbourhood.K
+        kth = np.zeros(len(rows))
+        for start in range(0, len(rows), 1 << 14):
+            chunk = rows[start:start + (1 << 14)]
+            vectors = lsh.normalise_rows(snap.vectors(chunk, dtype=None))
+            for i, vector in enumerate(vectors):
+                matches = self.query_vector(vector, k + 1, exact=False)
+                others = [m.score for m in matches if m.id != int(snap.ids[chunk[i]])]
+                # fewer than k found: no bound on the k-th but 0 (the k-th found is NOT a lower bound)
+                kth[start + i] = others[k - 1] if len(others) >= k else 0.0
+        return kth
 
     def stats(self) -> dict:
         counts = self._reader.counts()
@@ -706,7 +761,9 @@ class _SearchState:
     snap: Snapshot
     tables: lsh.LSHTables | None = None
     words: np.ndarray | None = None
-    backgrounds: np.ndarray | None = None  # Index.backgrounds, once computed for this snapshot
+    # Index.backgrounds of this snapshot, NaN until computed: by exact scan, and by the LSH query path
+    exact_backgrounds: np.ndarray | None = None
+    lsh_backgrounds: np.ndarray | None = None
     _dense: np.ndarray | None = None
 
     def dense(self) -> np.ndarray | None:

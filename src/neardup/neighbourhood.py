@@ -57,6 +57,12 @@ def normalised(scores: np.ndarray, b_a: np.ndarray, b_b: np.ndarray) -> np.ndarr
     return np.where(cosines >= COSINE_FLOOR, out, -np.inf)
 
 
+def links_whatever_b(cosines: np.ndarray, threshold: float) -> np.ndarray:
+    """Pairs whose score reaches `threshold` for every b in [B_MIN, B_MAX]: their link needs no b."""
+    cosines = np.asarray(cosines, dtype=np.float64)
+    return (cosines >= COSINE_FLOOR) & (cosines - B_MAX + OFFSET >= threshold)
+
+
 def join_threshold(threshold: float) -> float:
     """The lowest cosine a pair can have and still reach `threshold` after normalisation (b >= B_MIN).
     It needs no background, so the pair join runs first and backgrounds are computed only for the files
