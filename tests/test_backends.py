@@ -3,10 +3,15 @@ real weights, real photos, real ONNX Runtime sessions."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jsonschema
@@ -94,7 +99,7 @@ def test_export_is_cached_by_weights_hash(cache, onnx_embedder):
     ob.OnnxEmbedder(threads=1)
     after = again.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not exported again
-    assert not list(cache.glob("*.tmp"))
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob(ob.TEMP_PREFIX + "*"))
 
 
 def test_exported_graph_has_constant_padding(onnx_embedder):
@@ -242,6 +247,199 @@ def test_int8_guard_accepts_good_quantisation_and_refuses_broken_calibration(tmp
         ob.build_guarded_int8(fp32, load, originals, copies, broken, calibration=black, input_name="image")
     assert not broken.exists()
     assert ob.int8_report(broken)["passed"] is False
+
+
+# ---- the model cache: checked files, unwritable caches, leftovers of killed builds ------------------------
+
+
+@pytest.fixture
+def cache_copy(tmp_path, monkeypatch, cache):
+    """A private copy of the module's cache holding the fp32 export and the guarded int8 model (built
+    there once), as $NEARDUP_CACHE: a test may damage it."""
+    try:
+        model = ob.int8_model(threads=2)
+    except ob.BackendError as exc:
+        pytest.skip(f"the int8 model is refused here: {exc}")
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    monkeypatch.setenv("NEARDUP_CACHE", str(copy))
+    return copy / model.name
+
+
+def stderr_lines(capfd) -> list[str]:
+    return capfd.readouterr().err.strip().splitlines()
+
+
+def test_damaged_fp32_export_is_exported_again_with_one_line(cache_copy, capfd):
+    path = ob.fp32_model_path()
+    clean = path.read_bytes()
+    path.write_bytes(clean[: len(clean) // 2])
+    assert ob.fp32_model_path() == path
+    lines = stderr_lines(capfd)
+    assert len(lines) == 1 and f"the cached ONNX model {path.name} is damaged" in lines[0]
+    assert lines[0].endswith("exporting it again")
+    assert ob._sha256(path) == ob._recorded_sha256(path)  # the record is `sha256sum -c`'s format
+    assert ob.OnnxEmbedder(threads=2).path == path and stderr_lines(capfd) == []  # checked, not exported again
+
+
+def test_truncated_int8_model_is_rebuilt_with_one_line(cache_copy, capfd, guard_inputs):
+    # the real rebuild: a truncated model made every `index` fail with an ONNX Runtime traceback
+    model = cache_copy
+    model.write_bytes(model.read_bytes()[:1_000_000])
+    assert ob.guarded_int8_model() is None
+    assert ob.auto_int8_model(threads=2) == model
+    lines = stderr_lines(capfd)
+    assert len(lines) == 1 and f"the cached int8 model {model.name} is damaged" in lines[0]
+    assert "building it again" in lines[0]
+    assert ob.int8_report(model)["model_sha256"] == ob._sha256(model) and ob.guarded_int8_model() == model
+    originals, _ = guard_inputs
+    int8, fp32 = ob.OnnxEmbedder(model, threads=2), ob.OnnxEmbedder(threads=2)
+    assert np.sum(int8.embed(originals) * fp32.embed(originals), axis=1).mean() >= ob.INT8_MIN_MEAN_COSINE
+
+
+def scramble_int8_weights(model: Path) -> None:
+    """64 kB of random bytes inside the largest int8 weight tensor: the file still loads, its vectors are wrong."""
+    import onnx
+
+    tensor = max((t for t in onnx.load(model).graph.initializer if t.data_type == onnx.TensorProto.INT8),
+                 key=lambda t: len(t.raw_data))
+    data = model.read_bytes()
+    at = data.find(tensor.raw_data)
+    assert at > 0 and len(tensor.raw_data) > 65536
+    model.write_bytes(data[:at] + np.random.default_rng(0).bytes(65536) + data[at + 65536:])
+
+
+def test_scrambled_int8_model_is_never_loaded(cache_copy, monkeypatch, capfd):
+    # the scrambled file loads without an error, so only its sha256 can tell; the rebuild is stubbed to fail
+    # (a real one is tested above), which shows the other way out: fp32, with a line saying why
+    model = cache_copy
+    scramble_int8_weights(model)
+    ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # still a valid model
+    builds = []
+
+    def failing_build(*args, **kwargs):
+        builds.append(args)
+        raise ob.BackendError("the quantiser failed (stub)")
+
+    monkeypatch.setattr(ob, "build_guarded_int8", failing_build)
+    assert ob.guarded_int8_model() is None
+    assert ob.auto_int8_model(threads=2) is None and len(builds) == 1
+    lines = stderr_lines(capfd)
+    assert len(lines) == 2 and f"{model.name} is damaged" in lines[0] and "building it again" in lines[0]
+    assert lines[1] == "neardup: the quantiser failed (stub); using fp32 ONNX"
+
+
+def test_damaged_guard_report_means_a_rebuild_not_int8_disabled(cache_copy, monkeypatch, capfd):
+    model = cache_copy
+    report = ob._report_path(model)
+    saved = {path: path.read_bytes() for path in (model, report)}
+    report.write_text(saved[report].decode()[:60])
+    assert ob.guarded_int8_model() is None
+
+    def restoring_build(*args, **kwargs):  # the build's outcome is the saved one (the real build is tested above)
+        for path, data in saved.items():
+            path.write_bytes(data)
+        return json.loads(saved[report])
+
+    monkeypatch.setattr(ob, "build_guarded_int8", restoring_build)
+    assert ob.int8_model(threads=2) == model and ob.guarded_int8_model() == model
+    lines = stderr_lines(capfd)
+    assert len(lines) == 1 and f"guard report {report.name} is damaged; building the model again" in lines[0]
+
+
+def test_unwritable_cache_runs_torch_or_says_why_in_one_line(tmp_path, monkeypatch, capfd, photo_folder, embedder):
+    # NEARDUP_CACHE under a regular file: unwritable even for root (a read-only folder is not)
+    (tmp_path / "file").write_text("")
+    unwritable = tmp_path / "file" / "cache"
+    monkeypatch.setenv("NEARDUP_CACHE", str(unwritable))
+    with pytest.raises(ob.BackendError, match=rf"^cannot write the model cache {re.escape(str(unwritable))} \(.+\)$"):
+        ob.fp32_model_path()
+    env = {**os.environ, "NEARDUP_CACHE": str(unwritable)}
+    cli = [sys.executable, "-m", "neardup.cli"]
+    done = subprocess.run([*cli, "index", str(photo_folder), "--index", str(tmp_path / "idx-onnx"),
+                           "--backend", "onnx"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (f"neardup: error: cannot write the model cache {unwritable} (Not a directory); "
+                                   "set NEARDUP_CACHE to a writable folder, or use --backend torch")
+    if ob.gpu_providers() or torch.cuda.is_available():
+        return  # auto picks a GPU backend here, which needs no export
+    assert resolve_backend("auto", threads=2) == "torch"
+    assert stderr_lines(capfd) == [f"neardup: cannot write the model cache {unwritable} (Not a directory); "
+                                   "using the torch backend (the same model and vectors, slower)"]
+    done = subprocess.run([*cli, "index", str(photo_folder), "--index", str(tmp_path / "idx")], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if "cache" in line] == [
+        f"neardup: cannot write the model cache {unwritable} (Not a directory); "
+        "using the torch backend (the same model and vectors, slower)"]
+    with Index.open(tmp_path / "idx", embedder=embedder) as index:  # the same identity as every other backend
+        assert index.stats()["images"] == len(list(photo_folder.iterdir()))
+
+
+def test_int8_build_writes_its_temporary_files_in_the_cache(tmp_path, monkeypatch, capfd, cache):
+    # ONNX Runtime's quantiser writes 17 MB models into temporary folders: a killed build left them in /tmp
+    fp32 = ob.fp32_model_path()  # in the module's cache
+    (tmp_path / "cache").mkdir()
+    for path in (fp32, fp32.with_name(fp32.name + ".sha256")):
+        shutil.copy(path, tmp_path / "cache")
+    monkeypatch.setenv("NEARDUP_CACHE", str(tmp_path / "cache"))
+    import onnxruntime.quantization
+
+    seen = {}
+
+    def quantize_static(model_input, model_output, *args, **kwargs):  # stands for a build killed here
+        seen.update(model=Path(model_input), output=Path(model_output), temp=Path(tempfile.gettempdir()))
+        raise RuntimeError("killed (stub)")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", quantize_static)
+    assert ob.auto_int8_model(threads=2) is None
+    lines = stderr_lines(capfd)
+    assert len(lines) == 2 and "building the int8 model" in lines[0]
+    assert lines[1] == "neardup: cannot build the int8 model (RuntimeError: killed (stub)); using fp32 ONNX"
+    for path in seen.values():  # prepared.onnx, the candidate, ONNX Runtime's own folders: in the build's folder
+        assert path.relative_to(tmp_path / "cache").parts[0].startswith(f"{ob.TEMP_PREFIX}{os.getpid()}-")
+    assert not seen["model"].exists()  # removed with its folder when the build ended
+    assert tempfile.gettempdir() != str(seen["temp"])  # the default is back
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left == sorted([ob.LOCK_NAME, fp32.name, fp32.name + ".sha256"])
+
+
+KILLED_BUILD = """
+import os, signal, sys, tempfile
+from pathlib import Path
+from neardup.models import onnx_backend as ob
+with ob.build_lock(ob.cache_dir()):
+    work = Path(tempfile.mkdtemp(prefix=ob._temp_prefix(), dir=ob.cache_dir()))
+    (work / "prepared.onnx").write_bytes(bytes(1000))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_next_start_removes_what_a_killed_build_left(tmp_path, monkeypatch, cache, photo_folder):
+    folder = tmp_path / "cache"
+    shutil.copytree(cache, folder)
+    monkeypatch.setenv("NEARDUP_CACHE", str(folder))
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD], capture_output=True, text=True, check=False)
+    assert killed.returncode == -9, killed.stderr
+    (left,) = folder.glob(ob.TEMP_PREFIX + "*")
+    old_release = [folder / "tmpabcd1234", folder / "model.onnx.abcd1234.tmp"]  # older neardups' names, no lock
+    old_release[0].mkdir()
+    old_release[1].write_bytes(b"x")
+    for path in old_release:
+        os.utime(path, (time.time() - 2 * ob.LEGACY_TEMP_AGE_S,) * 2)
+    recent = folder / "tmpwxyz5678"  # could be an older neardup's build running now
+    recent.mkdir()
+    fd = os.open(folder / ob.LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a build running now: its folder and every other one is kept
+        ob.tidy_cache()
+        assert left.exists() and all(path.exists() for path in old_release)
+    finally:
+        os.close(fd)
+    started = subprocess.run([sys.executable, "-m", "neardup.cli", "index", str(photo_folder), "--index",
+                              str(tmp_path / "idx"), "--backend", "onnx"], capture_output=True, text=True, check=False)
+    assert started.returncode == 0, started.stderr
+    assert not left.exists() and not any(path.exists() for path in old_release) and recent.exists()
 
 
 # ---- identity across backends ------------------------------------------------------------------------

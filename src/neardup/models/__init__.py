@@ -15,7 +15,9 @@ Backends (``load_embedder(backend)``, CLI ``--backend``, env NEARDUP_BACKEND):
                  guard copy unchanged).
 * ``auto``       the fastest that is usable here: torch-fp16 where torch sees a CUDA device, else
                  ONNX Runtime's GPU providers (onnxruntime-gpu), else int8 (built, guarded and cached the first time it is needed, about half a
-                 minute; a refusal falls back to fp32 ONNX with one line on stderr saying why).
+                 minute; a refusal falls back to fp32 ONNX with one line on stderr saying why). A model cache
+                 that cannot be written (and lacks the ONNX export) falls back to torch, with one line: the
+                 same model and vectors, without the cache's files.
 
 Identity. An index stores the identity of the model that built it (name, weights sha256,
 preprocessing, dim) and refuses any other. The identity names the *vector space*, not the
@@ -130,7 +132,8 @@ def _load_custom(model: str, spec: str | None, spec_is_json: bool, threads: int 
 def resolve_backend(backend: str | None = None, threads: int | None = None) -> str:
     """The concrete backend a name stands for here: `auto` becomes torch-fp16 where torch sees a CUDA
     device, onnx where only ORT has GPU providers, or, on a CPU, onnx-int8 when its guarded model
-    passes (built now the first time, then cached) and onnx when the guard refused it."""
+    passes (built now the first time, then cached) and onnx when the guard refused it; torch when the
+    model cache cannot be written and lacks the ONNX export (one line on stderr says so)."""
     backend = backend_from_env(backend)
     if backend != "auto":
         return backend
@@ -140,6 +143,14 @@ def resolve_backend(backend: str | None = None, threads: int | None = None) -> s
         return "torch-fp16"
     if ob.gpu_providers():
         return "onnx"
+    if ob.guarded_int8_model() is not None:  # built and checked earlier: needs no write
+        return "onnx-int8"
+    try:
+        ob.fp32_model_path()  # what int8 is built from, and what auto falls back to
+    except ob.CacheError as exc:
+        # torch shares the model's identity (torch and ONNX vectors agree to 1e-6): the index stays one
+        ob._notice(f"{exc}; using the torch backend (the same model and vectors, slower)")
+        return "torch"
     return "onnx-int8" if ob.auto_int8_model(threads) is not None else "onnx"
 
 
@@ -147,6 +158,8 @@ def resolve_backend(backend: str | None = None, threads: int | None = None) -> s
 def _load_builtin(backend: str, threads: int | None) -> Embedder:
     from . import onnx_backend as ob
 
+    if backend not in ("torch", "torch-fp16"):
+        ob.tidy_cache()  # what builds killed mid-way left in the model cache
     backend = resolve_backend(backend, threads)
     if backend == "torch":
         return _torch_embedder(threads)
@@ -156,10 +169,13 @@ def _load_builtin(backend: str, threads: int | None) -> Embedder:
         from .cuda import guarded_cuda_embedder
 
         return guarded_cuda_embedder()
-    if backend == "onnx-int8":
-        return ob.OnnxEmbedder(ob.guarded_int8_model() or ob.int8_model(threads=threads), threads=threads,
-                               backend="onnx-int8")
-    return ob.OnnxEmbedder(threads=threads, providers=[*ob.gpu_providers(), "CPUExecutionProvider"])
+    try:
+        if backend == "onnx-int8":
+            return ob.OnnxEmbedder(ob.guarded_int8_model() or ob.int8_model(threads=threads), threads=threads,
+                                   backend="onnx-int8")
+        return ob.OnnxEmbedder(threads=threads, providers=[*ob.gpu_providers(), "CPUExecutionProvider"])
+    except ob.CacheError as exc:  # asked for by name: say what would work rather than run another backend
+        raise ob.CacheError(f"{exc}; set NEARDUP_CACHE to a writable folder, or use --backend torch") from exc
 
 
 def _torch_embedder(threads: int | None) -> Embedder:

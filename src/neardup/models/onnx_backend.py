@@ -21,6 +21,15 @@ report are cached by (weights hash, calibration hash); a refused model is not ke
 report says why, so ``auto`` never picks it. ``auto`` builds it the first time it runs on a CPU
 (auto_int8_model): the photos are the same everywhere, so the work is fixed (INT8_BUILD_SECONDS).
 
+The cache. Every file in it is checked before use against the sha256 recorded when it was built (the
+export's in a ``.sha256`` file beside it, the int8 model's in its guard report): a damaged or unreadable
+file is built again (with one line on stderr), never loaded, so it never gives wrong vectors under the
+model's identity. Builds take the cache's lock (``.build.lock``): one process builds, the others wait and
+then use its file. Everything a build writes (its work folder, ONNX Runtime's quantisation files) lies in
+the cache under TEMP_PREFIX until it is renamed into place, so whoever holds the lock removes what builds
+killed mid-way left. A cache that cannot be written raises CacheError; ``auto`` then runs the torch
+backend (see ``neardup.models``).
+
 Vectors of every backend live in one vector space and share the model's identity (see
 ``neardup.models``), so an index may be built by one backend and queried by another.
 """
@@ -28,12 +37,17 @@ Vectors of every backend live in one vector space and share the model's identity
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +94,18 @@ INT8_BUILD_SECONDS = 15
 ORT_BATCH = 8
 #: The TensorRT engine for the dynamic batch axis is built for batches up to this size.
 TRT_MAX_BATCH = 64
+#: How the names of everything a build writes into the cache begin (then the writer's pid, for people).
+#: Written only under the build lock, so whoever holds the lock knows each such item is a dead build's.
+TEMP_PREFIX = ".building-"
+LOCK_NAME = ".build.lock"
+#: Temporary items of releases that wrote them without the lock (`tmpXXXXXXXX` folders, `NAME.XXXXXXXX.tmp`
+#: files): removed only when this old, far beyond any build (INT8_BUILD_SECONDS), so never a live one's.
+LEGACY_TEMP_AGE_S = 3600
+_LEGACY_TEMP = re.compile(r"tmp[a-z0-9_]{8}|.+\.[a-z0-9_]{8}\.tmp")
+
+
+class CacheError(BackendError):
+    """The model cache cannot be written, so a model file it lacks cannot be built there."""
 
 
 def cache_dir() -> Path:
@@ -90,10 +116,14 @@ def cache_dir() -> Path:
     return Path(base) / "neardup"
 
 
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
 def _atomic_write(path: Path, write) -> None:
     """Call write(temp_path) and move the result to path: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix()}{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(temp))
@@ -108,10 +138,22 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def fp32_model_path() -> Path:
-    """The cached ONNX export of the default model, exported now if missing."""
+    """The cached ONNX export of the default model, checked against the sha256 recorded when it was
+    exported; exported now if missing or damaged. Raises CacheError when the cache cannot take it."""
     path = cache_dir() / f"{NAME}-{weights_sha256()[:16]}-{descriptor_key()}-v{EXPORT_VERSION}-opset{OPSET}.onnx"
-    if not path.exists():
-        _atomic_write(path, export_default_model)
+    if _fault(path, _recorded_sha256(path)) is None:
+        return path
+    with build_lock(path.parent):
+        fault = _fault(path, _recorded_sha256(path))
+        if fault is None:  # exported by another process while this one waited for the lock
+            return path
+        if fault not in (MISSING, UNRECORDED):  # a surprise worth a line; a first export is not
+            _notice(f"the cached ONNX model {path.name} {fault}; exporting it again")
+        try:
+            _atomic_write(path, export_default_model)
+            _atomic_write(_sha256_path(path), lambda temp: temp.write_text(f"{_sha256(path)}  {path.name}\n"))
+        except OSError as exc:  # a full disk, a quota: the cache cannot hold the export
+            raise CacheError(f"cannot write the model cache {path.parent} ({exc.strerror or exc})") from exc
     return path
 
 
@@ -138,6 +180,118 @@ def export_default_model(path: Path) -> None:
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
 
 
+# ---- the cache: checksums, the build lock, leftovers ------------------------------------------------------
+
+#: _fault()'s answers for a file that was never completely built (no line is printed for those).
+MISSING = "is missing"
+UNRECORDED = "has no recorded sha256 (an interrupted build, or an older neardup's)"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sha256_path(model: Path) -> Path:
+    """Where the export's sha256 is recorded: `sha256sum -c` reads it."""
+    return model.with_name(model.name + ".sha256")
+
+
+def _recorded_sha256(model: Path) -> str | None:
+    with contextlib.suppress(OSError, UnicodeError):
+        words = _sha256_path(model).read_text().split()
+        if words and re.fullmatch(r"[0-9a-f]{64}", words[0]):
+            return words[0]
+    return None
+
+
+def _fault(path: Path, recorded) -> str | None:
+    """None when `path` holds the file whose sha256 was `recorded` when it was built, else what is wrong
+    (MISSING or UNRECORDED when it was never completely built). Checked on every load: a cached model
+    that changed on disk would load without an error and give wrong vectors under the model's identity."""
+    if not path.exists():
+        return MISSING
+    if not isinstance(recorded, str) or not recorded:
+        return UNRECORDED
+    try:
+        actual = _sha256(path)
+    except OSError as exc:
+        return f"is unreadable ({exc.strerror or exc})"
+    return None if actual == recorded else "is damaged (its sha256 differs from the one recorded when it was built)"
+
+
+@contextlib.contextmanager
+def build_lock(cache: Path):
+    """Held while building a file into the cache: one process builds, the others wait, then find its file
+    (every builder re-checks the cache under the lock). Taking it first removes what builds killed
+    mid-way left (the lock died with them). Raises CacheError when the cache cannot be written."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CacheError(f"cannot write the model cache {cache} ({exc.strerror or exc})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some NFS): build unserialised and remove nothing
+            pass
+        else:
+            _remove_leftovers(cache)
+        yield
+    finally:
+        os.close(fd)
+
+
+def tidy_cache() -> None:
+    """Remove what killed builds left in the cache, at start-up, unless a build holds the lock now (its
+    items are live) or the cache cannot be written (nothing can be removed then)."""
+    cache = cache_dir()
+    if not cache.is_dir():
+        return
+    try:
+        fd = os.open(cache / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove_leftovers(cache)
+    except OSError:  # held by a live build, or no locks here
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_leftovers(cache: Path) -> None:
+    """Call only under the build lock: every TEMP_PREFIX item is then a dead build's."""
+    now = time.time()
+    for item in cache.iterdir():
+        with contextlib.suppress(OSError):
+            legacy = _LEGACY_TEMP.fullmatch(item.name) and now - item.lstat().st_mtime > LEGACY_TEMP_AGE_S
+            if item.name.startswith(TEMP_PREFIX) or legacy:
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+
+
+_TEMPDIR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _temporary_files_in(folder: Path):
+    """Make `folder` tempfile's default while ONNX Runtime's quantiser runs: it writes 17 MB models into
+    folders of its own (pre.quant.*, ort.quant.*), which a killed build would leave in the system's temp
+    folder, where nothing cleans them. (Process-wide: other threads' temporary files land there too
+    meanwhile, and go when the build's folder goes; builds happen while a backend loads, before work.)"""
+    with _TEMPDIR_LOCK:
+        previous = tempfile.tempdir
+        tempfile.tempdir = str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 # ---- sessions --------------------------------------------------------------------------------------
 
 
@@ -155,9 +309,8 @@ def gpu_providers(cache: Path | None = None) -> list:
     providers: list = []
     if available & {"TensorrtExecutionProvider", "CUDAExecutionProvider"}:
         _preload_cuda_libraries()
-    if "TensorrtExecutionProvider" in available:
+    if "TensorrtExecutionProvider" in available and _writable_folder((cache or cache_dir()) / "tensorrt"):
         engines = (cache or cache_dir()) / "tensorrt"
-        engines.mkdir(parents=True, exist_ok=True)
         shape = f"pixels:{{}}x3x{INPUT_SIZE}x{INPUT_SIZE}"
         providers.append(("TensorrtExecutionProvider", {
             "trt_fp16_enable": True,
@@ -172,6 +325,16 @@ def gpu_providers(cache: Path | None = None) -> list:
     if "CUDAExecutionProvider" in available:
         providers.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
     return providers
+
+
+def _writable_folder(folder: Path) -> bool:
+    """Made if missing; False when it cannot be (then TensorRT, which would build its engines again in
+    every run without a cache for them, is left out and CUDA runs the model)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 @functools.cache
@@ -335,7 +498,8 @@ def quantise(fp32_path: Path, calibration: np.ndarray, out: Path, input_name: st
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as work:
+    # every intermediate file beside `out` (in the cache when building the cached model), none in /tmp
+    with tempfile.TemporaryDirectory(prefix=_temp_prefix(), dir=out.parent) as work, _temporary_files_in(Path(work)):
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         nodes = None
@@ -353,18 +517,20 @@ def build_guarded_int8(fp32, load, originals: np.ndarray, copies: np.ndarray, ou
                        select_nodes=None) -> dict:
     """Quantise the ONNX file of the `fp32` embedder, load the result with `load(path)`, and guard it
     against fp32 on (originals, copies). Writes `out` only when the guard passes, and the report beside
-    it (out with .guard.json) either way. Returns the report; raises BackendError on refusal.
+    it (out with .guard.json) either way, with the sha256 of the file it passed (checked on every load).
+    Returns the report; raises BackendError on refusal.
     `calibration` overrides the calibration inputs (default: calibration_inputs(originals, copies));
     `select_nodes` picks the nodes to quantise (see quantise)."""
     if calibration is None:
         calibration = calibration_inputs(originals, copies)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=_temp_prefix(), dir=out.parent) as work:
         candidate = Path(work) / "int8.onnx"
         quantise(fp32.path, np.ascontiguousarray(calibration, dtype=np.float32), candidate, input_name, select_nodes)
         report = int8_guard(fp32, load(candidate), originals, copies)
         report["calibration_images"] = len(calibration)
         if report["passed"]:
+            report["model_sha256"] = _sha256(candidate)
             os.chmod(candidate, 0o644)
             os.replace(candidate, out)
     _atomic_write(_report_path(out), lambda temp: temp.write_text(json.dumps(report, indent=1)))
@@ -379,25 +545,59 @@ def _report_path(model: Path) -> Path:
 
 def int8_model(photos: Sequence | None = None, *, threads: int | None = None) -> Path:
     """The guarded int8 model of the default model for these calibration photos (default: the shipped
-    calibration_photos()), from the cache or built and guarded now. Raises BackendError when it fails
-    its guard, now or in an earlier run under the same guard threshold (the refusal is cached too)."""
+    calibration_photos()), from the cache or built and guarded now (one line on stderr says so). Raises
+    BackendError when it fails its guard, now or in an earlier run under the same guard threshold (the
+    refusal is cached too), and CacheError when the cache cannot be written."""
     photos = calibration_photos() if photos is None else list(photos)
     originals, copies = guard_set(photos)
     calibration = calibration_inputs(originals, copies)
     calibration_hash = hashlib.sha256(calibration.tobytes()).hexdigest()[:16]
     path = cache_dir() / f"{_int8_prefix()}{calibration_hash}.onnx"
-    report_path = _report_path(path)
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
-        if report.get("min_mean_cosine") == INT8_MIN_MEAN_COSINE:  # else judged by another rule: judge again
-            if not report.get("passed"):
-                raise BackendError(_refusal(report) + "; use --backend onnx")
-            if path.exists():
-                return path
+    if _cached_int8(path):
+        return path
     fp32 = OnnxEmbedder(threads=threads)
-    build_guarded_int8(fp32, lambda p: OnnxEmbedder(p, threads=threads, backend="onnx-int8"), originals, copies, path,
-                       calibration=calibration, select_nodes=default_model_int8_nodes)
+    with build_lock(path.parent):
+        if _cached_int8(path):  # built by another process while this one waited for the lock
+            return path
+        _notice(_int8_build_line(path))
+        build_guarded_int8(fp32, lambda p: OnnxEmbedder(p, threads=threads, backend="onnx-int8"), originals, copies,
+                           path, calibration=calibration, select_nodes=default_model_int8_nodes)
     return path
+
+
+def _cached_int8(path: Path) -> bool:
+    """Whether the int8 model `path` is cached, passed its guard at today's threshold and is the very file
+    that passed. Raises BackendError when its guard refused it at today's threshold (another threshold's
+    verdict, a damaged report or a damaged model: False, it is built and judged again)."""
+    report = _read_report(path)
+    if report is None or report.get("min_mean_cosine") != INT8_MIN_MEAN_COSINE:
+        return False
+    if report.get("passed") is not True:
+        raise BackendError(_refusal(report) + "; use --backend onnx")
+    return _fault(path, report.get("model_sha256")) is None
+
+
+def _int8_build_line(path: Path) -> str:
+    """What building the int8 model now is, for the user who waits for it."""
+    cost = f"about {INT8_BUILD_SECONDS} s on 2 cores"
+    report = _read_report(path)
+    if not _report_path(path).exists():
+        return f"building the int8 model for this machine (once, {cost})"
+    if report is None:
+        return f"the int8 model's guard report {_report_path(path).name} is damaged; building the model again ({cost})"
+    if report.get("min_mean_cosine") != INT8_MIN_MEAN_COSINE:
+        return f"judging the int8 model under today's accuracy guard; building it again ({cost})"
+    return f"the cached int8 model {path.name} {_fault(path, report.get('model_sha256'))}; building it again ({cost})"
+
+
+def _read_report(model: Path) -> dict | None:
+    """The guard report of the int8 model `model`, or None when there is none or it is damaged (then the
+    model is built and judged again: a torn report must not disable int8 for good)."""
+    with contextlib.suppress(OSError, ValueError):
+        report = json.loads(_report_path(model).read_text())
+        if isinstance(report, dict) and {"passed", "min_mean_cosine", "mean_cosine", "top1_changed"} <= report.keys():
+            return report
+    return None
 
 
 def auto_int8_model(threads: int | None = None) -> Path | None:
@@ -407,10 +607,8 @@ def auto_int8_model(threads: int | None = None) -> Path | None:
     if model is not None:
         return model
     try:
-        if not any(cache_dir().glob(f"{_int8_prefix()}*.guard.json")):
-            _notice(f"building the int8 model for this machine (once, about {INT8_BUILD_SECONDS} s on 2 cores)")
         return int8_model(threads=threads)
-    except BackendError as exc:
+    except BackendError as exc:  # a refusal, or a cache that cannot be written (CacheError)
         _notice(f"{str(exc).removesuffix('; use --backend onnx')}; using fp32 ONNX")
     except Exception as exc:  # noqa: BLE001 (the quantiser and ORT raise many types; fp32 still works)
         _notice(f"cannot build the int8 model ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
@@ -428,13 +626,15 @@ def _int8_prefix() -> str:
 
 def guarded_int8_model() -> Path | None:
     """An int8 model of the current weights and recipe already built here that passed its guard at the
-    current threshold or a stricter one, if any (what `auto` may use without calibrating at load time)."""
+    current threshold or a stricter one and is still the file that passed (its sha256 checked), if any
+    (what `auto` may use without calibrating at load time)."""
     for report_path in sorted(cache_dir().glob(f"{_int8_prefix()}*.guard.json")):
         model = report_path.with_name(report_path.name.removesuffix(".guard.json") + ".onnx")
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            report = json.loads(report_path.read_text())
-            if report.get("passed") and report.get("min_mean_cosine", 0) >= INT8_MIN_MEAN_COSINE and model.exists():
-                return model
+        report = _read_report(model) or {}
+        threshold = report.get("min_mean_cosine")
+        if (report.get("passed") is True and isinstance(threshold, (int, float)) and threshold >= INT8_MIN_MEAN_COSINE
+                and _fault(model, report.get("model_sha256")) is None):
+            return model
     return None
 
 
