@@ -29,6 +29,7 @@ from neardup.cli import main
 from neardup.index import Index, ModelMismatch
 from neardup.models import load_embedder, resolve_backend
 from neardup.models import onnx_backend as ob
+from neardup.models import openvino_backend as ovb
 from neardup.models.custom import CustomOnnxEmbedder
 from neardup.models.default_model import DIM
 from neardup.models.efficientnet_lite0 import (
@@ -115,7 +116,8 @@ def test_exported_graph_has_constant_padding(onnx_embedder):
 # ---- int8 --------------------------------------------------------------------------------------------
 
 
-def test_int8_of_default_model_obeys_its_guard(cache, onnx_embedder):
+def test_int8_of_default_model_obeys_its_guard(cache, onnx_embedder, monkeypatch):
+    monkeypatch.setattr(ovb, "available", lambda: False)  # ORT's choice alone (OpenVINO's: tests below)
     # calibrated and guarded on the photos shipped with neardup; whichever way the guard goes here, the
     # verdict must follow the figures
     try:
@@ -164,6 +166,7 @@ def test_shipped_calibration_photos_are_distinct_model_inputs():
 
 @pytest.mark.skipif(bool(ob.gpu_providers()) or torch.cuda.is_available(), reason="auto picks a GPU backend here")
 def test_auto_builds_guarded_int8_on_a_fresh_cache_and_falls_back_on_refusal(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(ovb, "available", lambda: False)  # ORT's choice alone (OpenVINO's: tests below)
     # the real build and the real guard, each time under a threshold the test sets: one the shipped photos
     # clear by far, then one no quantised model reaches
     monkeypatch.setenv("NEARDUP_CACHE", str(tmp_path / "fresh"))
@@ -602,3 +605,164 @@ def test_bench_command_writes_valid_figures(tmp_path, cache, collection):
     assert "seed-style" in result.output and "FLOPs bound" in result.output and "ms of CPU per image" in result.output
     result = CliRunner().invoke(main, ["bench", "--backends", "tpu"])
     assert result.exit_code == 2
+
+
+# ---- OpenVINO (issue 20) -------------------------------------------------------------------------------------
+
+needs_openvino = pytest.mark.skipif(not ovb.available(), reason="OpenVINO is not installed (neardup[openvino])")
+SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})
+COOPER_LAKE = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+SKYLAKE = frozenset({"avx2", "avx512f"})
+ZEN3 = frozenset({"avx2", "fma"})
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (SAPPHIRE_RAPIDS, ["bf16", "f32"]), (COOPER_LAKE, ["bf16", "f32"]), (SKYLAKE, ["f32"]), (ZEN3, ["f32"]),
+    (frozenset(), ["f32"])])
+def test_openvino_precisions_follow_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(ovb, "cpu_flags", lambda: flags)
+    assert ovb.candidate_precisions() == expected == ovb.candidate_precisions(flags)
+    assert ("amx_bf16" in ovb.why_precision("bf16")) == ("amx_bf16" in flags)
+
+
+class _Fake:
+    """An embedder that only has a name (the selection logic never runs it when guard and timing are faked)."""
+
+    def __init__(self, name):
+        self.name, self.path = name, Path("fake.onnx")
+
+
+def fake_machine(monkeypatch, flags, *, speeds, passes=("bf16", "f32"), int8=True):
+    """Fake the CPU's flags, the guard's verdicts and the measured speeds (img/s by embedder name)."""
+    monkeypatch.setattr(ovb, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(ob, "OnnxEmbedder", lambda path=None, **kw: _Fake("onnx-int8" if path else "onnx"))
+    monkeypatch.setattr(ob, "auto_int8_model", lambda threads=None: Path("int8.onnx") if int8 else None)
+    monkeypatch.setattr(ovb, "OpenVinoEmbedder", lambda precision, **kw: _Fake(f"openvino-{precision}"))
+    monkeypatch.setattr(ovb, "guard_inputs", lambda: (np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((1, 1))))
+    tried = []
+
+    def guard(reference, candidate, inputs=None):
+        tried.append(candidate.name)
+        passed = candidate.name.removeprefix("openvino-") in passes
+        return {"passed": passed, "mean_cosine": 0.999 if passed else 0.99, "min_cosine": 0.99 if passed else 0.9,
+                "min_mean_cosine": ovb.OV_MIN_MEAN_COSINE, "min_min_cosine": ovb.OV_MIN_COSINE, "extra_min_cosine": 0.8,
+                "min_extra_min_cosine": ovb.OV_HARD_MIN_COSINE, "top1_changed": 0, "copies": 2}
+
+    monkeypatch.setattr(ovb, "guard", guard)
+    monkeypatch.setattr(ovb, "measure", lambda embedders, inputs, rounds=3: {n: speeds[e.name] for n, e in embedders.items()})
+    return tried
+
+
+@pytest.mark.parametrize("flags", [SKYLAKE, ZEN3, frozenset()])
+def test_cpu_without_bf16_never_gets_a_slower_default(monkeypatch, flags):
+    # OpenVINO f32 no faster than today's int8 (within the noise margin): int8 stays the default
+    tried = fake_machine(monkeypatch, flags, speeds={"openvino-f32": 180, "onnx-int8": 170, "onnx": 100})
+    choice = ovb.decide()
+    assert choice["backend"] == "onnx-int8" and tried == ["openvino-f32"]  # bf16 is never tried without it
+    assert "not faster than onnx-int8" in choice["reason"]
+    # measurably faster: OpenVINO f32
+    fake_machine(monkeypatch, flags, speeds={"openvino-f32": 250, "onnx-int8": 170, "onnx": 100})
+    choice = ovb.decide()
+    assert (choice["backend"], choice["precision"]) == ("openvino", "f32")
+    assert "no AMX/AVX-512 bf16" in choice["reason"]
+    # int8 refused by its own guard: OpenVINO is measured against fp32 ORT, today's fallback
+    fake_machine(monkeypatch, flags, speeds={"openvino-f32": 90, "onnx": 100}, int8=False)
+    assert ovb.decide()["backend"] == "onnx"
+
+
+@pytest.mark.parametrize("flags", [SAPPHIRE_RAPIDS, COOPER_LAKE])
+def test_cpu_with_bf16_gets_bf16_only_where_guarded_and_faster(monkeypatch, flags):
+    fake_machine(monkeypatch, flags, speeds={"openvino-bf16": 450, "openvino-f32": 170, "onnx-int8": 170})
+    choice = ovb.decide()
+    assert (choice["backend"], choice["precision"]) == ("openvino", "bf16")
+    assert "2.6x onnx-int8" in choice["reason"] and "amx_bf16" in choice["reason"] or flags == COOPER_LAKE
+    # the guard refuses bf16: f32 is tried next, and int8 stays where f32 is not faster
+    tried = fake_machine(monkeypatch, flags, passes=("f32",), speeds={"openvino-f32": 170, "onnx-int8": 170})
+    choice = ovb.decide()
+    assert choice["backend"] == "onnx-int8" and tried == ["openvino-bf16", "openvino-f32"]
+    assert "OpenVINO bf16 refused by its accuracy guard" in choice["reason"] and "worst 0.9000" in choice["reason"]
+    # bf16 guarded but slower than int8 on this CPU (a bf16 CPU without AMX may be): int8
+    fake_machine(monkeypatch, flags, speeds={"openvino-bf16": 150, "openvino-f32": 120, "onnx-int8": 170})
+    assert ovb.decide()["backend"] == "onnx-int8"
+
+
+def test_guard_refuses_a_few_vectors_moved_far_that_the_mean_hides():
+    rng = np.random.default_rng(0)
+    originals, copies = rng.normal(size=(20, 64)), rng.normal(size=(140, 64))
+
+    class Unit:
+        def __init__(self, moved=()):
+            self.moved = moved
+
+        def embed(self, x):
+            x = np.array(x, dtype=np.float64)
+            for row in self.moved:
+                if row < len(x):
+                    x[row] = x[row] + 1.2 * rng.normal(size=x.shape[1]) * np.linalg.norm(x[row]) / 8
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    report = ob.accuracy_guard(Unit(), Unit(moved=(3,)), originals, copies, 0.995)
+    assert report["passed"] and report["mean_cosine"] > 0.995 and report["min_cosine"] < 0.98  # the mean alone passes
+    report = ob.accuracy_guard(Unit(), Unit(moved=(3,)), originals, copies, 0.995, min_cosine=0.98)
+    assert not report["passed"] and report["worst"][0]["image"] == 3
+    # hard cases are judged on their own bar
+    hard = rng.normal(size=(4, 64))
+    report = ob.accuracy_guard(Unit(), Unit(moved=(0,)), originals, copies, 0.995, min_cosine=0.98, extra=hard,
+                               extra_min_cosine=0.999)
+    assert not report["passed"] and report["extra_min_cosine"] < 0.999 and report["extra_images"] == 4
+
+
+@needs_openvino
+def test_openvino_vectors_match_fp32_onnx_within_the_guard_on_real_photos(cache, onnx_embedder, guard_inputs):
+    originals, copies = guard_inputs  # the test collection's real photos and their 7 edited copies
+    hard = np.stack([onnx_embedder.preprocess(p) for p in ovb.hard_cases()])
+    batch = np.concatenate([originals, copies[::7]])
+    f32 = ovb.OpenVinoEmbedder("f32", threads=2)
+    assert np.abs(f32.embed(batch) - onnx_embedder.embed(batch)).max() < 1e-3
+    assert f32.identity == onnx_embedder.identity and f32.embed(batch[:0]).shape == (0, DIM)
+    for precision in ovb.candidate_precisions():  # bf16 where this CPU has it
+        embedder = ovb.OpenVinoEmbedder(precision, threads=2)
+        report = ovb.guard(onnx_embedder, embedder, (originals, copies, hard))
+        assert report["passed"], report
+        assert report["mean_cosine"] >= ovb.OV_MIN_MEAN_COSINE and report["min_cosine"] >= ovb.OV_MIN_COSINE
+        vectors = embedder.embed(batch)
+        assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+    assert list((cache / "openvino").glob("*.blob"))  # compiled once, cached
+
+
+@needs_openvino
+def test_damaged_compiled_blob_is_compiled_again_with_one_line(cache_copy, capfd, onnx_embedder, guard_inputs):
+    originals = guard_inputs[0]
+    reference = onnx_embedder.embed(originals)
+    ovb.OpenVinoEmbedder("f32", threads=2)
+    blobs = list((cache_copy.parent / "openvino").glob("*.blob"))
+    assert blobs and all(ob._recorded_sha256(b) for b in blobs)
+    capfd.readouterr()
+    for blob in blobs:
+        os.chmod(blob, 0o644)
+        data = bytearray(blob.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = bytes(b ^ 0x55 for b in data[middle:middle + 4096])
+        blob.write_bytes(data)
+    embedder = ovb.OpenVinoEmbedder("f32", threads=2)
+    assert np.sum(embedder.embed(originals) * reference, axis=1).min() > 0.9999  # not the damaged blob's vectors
+    lines = stderr_lines(capfd)
+    assert len(lines) == len(blobs) and "is damaged" in lines[0] and "compiling it again" in lines[0]
+
+
+@needs_openvino
+def test_auto_reports_its_cached_openvino_choice(cache_copy, monkeypatch):
+    from neardup.models import _load_builtin, describe_auto, describe_embedder
+
+    choice = {"backend": "openvino", "precision": "f32", "guards": {}, "speed": {"openvino-f32": 2, "onnx-int8": 1},
+              "reason": "OpenVINO f32 (faked): 2.0x onnx-int8 here"}
+    ovb._choice_path().write_text(json.dumps(choice))
+    if ob.gpu_providers() or torch.cuda.is_available():
+        pytest.skip("auto picks a GPU backend here")
+    assert resolve_backend("auto", threads=2) == "openvino"
+    _load_builtin.cache_clear()
+    embedder = load_embedder("auto", threads=2)
+    assert embedder.backend == "openvino" and embedder.precision == "f32"
+    assert describe_embedder(embedder) == "openvino f32 (auto: OpenVINO f32 (faked): 2.0x onnx-int8 here)"
+    assert describe_auto() == "openvino f32: OpenVINO f32 (faked): 2.0x onnx-int8 here"
+    _load_builtin.cache_clear()

@@ -102,9 +102,21 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from .models import describe_auto
+    from .models import openvino_backend as ovb
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    flags = ovb.cpu_flags() or frozenset()
+    openvino = None
+    if ovb.available():
+        import openvino as ov
+
+        openvino = ov.__version__
     return {"cpu": cpu, "cores": os.cpu_count() or 1, "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers()}
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
+            "openvino": openvino, "cpu_flags": sorted(set(ovb.KEY_FLAGS) & flags),
+            # what `auto` runs here and why, as cached when the machine was described (the bench's first step)
+            "auto": describe_auto()}
 
 
 def model_macs() -> int:
@@ -313,7 +325,7 @@ def run(*, n: int = 1000, images: Path | None = None, backends: Sequence[str] = 
         TimeRemainingColumn,
     )
 
-    from .models import load_embedder
+    from .models import describe_embedder, load_embedder
     from .models.onnx_backend import BackendError, int8_report
 
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
@@ -362,8 +374,11 @@ def run(*, n: int = 1000, images: Path | None = None, backends: Sequence[str] = 
                        index_images_per_s=round(index_rate, 2),
                        index_ratio=round(index_rate / seed["images_per_s"], 2),
                        index_cpu_ms_per_image=round(cpu_ms, 2), index_stages=stages)
+            row["choice"] = describe_embedder(embedder)
             if backend == "onnx-int8":
                 row["int8_guard"] = int8_report(embedder.path)
+            if getattr(embedder, "backend", None) == "openvino":
+                row["openvino_guard"] = _openvino_guard(embedder, pool)
             rows.append(row)
             if query_root is None:
                 query_root, query_vectors = root, embedder.embed(pool)
@@ -371,6 +386,22 @@ def run(*, n: int = 1000, images: Path | None = None, backends: Sequence[str] = 
         figures["queries"] = (queries(query_root, query_vectors, n_queries, stage("queries: exact, LSH", 2 * n_queries))
                               if query_root is not None and n_queries else None)
     return figures
+
+
+def _openvino_guard(embedder, pool: np.ndarray) -> dict:
+    """The OpenVINO embedder's guard report (auto's cached one, else measured now), and its cosine to fp32
+    ONNX on the bench's own images (mean and worst)."""
+    from .models import onnx_backend as ob
+    from .models import openvino_backend as ovb
+
+    fp32 = ob.OnnxEmbedder()
+    choice = getattr(embedder, "choice", None) or {}
+    report = dict((choice.get("guards") or {}).get(embedder.precision) or ovb.guard(fp32, embedder))
+    cosines = np.sum(fp32.embed(pool) * embedder.embed(pool), axis=1)
+    report["bench_images"] = len(pool)
+    report["bench_mean_cosine"] = round(float(cosines.mean()), 6)
+    report["bench_min_cosine"] = round(float(cosines.min()), 6)
+    return report
 
 
 def _preprocessed(paths: Sequence[Path]) -> np.ndarray:
@@ -423,6 +454,8 @@ def summary_lines(figures: dict) -> list[str]:
     seed = (f"seed-style: {SEED_BACKEND}, full-size decode, one image at a time (the seed's predict loop); "
             "end to end = Index.add: threaded draft decoding overlapped with batched inference, stored")
     lines = [seed, bound]
+    if figures["machine"].get("auto"):
+        lines.append(f"auto here: {figures['machine']['auto']}")
     cores = figures["machine"]["cores"]
     for row in figures["backends"]:
         if not row["available"]:
@@ -436,6 +469,14 @@ def summary_lines(figures: dict) -> list[str]:
                      + (f"; of {stages['seconds']:.1f} s the indexing thread spent {stages['model_s']:.1f} s in the model, "
                         f"{stages['store_s']:.1f} s storing, {stages['decode_wait_s']:.1f} s waiting for decoded files"
                         if stages else ""))
+        if row.get("choice"):
+            lines.append(f"{row['backend']}: runs {row['choice']}")
+        if "openvino_guard" in row:
+            g = row["openvino_guard"]
+            lines.append(f"OpenVINO guard: cosine to fp32 mean {g['mean_cosine']:.4f}, worst {g['min_cosine']:.4f} over "
+                         f"{g['images']} images, textureless worst {g.get('extra_min_cosine', float('nan')):.4f}, "
+                         f"{g['top1_changed']} nearest originals changed; on the bench images mean "
+                         f"{g['bench_mean_cosine']:.4f}, worst {g['bench_min_cosine']:.4f}")
         if "int8_guard" in row:
             g = row["int8_guard"]
             lines.append(f"int8 guard: mean cosine to fp32 {g['mean_cosine']:.4f} (min {g['min_cosine']:.4f}) over "

@@ -18,7 +18,7 @@ from .actions import ACTIONS, DEFAULT_KEEP
 from .images import ImageError, printable_path
 from .index import DEFAULT_BATCH, DEFAULT_INDEX_DIR, DEFAULT_THRESHOLD, Index, NeardupError
 from . import neighbourhood
-from .models import BACKENDS
+from .models import BACKENDS, describe_auto, describe_embedder
 from .store import StoreError
 
 # OSError: disk full, permission denied, vanished files...; UnicodeError: a name that is not valid UTF-8
@@ -167,6 +167,7 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
         f"{summary.skipped} skipped (not images)"
         + (f", {len(summary.aliases)} not added (same file as a catalogued path)" if summary.aliases else "")
     )
+    click.echo(f"backend: {describe_embedder(embedder)}")
     if show_failures:
         for path, reason in summary.failures:
             click.echo(f"failed: {path}: {reason}")
@@ -388,6 +389,7 @@ def info_command(index_dir, as_json, show_failures) -> None:
     click.echo(f"index:    {stats['index']}")
     click.echo(f"images:   {stats['images']} indexed, {stats['failed']} failed")
     click.echo(f"model:    {model.get('name', '(none yet)')} ({model.get('dim', '?')}-d)")
+    click.echo(f"backend:  auto here runs {describe_auto()}")
     click.echo(f"storage:  {stats['segments']} segments, {stats['dead_rows']} dead rows, "
                f"{stats['bytes_on_disk'] / 1e6:.1f} MB")
     for path, reason in failures:

@@ -13,8 +13,12 @@ Backends (``load_embedder(backend)``, CLI ``--backend``, env NEARDUP_BACKEND):
                  block and GeM pooling in float); used only if it passes its accuracy guard where it
                  is built (mean cosine to fp32 >= INT8_MIN_MEAN_COSINE, nearest original of every
                  guard copy unchanged).
+* ``openvino``   the fp32 ONNX export run by OpenVINO's CPU plugin (neardup[openvino]) at bf16 where the CPU
+                 has AMX or AVX-512 bf16, else f32; guarded (mean and worst cosine to fp32, textureless
+                 hard cases, nearest originals); compiled model cached (neardup.models.openvino_backend).
 * ``auto``       the fastest that is usable here: torch-fp16 where torch sees a CUDA device, else
-                 ONNX Runtime's GPU providers (onnxruntime-gpu), else int8 (built, guarded and cached the first time it is needed, about half a
+                 ONNX Runtime's GPU providers (onnxruntime-gpu), else OpenVINO where installed, guarded and
+                 measured faster than ORT int8 here (verdict cached), else int8 (built, guarded and cached the first time it is needed, about half a
                  minute; a refusal falls back to fp32 ONNX with one line on stderr saying why). A model cache
                  that cannot be written (and lacks the ONNX export) falls back to torch, with one line: the
                  same model and vectors, without the cache's files.
@@ -45,7 +49,7 @@ from ..errors import BackendError
 if TYPE_CHECKING:
     from PIL import Image
 
-BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "torch-fp16")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "torch-fp16")
 
 
 class Embedder(Protocol):
@@ -143,7 +147,10 @@ def resolve_backend(backend: str | None = None, threads: int | None = None) -> s
         return "torch-fp16"
     if ob.gpu_providers():
         return "onnx"
-    if ob.guarded_int8_model() is not None:  # built and checked earlier: needs no write
+    choice = _openvino_choice(threads, build=False)
+    if choice is not None:  # reached earlier: needs no write
+        return choice["backend"]
+    if ob.guarded_int8_model() is not None and not _openvino_installed():  # built and checked earlier
         return "onnx-int8"
     try:
         ob.fp32_model_path()  # what int8 is built from, and what auto falls back to
@@ -151,7 +158,77 @@ def resolve_backend(backend: str | None = None, threads: int | None = None) -> s
         # torch shares the model's identity (torch and ONNX vectors agree to 1e-6): the index stays one
         ob._notice(f"{exc}; using the torch backend (the same model and vectors, slower)")
         return "torch"
+    choice = _openvino_choice(threads, build=True)
+    if choice is not None:
+        return choice["backend"]
+    if ob.guarded_int8_model() is not None:
+        return "onnx-int8"
     return "onnx-int8" if ob.auto_int8_model(threads) is not None else "onnx"
+
+
+def _openvino_installed() -> bool:
+    from . import openvino_backend as ovb
+
+    return ovb.available()
+
+
+def _openvino_choice(threads: int | None, *, build: bool) -> dict | None:
+    """auto's verdict between OpenVINO and ONNX Runtime on this CPU (openvino_backend.auto_choice): the
+    cached one, or with `build` reached now; None where OpenVINO is not installed or fails (one line)."""
+    from . import onnx_backend as ob
+    from . import openvino_backend as ovb
+
+    if not ovb.available():
+        return None
+    if not build:
+        return ovb.cached_choice()
+    try:
+        return ovb.auto_choice(threads)
+    except ob.CacheError:
+        return None
+    except Exception as exc:  # noqa: BLE001 (OpenVINO raises RuntimeError and others; ORT still works)
+        ob._notice(f"cannot use OpenVINO ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                   "using ONNX Runtime")
+        return None
+
+
+def describe_embedder(embedder) -> str:
+    """Which backend computes the vectors, and why (auto's verdict where it made one): for the index
+    summary and `neardup bench`."""
+    backend = getattr(embedder, "backend", None) or ("custom ONNX" if hasattr(embedder, "spec") else "torch")
+    precision = getattr(embedder, "precision", None)
+    line = backend + (f" {precision}" if precision else "")
+    choice = getattr(embedder, "choice", None)
+    if choice:
+        line += f" (auto: {choice['reason']})"
+    return line
+
+
+def describe_auto() -> str:
+    """What `auto` runs on this machine and why, from what is cached (nothing is built or measured): for
+    `neardup info`."""
+    from . import onnx_backend as ob
+    from . import openvino_backend as ovb
+
+    if torch_cuda_available():
+        return "torch-fp16 (torch sees a CUDA GPU)"
+    with _suppress():
+        if ob.gpu_providers():
+            return "onnx (ONNX Runtime's GPU providers)"
+    if ovb.available():
+        choice = ovb.cached_choice()
+        if choice is not None:
+            return ovb.describe_choice(choice)
+        return "openvino or onnx-int8: not measured on this CPU yet (the next index or query measures it)"
+    if ob.guarded_int8_model() is not None:
+        return "onnx-int8 (its guarded model is cached; OpenVINO is not installed: pip install 'neardup[openvino]')"
+    return "onnx-int8 when its guard passes, else onnx (not built yet; OpenVINO is not installed)"
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(Exception)
 
 
 @functools.cache
@@ -160,7 +237,14 @@ def _load_builtin(backend: str, threads: int | None) -> Embedder:
 
     if backend not in ("torch", "torch-fp16"):
         ob.tidy_cache()  # what builds killed mid-way left in the model cache
+    auto = backend_from_env(backend) == "auto"
     backend = resolve_backend(backend, threads)
+    if auto and backend in ("onnx", "onnx-int8"):
+        embedder = _load_builtin(backend, threads)  # the same object as asked for by name
+        choice = _openvino_choice(threads, build=False)
+        if choice is not None and choice["backend"] == backend:
+            embedder.choice = choice  # why not OpenVINO
+        return embedder
     if backend == "torch":
         return _torch_embedder(threads)
     if backend == "torch-fp16":
@@ -169,6 +253,18 @@ def _load_builtin(backend: str, threads: int | None) -> Embedder:
         from .cuda import guarded_cuda_embedder
 
         return guarded_cuda_embedder()
+    if backend == "openvino":
+        from . import openvino_backend as ovb
+
+        if not ovb.available():
+            raise BackendError("--backend openvino needs OpenVINO: pip install 'neardup[openvino]'")
+        try:
+            choice = ovb.cached_choice()
+            if choice is not None and choice.get("backend") == "openvino":
+                return ovb.OpenVinoEmbedder(choice["precision"], threads=threads, choice=choice if auto else None)
+            return ovb.OpenVinoEmbedder(ovb.explicit_precision(threads), threads=threads)
+        except ob.CacheError as exc:
+            raise ob.CacheError(f"{exc}; set NEARDUP_CACHE to a writable folder, or use --backend torch") from exc
     try:
         if backend == "onnx-int8":
             return ob.OnnxEmbedder(ob.guarded_int8_model() or ob.int8_model(threads=threads), threads=threads,
@@ -186,4 +282,5 @@ def _torch_embedder(threads: int | None) -> Embedder:
     return default_embedder(threads)
 
 
-__all__ = ["BACKENDS", "Embedder", "default_embedder", "load_embedder", "resolve_backend"]
+__all__ = ["BACKENDS", "Embedder", "default_embedder", "describe_auto", "describe_embedder", "load_embedder",
+           "resolve_backend"]
