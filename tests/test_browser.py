@@ -66,10 +66,20 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             expect(results.first).to_be_visible()
             top_path = results.first.locator(".path").inner_text()
             assert re.search(r"/chelsea__\w+\.jpg$", top_path), top_path
-            top_score = float(results.first.locator(".score").inner_text())
+            top_score = float(results.first.locator(".score").get_attribute("data-cosine"))
             assert 0.8 < top_score < 1.0
             loaded_images(page, "#results img")
             assert page.locator("img:not([alt])").count() == 0
+            # issue 19 #2: where the copies stop (the dups threshold), and what is below reads "not a copy"
+            cutoff = page.locator("#results li.cutoff")
+            expect(cutoff).to_have_count(1)
+            expect(cutoff).to_contain_text("Copies stop here (cosine 0.67, the dups threshold): below, not a copy")
+            below = page.locator("#results li.cutoff ~ li.card")
+            assert below.count() > 0
+            for i in range(below.count()):
+                expect(below.nth(i).locator(".verdict")).to_have_text("Not a copy")
+                assert float(below.nth(i).locator(".score").get_attribute("data-cosine")) < 0.67
+            expect(results.first.locator(".verdict")).to_have_text("A copy")
             page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
 
             # drag and drop: a file dropped on the zone searches too (rocket's flipped copy, fetched by id)
@@ -83,14 +93,14 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
             expect(page.locator("#query-caption")).to_contain_text("dropped.jpg")
             expect(results.first.locator(".path")).to_have_text(rocket.path)
-            expect(results.first.locator(".score")).to_have_text("1.000")
+            expect(results.first.locator(".score")).to_have_text("cosine 1.000")
 
             # back to chelsea, then compare the query with its best match
             page.set_input_files("#file", collection["originals"]["chelsea"])
             expect(results.first.locator(".path")).to_have_text(top_path)
             results.first.locator("button").click()
             expect(page.locator("#view-compare")).to_be_visible()
-            expect(page.locator("#compare-score")).to_contain_text(f"{top_score:.3f}")
+            expect(page.locator("#compare-score")).to_contain_text(f"Cosine {top_score:.3f}: a copy at the dups threshold 0.67")
             page.click("#compare-back")
             expect(page.locator("#view-search")).to_be_visible()
 
@@ -101,6 +111,10 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             expect(status).to_contain_text(f"{len(expected)} groups")
             groups = page.locator("#groups section.group")
             expect(groups).to_have_count(len(expected))
+            # the group's score is named as the CLI names it (this index is small: the plain cosine)
+            expect(groups.first.locator("h3")).to_contain_text(
+                f"cosine {expected[0].min_cosine:.3f}–{expected[0].max_cosine:.3f}")
+            expect(page.locator("#threshold")).to_have_attribute("max", "1")
             loaded_images(page, "#groups img")
             page.screenshot(path=str(ARTIFACTS / "duplicates.png"), full_page=True)
 
@@ -120,10 +134,10 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             first.locator("button.compare-button").click()
             compare = page.locator("#view-compare")
             expect(compare).to_be_visible()
-            expect(page.locator("#compare-score")).to_contain_text("Score")
+            expect(page.locator("#compare-score")).to_contain_text("Cosine")
             expect(compare.locator("dd").first).to_contain_text(" px")
             loaded_images(page, "#view-compare img")
-            score = float(page.locator("#compare-score").inner_text().rsplit(" ", 1)[1])
+            score = float(page.locator("#compare-score").get_attribute("data-cosine"))
             ids = [expected[0].ids[1], expected[0].ids[2]]
             assert score == pytest.approx(gallery.similarity(*ids), abs=1e-3)
             page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)

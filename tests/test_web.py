@@ -246,7 +246,18 @@ def test_compare_gives_the_cosine_of_two_images(client, full_index, collection):
     body = client.get("/api/compare", params={"a": a.id, "b": b.id}).json()
     jsonschema.validate(body, COMPARE)
     vector_a, vector_b = full_index.embed(a.path), full_index.embed(b.path)
-    assert body["score"] == pytest.approx(float(np.dot(vector_a, vector_b)), abs=1e-4)
+    assert body["cosine"] == pytest.approx(float(np.dot(vector_a, vector_b)), abs=1e-4)
+    # issue 19 #2: the score `dups` links by, named as `dups` names it (this index is collection-aware)
+    from neardup import neighbourhood
+
+    assert body["score_name"] == "collection-aware score" and neighbourhood.applies(full_index.stats()["images"])
+    snap = full_index.snapshot()
+    positions = np.searchsorted(snap.ids, [a.id, b.id])
+    backgrounds = full_index.backgrounds(positions, exact=True)[positions]
+    expected = body["cosine"] - backgrounds.mean() + neighbourhood.OFFSET
+    assert body["score"] == pytest.approx(expected, abs=1e-4)
+    group = next(g for g in full_index.duplicates() if a.id in g.ids)  # the pair is one of coffee's group's links
+    assert b.id in group.ids and group.min_score - 1e-4 <= body["score"] <= group.max_score + 1e-4
     assert [i["id"] for i in body["images"]] == [a.id, b.id]
     assert client.get("/api/compare", params={"a": b.id, "b": a.id}).json()["score"] == body["score"]
     assert_error(client.get("/api/compare", params={"a": a.id, "b": 999999}), 404)
@@ -555,3 +566,23 @@ def test_query_plot_writes_the_figure(full_index, collection, tmp_path):
         pixels = np.asarray(figure.convert("L"), dtype=np.float32)
     # the query and 4 matches are drawn (not blank panels): every one of the 5 panels has image content
     assert all(pixels[60:300, i * 300 + 20:(i + 1) * 300 - 20].std() > 10 for i in range(5))
+
+
+def test_search_and_duplicates_say_which_score_links_and_where_copies_stop(client, collection, full_index):
+    """Issue 19 #2: every match carries the score `dups` would link it by and whether that makes it a copy
+    at the dups threshold; the duplicates page names its score and the slider's whole range (up to 1.22)."""
+    query = copy_of(collection, "coffee", "flip")
+    body = client.post("/api/search", params={"k": 30}, files={"file": (query.name, query.read_bytes(), "image/jpeg")}).json()
+    jsonschema.validate(body, QUERY)
+    assert body["score_name"] == "collection-aware score" and body["dups_threshold"] == DEFAULT_THRESHOLD
+    matches = body["results"][0]["matches"]
+    assert matches[0]["copy"] and not matches[-1]["copy"]
+    for match in matches:
+        assert match["copy"] == (match["dups_score"] is not None and match["dups_score"] >= DEFAULT_THRESHOLD)
+    copies = [m for m in matches if m["copy"]]
+    group = next(g for g in full_index.duplicates() if matches[0]["id"] in g.ids)
+    assert {m["id"] for m in copies} <= set(group.ids) | {matches[0]["id"]}
+    page = client.get("/api/duplicates", params={"threshold": 1.2}).json()
+    jsonschema.validate(page, DUPS_PAGE)
+    assert page["score_name"] == "collection-aware score" and page["max_threshold"] == pytest.approx(1.22)
+    assert client.get("/api/duplicates", params={"threshold": 1.23}).status_code == 422

@@ -25,6 +25,7 @@ from conftest import build_library, restored_library, tree_hashes
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
+from neardup import actions
 from neardup.cli import main
 from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.schemas import ACTION_PLAN, ACTION_RUN, ACTION_RUNS, ERROR
@@ -117,7 +118,7 @@ def test_plan_defaults_to_the_index_threshold_and_policy(library, client):
     response = client.post("/api/actions/plan", json={"action": "delete"})
     assert response.status_code == 200, response.text
     manifest = response.json()["manifest"]
-    assert manifest["threshold"] == DEFAULT_THRESHOLD and manifest["keep"] == ["pixels", "size", "oldest"]
+    assert manifest["threshold"] == DEFAULT_THRESHOLD and manifest["keep"] == list(actions.DEFAULT_KEEP)
     assert manifest["trash"].startswith(str(library[1].root / "trash"))
 
 
@@ -152,9 +153,9 @@ def test_move_with_one_file_left_out_then_undo(library, client, tmp_path):
     assert runs["enabled"] is True
     assert runs["runs"] == [{"run_id": run["run_id"], "action": "move", "created": run["manifest"]["created"],
                              "state": "applied", "counts": {"done": 2, "skipped": 1},
-                             "manifest_path": run["manifest_path"]}]
+                             "manifest_path": run["manifest_path"], "to": str(tmp_path / "moved")}]
 
-    assert "applied already" in assert_error(apply(client, answer["plan_id"]), 409)  # a plan is applied once
+    assert "already applied in run" in assert_error(apply(client, answer["plan_id"]), 409)  # a plan is applied once
     assert tree_hashes(photos, tmp_path / "moved").keys() == after.keys()
 
     response = client.post("/api/actions/undo", json={"run_id": run["run_id"]})
@@ -258,7 +259,8 @@ def test_without_allow_actions_every_post_answers_403(library, tmp_path):
             assert "--allow-actions" in assert_error(off.post(path, json=body), 403)
         runs = off.get("/api/actions").json()
         jsonschema.validate(runs, ACTION_RUNS)
-        assert runs == {"enabled": False, "runs": []}
+        assert runs["enabled"] is False and runs["runs"] == []
+        assert runs["default_keep"] == ",".join(actions.DEFAULT_KEEP) and runs["keep_criteria"] == list(actions.KEEP_CRITERIA)
     assert tree_hashes(photos) == before and not (index.root / "actions").exists()
 
 
@@ -304,18 +306,22 @@ def test_bad_requests_get_one_line_json_errors(library, client, tmp_path):
     not_a_folder = photos / "a" / "rocket.jpg"
     cases = [
         ({"action": "shred"}, 422, "action"),
-        ({"action": "move"}, 422, "to: action move needs"),
-        ({"action": "delete", "to": str(tmp_path)}, 422, "to: goes with action move"),
-        ({"action": "move", "to": "relative/folder"}, 422, "not an absolute path"),
-        ({"action": "move", "to": str(not_a_folder)}, 422, "not a folder"),
+        ({"action": "move"}, 422, "Choose the folder to move the duplicates into"),
+        ({"action": "delete", "to": str(tmp_path)}, 422, "goes with the action move only"),
+        ({"action": "move", "to": "relative/folder"}, 422, "Give the full path of the folder"),
+        ({"action": "move", "to": str(not_a_folder)}, 422, "is a file, not a folder"),
         ({"action": "delete", "keep": "prettiest"}, 422, "unknown keep criterion prettiest"),
-        ({"action": "delete", "keep_in": [str(tmp_path / "nowhere")]}, 422, "keep_in"),
+        ({"action": "delete", "keep_in": [str(tmp_path / "nowhere")]}, 422, "not a folder"),
         ({"action": "delete", "exclude": [10**9]}, 422, "no image with id"),
         ({"action": "delete", "threshold": 0.2}, 422, "threshold"),
         ({"action": "delete", "paths": ["/etc"]}, 422, "paths"),
     ]
     for body, status, text in cases:
         assert text in assert_error(client.post("/api/actions/plan", json=body), status), body
+    fields = {"to": {"action": "move", "to": "relative/folder"}, "keep": {"action": "delete", "keep": "prettiest"},
+              "keep_in": {"action": "delete", "keep_in": ["x"]}}
+    for field, body in fields.items():  # the page shows each error next to its field
+        assert client.post("/api/actions/plan", json=body).json()["field"] == field
     assert "JSON" in assert_error(client.post("/api/actions/plan", content=b"{not json",
                                               headers={"content-type": "application/json"}), 422)
     huge = json.dumps({"action": "delete", "exclude": [1] * 400_000})
@@ -372,3 +378,45 @@ def test_a_target_leading_into_the_index_folder_is_refused(library, client, tmp_
     assert "inside the index folder" in assert_error(apply(client, planned["plan_id"]), 422)
     assert tree_hashes(photos) == before
     assert not [n for n in os.listdir(index.root / "segments") if not n.endswith(".npy")]
+
+
+# ---- issue 19: two tabs, and plans that say why -------------------------------------------------------------
+
+def test_a_plan_applied_from_another_tab_is_reported_as_applied_not_as_changed_files(library, client, tmp_path):
+    """Issue 19 #7: two tabs preview the same move; the first applies it. The second tab's apply is told
+    the plan was already applied in that run (undo it there), never that the files changed."""
+    photos, index = library
+    first = plan(client, to=str(tmp_path / "moved"))
+    second = plan(client, to=str(tmp_path / "moved"))
+    assert first["plan_id"] != second["plan_id"]
+    run = apply(client, first["plan_id"])
+    assert run.status_code == 200, run.text
+    after = tree_hashes(photos, tmp_path / "moved")
+    message = assert_error(apply(client, second["plan_id"]), 409)
+    assert f"already applied in run {first['plan_id']}" in message and "undo it there" in message
+    assert "changed" not in message
+    again = assert_error(apply(client, first["plan_id"]), 409)  # the same tab, twice
+    assert f"already applied in run {first['plan_id']}" in again
+    assert tree_hashes(photos, tmp_path / "moved") == after
+
+
+def test_plan_notes_warn_near_the_field_in_plain_words(library, client, tmp_path):
+    """Issue 19 #8: a target inside the indexed folder is warned about; the library itself says why nothing
+    would move; a plan of nothing says why."""
+    photos, index = library
+    inside = plan(client, to=str(photos / "dups"))
+    assert inside["manifest"]["entries"]
+    warning = next(n for n in inside["notes"] if n["field"] == "to")
+    assert warning["level"] == "warning" and "indexed folder" in warning["message"] and "again" in warning["message"]
+
+    itself = plan(client, to=str(photos))
+    assert not [e for e in itself["manifest"]["entries"] if e["status"] == "planned"]
+    error = next(n for n in itself["notes"] if n["field"] == "to")
+    assert error["level"] == "error" and "nothing would move" in error["message"]
+
+    ids = [image_id(index, photos / p) for p in DUPLICATES]
+    nothing = plan(client, "delete", exclude=ids)
+    info = [n for n in nothing["notes"] if n["field"] is None]
+    assert info and "would change no file" in info[0]["message"] and "you left it out" in info[0]["message"]
+    outside = plan(client, to=str(tmp_path / "moved"))
+    assert outside["notes"] == []

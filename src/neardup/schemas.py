@@ -17,6 +17,9 @@ QUERY = {
     "additionalProperties": False,
     "properties": {
         "threshold": _THRESHOLD,
+        "score_name": {"enum": ["collection-aware score", "cosine"],
+                       "description": "the HTTP API only: the score `dups` thresholds in this index"},
+        "dups_threshold": {"type": "number", "description": "the HTTP API only: the default `dups` threshold"},
         "results": {
             "type": "array",
             "items": {
@@ -36,6 +39,11 @@ QUERY = {
                                 "path": {"type": "string", "description": "absolute path"},
                                 "score": _SCORE,
                                 "id": {"type": "integer", "description": "catalog id (GET /api/images/{id})"},
+                                "dups_score": {"type": ["number", "null"], "description": "the HTTP API only: the "
+                                               "score `dups` would link this pair by (see score_name); null under "
+                                               "the cosine floor (never linked)"},
+                                "copy": {"type": "boolean", "description": "the HTTP API only: dups_score reaches "
+                                         "dups_threshold (`dups` would group the two)"},
                             },
                         },
                     },
@@ -151,6 +159,11 @@ DUPS_PAGE = {
         "pages": {"type": "integer", "minimum": 0},
         "total_groups": {"type": "integer", "minimum": 0},
         "total_files": {"type": "integer", "minimum": 0, "description": "files in all groups"},
+        "score_name": {"enum": ["collection-aware score", "cosine"],
+                       "description": "what min_score/max_score (and the threshold) are in this index"},
+        "max_threshold": {"type": "number", "description": "the highest score a pair can have (1 for cosine)"},
+        "handled_hidden": {"type": "integer", "minimum": 0,
+                           "description": "files left out because an applied run is done with them (handled=hide)"},
         "groups": {
             "type": "array",
             "description": "largest groups first, the same order as `dups`",
@@ -179,7 +192,11 @@ COMPARE = {
     "required": ["score", "images"],
     "additionalProperties": False,
     "properties": {
-        "score": {**_SCORE, "description": "cosine of the two stored vectors"},
+        "score": {"type": ["number", "null"], "minimum": -1.1001, "maximum": 1.2201,
+                  "description": "the score `dups` would link the two by (score_name); null under the cosine floor"},
+        "cosine": {**_SCORE, "description": "cosine of the two stored vectors"},
+        "score_name": {"enum": ["collection-aware score", "cosine"]},
+        "dups_threshold": {"type": "number", "description": "the default `dups` threshold"},
         "images": {"type": "array", "minItems": 2, "maxItems": 2, "items": _IMAGE},
     },
 }
@@ -190,7 +207,8 @@ ERROR = {
     "type": "object",
     "required": ["error"],
     "additionalProperties": False,
-    "properties": {"error": {"type": "string", "description": "one line for the user"}},
+    "properties": {"error": {"type": "string", "description": "one line for the user"},
+                   "field": {"type": "string", "description": "the request field the error concerns"}},
 }
 
 #: The Parquet shards written by `neardup index --ray` and read by `neardup merge` (neardup/shards.py
@@ -404,14 +422,17 @@ ACTION_PLAN_REQUEST = {
     "properties": {
         "action": _ACTIONS,
         "to": {"type": ["string", "null"], "description": "move only: the folder to move into (absolute)"},
-        "threshold": {"type": ["number", "null"], "minimum": 0.5, "maximum": 1,
-                      "description": "groups at this cosine threshold (default: the index default, 0.67)"},
-        "keep": {"type": "string", "description": "survivor criteria in order, comma-separated; from pixels, "
-                                                  "size, oldest, newest, shortest-path (default pixels,size,oldest)"},
+        "threshold": {"type": ["number", "null"], "minimum": 0.5, "maximum": 1.22,
+                      "description": "groups at this threshold on the score `dups` uses (default: the index "
+                                     "default, 0.67)"},
+        "keep": {"type": "string", "description": "survivor criteria in order, comma-separated (GET /api/actions "
+                                                  "lists them and the default)"},
         "keep_in": {"type": "array", "items": {"type": "string"},
                     "description": "protected folders (absolute, existing): preferred as survivors, never touched"},
         "exclude": {"type": "array", "items": {"type": "integer"},
                     "description": "catalog ids of files to leave out: their entries are 'skipped' with a reason"},
+        "exclude_paths": {"type": "array", "items": {"type": "string"},
+                          "description": "paths of files to leave out (as exclude; unknown paths are ignored)"},
     },
 }
 
@@ -425,6 +446,10 @@ ACTION_PLAN = {
     "properties": {
         "plan_id": {"type": "string", "description": "what /api/actions/apply takes; also the run id once applied"},
         "manifest": MANIFEST,
+        "notes": {"type": "array", "description": "what the user should know, in plain words", "items": {
+            "type": "object", "required": ["field", "level", "message"], "additionalProperties": False,
+            "properties": {"field": {"type": ["string", "null"], "description": "the request field it concerns"},
+                           "level": {"enum": ["info", "warning", "error"]}, "message": {"type": "string"}}}},
     },
 }
 
@@ -481,12 +506,16 @@ ACTION_RUNS = {
                     "run_id": {"type": "string"},
                     "action": _ACTIONS,
                     "created": {"type": "string", "description": "ISO 8601 UTC time the plan was made"},
-                    "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone"]},
+                    "state": {"enum": ["planned", "applying", "applied", "interrupted", "undone", "partly-undone"]},
                     "counts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
                                "description": "entries per status (planned, done, skipped, undone)"},
                     "manifest_path": {"type": "string"},
+                    "to": {"type": ["string", "null"], "description": "move runs: the folder moved into"},
                 },
             },
         },
+        "keep_criteria": {"type": "array", "items": {"type": "string"},
+                          "description": "the survivor criteria `keep` takes"},
+        "default_keep": {"type": "string", "description": "the default survivor policy"},
     },
 }

@@ -22,6 +22,7 @@ only what a long-lived server needs on top:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -34,10 +35,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .. import actions, schemas
+from .. import actions, files, schemas
 from ..errors import ActionError, IndexLocked
 from ..index import DEFAULT_THRESHOLD, DuplicateGroup, Index
-from .app import MIN_DUPS_THRESHOLD, ApiError
+from .common import MAX_SCORE, MIN_DUPS_THRESHOLD, ApiError
 
 MAX_BODY_BYTES = 1_000_000
 MAX_KEPT_PLANS = 16  # previews kept for apply; older ones answer 404 ("preview again")
@@ -48,10 +49,11 @@ class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["move", "hardlink", "delete"]
     to: str | None = None
-    threshold: float | None = Field(None, ge=MIN_DUPS_THRESHOLD, le=1)
+    threshold: float | None = Field(None, ge=MIN_DUPS_THRESHOLD, le=MAX_SCORE)
     keep: str = ",".join(actions.DEFAULT_KEEP)
     keep_in: list[str] = []
     exclude: list[int] = []
+    exclude_paths: list[str] = []
 
 
 class ApplyRequest(BaseModel):
@@ -126,9 +128,10 @@ def actions_router(index: Index, *, enabled: bool) -> APIRouter:
             for entry in run.entries:
                 counts[entry.status] = counts.get(entry.status, 0) + 1
             found.append({"run_id": run.id, "action": run.action, "created": run.created, "state": run.state,
-                          "counts": counts, "manifest_path": run.manifest})
+                          "counts": counts, "manifest_path": run.manifest, "to": run.to})
         found.sort(key=lambda r: (r["created"], r["run_id"]), reverse=True)
-        return {"enabled": enabled, "runs": found}
+        return {"enabled": enabled, "runs": found, "keep_criteria": list(actions.KEEP_CRITERIA),
+                "default_keep": ",".join(actions.DEFAULT_KEEP)}
 
     return router
 
@@ -137,35 +140,36 @@ def actions_router(index: Index, *, enabled: bool) -> APIRouter:
 
 def _plan(index: Index, previews: OrderedDict[str, _Preview], body: PlanRequest) -> dict:
     if body.action == "move" and not body.to:
-        raise ApiError(422, "to: action move needs the folder to move into")
+        raise ApiError(422, "Choose the folder to move the duplicates into.", "to")
     if body.action != "move" and body.to:
-        raise ApiError(422, "to: goes with action move only")
+        raise ApiError(422, "A folder to move into goes with the action move only.", "to")
     if body.to:
         _absolute("to", body.to)
         if os.path.exists(body.to) and not os.path.isdir(body.to):
-            raise ApiError(422, f"to: {body.to} exists and is not a folder")
+            raise ApiError(422, f"{body.to} is a file, not a folder: choose a folder (one that does not exist yet "
+                                "is created).", "to")
     for folder in body.keep_in:
         _absolute("keep_in", folder)
         if not os.path.isdir(folder):
-            raise ApiError(422, f"keep_in: {folder} is not a folder")
+            raise ApiError(422, f"{folder} is not a folder: each line must be a folder that exists.", "keep_in")
     try:
         keep = actions.parse_keep(body.keep)
     except ActionError as exc:
-        raise ApiError(422, f"keep: {exc}") from None
-    excluded = set()
+        raise ApiError(422, f"Keep in each group: {exc}", "keep") from None
+    excluded = set(body.exclude_paths)
     for image_id in body.exclude:
         record = index.image(image_id) if 0 < image_id < 2**63 else None
         if record is None:
-            raise ApiError(422, f"exclude: no image with id {image_id}")
+            raise ApiError(422, f"exclude: no image with id {image_id}", "exclude")
         excluded.add(record.path)
     threshold = round(body.threshold if body.threshold is not None else DEFAULT_THRESHOLD, 4)
     version = index.version()  # read before the groups: a write after it makes this plan stale, never unnoticed
-    groups = index.duplicates(threshold)
+    groups = without_handled(index, index.duplicates(threshold))
     plan = _make_plan(index, groups, keep, excluded, body.action, body.to, body.keep_in, threshold)
     previews[plan.id] = _Preview(plan, groups, version, keep, frozenset(excluded))
     while len(previews) > MAX_KEPT_PLANS:
         previews.popitem(last=False)
-    return {"plan_id": plan.id, "manifest": plan.to_json()}
+    return {"plan_id": plan.id, "manifest": plan.to_json(), "notes": _notes(index, plan, groups, body.to)}
 
 
 def _make_plan(index: Index, groups: list[DuplicateGroup], keep: tuple[str, ...], excluded: set[str] | frozenset[str],
@@ -175,7 +179,7 @@ def _make_plan(index: Index, groups: list[DuplicateGroup], keep: tuple[str, ...]
     try:
         plan = actions.make_plan(index.root, groups, action, to=to, keep=keep, keep_in=keep_in, threshold=threshold)
     except ActionError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(422, str(exc), "to" if action == "move" and "move target" in str(exc) else None) from None
     for entry in plan.entries:
         if entry.source in excluded and entry.status == "planned":
             entry.status, entry.reason, entry.destination = "skipped", EXCLUDED, None
@@ -188,7 +192,8 @@ def _apply(index: Index, previews: OrderedDict[str, _Preview], plan_id: str) -> 
         raise ApiError(404, f"no plan {plan_id!r} on this server (plans last until the server stops, the "
                             f"{MAX_KEPT_PLANS} newest): preview again")
     if preview.applied:
-        raise ApiError(409, f"plan {plan_id} has been applied already: its run is {plan_id} (undo it, or preview again)")
+        raise ApiError(409, f"this plan was already applied in run {plan_id}; undo it there (the Actions tab lists "
+                            "it), or preview again")
     shown = preview.plan
     try:
         settled = actions.recover_interrupted(index.root, wait=False)
@@ -201,6 +206,9 @@ def _apply(index: Index, previews: OrderedDict[str, _Preview], plan_id: str) -> 
                        shown.threshold)
     changed = [a for a, b in zip(shown.entries, fresh.entries) if _substance(shown, a) != _substance(fresh, b)]
     if changed or len(shown.entries) != len(fresh.entries):
+        done_by = _applied_elsewhere(index, shown)
+        if done_by:
+            raise ApiError(409, done_by)
         example = changed[0] if changed else None
         detail = f", e.g. {example.source}" if example else ""
         raise ApiError(409, f"the files changed since this plan was made{detail}: preview again")
@@ -262,7 +270,8 @@ async def _checked_body(request: Request, enabled: bool, model: type[BaseModel])
         return model.model_validate_json(body)
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
-        raise ApiError(422, "; ".join(problems)) from None
+        fields = [str(e["loc"][0]) for e in exc.errors() if e["loc"]]
+        raise ApiError(422, "; ".join(problems), fields[0] if fields else None) from None
 
 
 def _same_origin(origin: str, host: str) -> bool:
@@ -286,7 +295,118 @@ def _substance(plan: actions.Plan, entry: actions.Entry) -> tuple:
 
 def _absolute(field: str, path: str) -> None:
     if not os.path.isabs(path) or "\0" in path:
-        raise ApiError(422, f"{field}: {path!r} is not an absolute path")
+        shown = path.replace("\0", "")
+        raise ApiError(422, f"Give the full path of the folder, starting with / ({shown!r} is a relative path, "
+                            "not an absolute path).", field)
+
+
+def _applied_elsewhere(index: Index, shown: actions.Plan) -> str | None:
+    """Why a plan no longer matches its files when the reason is a run applied since (from another tab or
+    window, or the CLI) that did this plan's steps: "already applied in run ...". None otherwise."""
+    steps = {(e.source, e.sha256) for e in shown.entries if e.status == "planned"}
+    if not steps:
+        return None
+    for path in map(str, actions.manifests(index.root)):
+        try:
+            run = actions.load_manifest(path)
+        except ActionError:
+            continue
+        if run.id == shown.id or run.state not in ("applied", "partly-undone", "applying", "interrupted"):
+            continue
+        done = {(e.source, e.sha256) for e in run.entries if e.status == "done"} & steps
+        if done == steps:
+            return (f"this plan was already applied in run {run.id} (from another tab, window or the command "
+                    f"line); undo it there (the Actions tab lists it), or preview again")
+        if done:
+            return (f"{len(done)} of this plan's {len(steps)} files were already handled by run {run.id} (applied "
+                    f"from another tab, window or the command line); undo it there, or preview again")
+    return None
+
+
+_handled_cache: dict[str, tuple[int, frozenset[str]]] = {}
+
+
+def handled_files(index: Index) -> frozenset[str]:
+    """Paths an applied run is done with: files it moved (at their new paths) and files it made hard links
+    to their survivor. Read from the manifests once per index version (an apply or undo writes the index)."""
+    version = index.version()
+    cached = _handled_cache.get(str(index.root))
+    if cached and cached[0] == version:
+        return cached[1]
+    paths = set()
+    for path in map(str, actions.manifests(index.root)):
+        try:
+            run = actions.load_manifest(path)
+        except ActionError:
+            continue
+        for entry in run.entries:
+            if entry.status == "done" and entry.action in ("move", "hardlink"):
+                paths.add(entry.destination if entry.action == "move" else entry.source)
+    _handled_cache[str(index.root)] = (version, frozenset(paths))
+    return frozenset(paths)
+
+
+def without_handled(index: Index, groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
+    """`groups` without the files applied runs are done with (handled_files), as the page shows them: a
+    group left with fewer than two files is dropped."""
+    done = handled_files(index)
+    if not done:
+        return groups
+    kept = []
+    for group in groups:
+        pairs = [(p, i) for p, i in zip(group.files, group.ids) if p not in done]
+        if len(pairs) >= 2:
+            kept.append(dataclasses.replace(group, files=[p for p, _ in pairs], ids=[i for _, i in pairs]))
+    return kept
+
+
+def _library(index: Index) -> list[str]:
+    """The indexed folders: the deepest folder holding every indexed file, or (when that is the file
+    system's root) each folder that holds indexed files."""
+    parents = {os.path.dirname(p) for p in index._search_state().snap.paths}
+    if not parents:
+        return []
+    common = os.path.commonpath(sorted(parents))
+    return [common] if os.path.dirname(common) != common else sorted(parents)
+
+
+def _notes(index: Index, plan: actions.Plan, groups: list[DuplicateGroup], to: str | None) -> list[dict]:
+    """What the user should know about this plan, in plain words, each with the field it concerns."""
+    notes = [{"field": "keep_in", "level": "warning", "message": w} for w in plan.warnings]
+    planned = [e for e in plan.entries if e.status == "planned"]
+    members = [p for g in groups for p in g.files]
+    if to:
+        target = files.real_folder(to)
+        inside = [p for p in members if files.is_within(p, [target])]
+        library = [f for f in _library(index) if files.is_within(os.path.join(target, "x"), [files.real_folder(f)])]
+        if inside and not planned:
+            notes.append({"field": "to", "level": "error", "message": (
+                f"{to} holds the photos themselves ({len(inside)} files of these groups are inside it). Files "
+                "already inside the folder to move into count as moved there, so nothing would move: choose a "
+                f"folder outside {library[0] if library else to}.")})
+        elif inside:
+            notes.append({"field": "to", "level": "warning", "message": (
+                f"{len(inside)} files of these groups are already inside {to}: they are left where they are, "
+                "as if an earlier move had put them there.")})
+        elif library:
+            notes.append({"field": "to", "level": "warning", "message": (
+                f"{to} is inside the indexed folder {library[0]}: the next `neardup index` of it would index "
+                "the moved files again, and they would come back as duplicates. A folder outside it is safer.")})
+    if not planned and not any(n["level"] == "error" for n in notes):
+        if not groups:
+            why = (f"there are no duplicate groups at threshold {plan.threshold}: nothing to do (a lower threshold "
+                   "finds more).")
+        elif not plan.entries:
+            why = "every group holds a single file that can be acted on (the others are handled already)."
+        else:
+            reasons: dict[str, int] = {}
+            for entry in plan.entries:
+                reason = "you left it out" if entry.reason == EXCLUDED else (entry.reason or "skipped")
+                reasons[reason] = reasons.get(reason, 0) + 1
+            listed = "; ".join(f"{n} × {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
+            why = f"all {len(plan.entries)} files would be skipped: {listed}."
+        notes.append({"field": None, "level": "info", "message": f"This plan would change no file: {why}"})
+    return notes
 
 
 def _locked() -> ApiError:

@@ -1,9 +1,9 @@
 """The HTTP API and the page, over one open Index (`neardup serve`; needs `pip install 'neardup[serve]'`).
 
     POST /api/search              an image (multipart field `file`, or the raw body) -> schemas.QUERY
-    GET  /api/duplicates          ?threshold=&page=&per_page= -> schemas.DUPS_PAGE
+    GET  /api/duplicates          ?threshold=&page=&per_page=&handled= -> schemas.DUPS_PAGE
     GET  /api/images/{id}         the indexed file itself; /thumb a cached JPEG; /info -> schemas.IMAGE
-    GET  /api/compare?a=&b=       two images and the cosine of their vectors -> schemas.COMPARE
+    GET  /api/compare?a=&b=       two images, their cosine and the score `dups` would link them by -> schemas.COMPARE
     GET  /api/stats               what `neardup info --json` prints
     /api/actions                  plan, apply, undo and list `dups --action` runs (web/actions_api.py;
                                   every POST refused unless `allow_actions`)
@@ -50,14 +50,14 @@ from ..files import FileCheckError, check_record, open_regular, sha256_of
 from ..images import ImageError, load_image
 from ..index import DEFAULT_THRESHOLD, Index, NeardupError
 from ..store import Record, StoreError
+from .common import COSINE, MAX_SCORE, MIN_DUPS_THRESHOLD, ApiError, match_scores, pair_scores, score_name
 from .thumbnails import ThumbnailCache
+
+__all__ = ["ApiError", "MIN_DUPS_THRESHOLD", "MAX_SCORE", "create_app", "is_loopback"]
 
 STATIC = Path(__file__).with_name("static")
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 MAX_K = 200
-#: Lowest threshold the server computes groups for: below it nearly every pair is a candidate, an
-#: O(n²) job no web request should start (the CLI's `dups` takes any threshold).
-MIN_DUPS_THRESHOLD = 0.5
 MAX_PER_PAGE = 200
 #: Seconds a client may take to send its whole upload: a stalled one gets 408 and its memory back.
 UPLOAD_TIMEOUT = 60.0
@@ -71,12 +71,6 @@ _MAX_ID = 2**63 - 1
 _DUPS_CACHE_SIZE = 8
 
 log = logging.getLogger("neardup.web")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def is_loopback(host: str) -> bool:
@@ -100,6 +94,8 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
     uploads holding more than `max_buffered_bytes` of memory together (default 20 x `max_upload_bytes`),
     get a 503. An upload not received within `upload_timeout` seconds gets a 408. `allow_actions` lets
     the page move, hard-link and delete duplicates (/api/actions, web/actions_api.py)."""
+    from .actions_api import actions_router, handled_files, without_handled  # here: actions_api imports this module
+
     docs_assets = _docs_assets()
     app = FastAPI(title="neardup", version="1", summary="Near-duplicate image search over one index folder",
                   docs_url=None if docs_assets else "/docs", redoc_url=None)
@@ -126,7 +122,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.field)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -210,7 +206,7 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
             try:  # parsing in the pool too: a hostile multipart body never blocks the event loop
                 job = searches.submit(_parse_and_search, index, request.headers.get("content-type", ""),
                                       chunks, held, k, threshold)
-                name, matches, threshold = await asyncio.wrap_future(job)
+                name, matches, threshold, name_of_score, scores = await asyncio.wrap_future(job)
             finally:
                 queued.leave()
         finally:
@@ -218,16 +214,26 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
                 held.release_all()
             else:  # cancelled while the pool still parses it: the job gives its bytes back when it ends
                 job.add_done_callback(lambda _: held.release_all())
-        return {"threshold": threshold, "results": [{"query": name, "matches": [
-            {"path": m.path, "score": round(m.score, 6), "id": m.id} for m in matches]}]}
+        return {"threshold": threshold, "score_name": name_of_score, "dups_threshold": DEFAULT_THRESHOLD,
+                "results": [{"query": name, "matches": [
+                    {"path": m.path, "score": round(m.score, 6), "id": m.id, "dups_score": _rounded(s),
+                     "copy": bool(s >= DEFAULT_THRESHOLD)} for m, s in zip(matches, scores)]}]}
 
     @app.get("/api/duplicates")
-    def list_duplicates(threshold: float = Query(DEFAULT_THRESHOLD, ge=MIN_DUPS_THRESHOLD, le=1),
-                        page: int = Query(1, ge=1, le=10**9), per_page: int = Query(50, ge=1, le=MAX_PER_PAGE)):
+    def list_duplicates(threshold: float = Query(DEFAULT_THRESHOLD, ge=MIN_DUPS_THRESHOLD, le=MAX_SCORE),
+                        page: int = Query(1, ge=1, le=10**9), per_page: int = Query(50, ge=1, le=MAX_PER_PAGE),
+                        handled: str = Query("show", pattern="^(show|hide)$")):
         """One page of duplicate groups, largest first (schema: neardup.schemas.DUPS_PAGE). Groups are
-        computed once per index version and threshold, then served from memory."""
+        computed once per index version and threshold, then served from memory. `handled=hide` leaves out
+        the files an applied run is done with (moved into its folder, made a hard link to their survivor),
+        as the next plan does, and the groups left with fewer than two files."""
         threshold = round(threshold, 4)
         groups = duplicates.get(threshold)
+        hidden = 0
+        if handled == "hide":
+            done = handled_files(index)
+            hidden = sum(p in done for g in groups for p in g.files)
+            groups = without_handled(index, groups)
         pages = math.ceil(len(groups) / per_page)
         start = (page - 1) * per_page
         shown = []
@@ -236,8 +242,10 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
             shown.append({"number": number, "min_score": round(group.min_score, 6),
                           "max_score": round(group.max_score, 6), "min_cosine": round(group.min_cosine, 6),
                           "max_cosine": round(group.max_cosine, 6), "images": [i for i in images if i]})
+        name = score_name(index)
         return {"threshold": threshold, "page": page, "per_page": per_page, "pages": pages,
-                "total_groups": len(groups), "total_files": sum(len(g.ids) for g in groups), "groups": shown}
+                "total_groups": len(groups), "total_files": sum(len(g.ids) for g in groups), "groups": shown,
+                "score_name": name, "max_threshold": 1.0 if name == COSINE else MAX_SCORE, "handled_hidden": hidden}
 
     @app.get("/api/images/{image_id}")
     def image_file(image_id: int = PathParam(ge=1, le=_MAX_ID)):
@@ -281,19 +289,20 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
 
     @app.get("/api/compare")
     def compare(a: int = Query(ge=1, le=_MAX_ID), b: int = Query(ge=1, le=_MAX_ID)):
-        """Two images side by side: their details and the cosine of their vectors (schema: COMPARE)."""
+        """Two images side by side: their details, the cosine of their vectors and the score `dups` would
+        link them by, named (schema: COMPARE)."""
         records = [_indexed(index, a), _indexed(index, b)]
-        score = index.similarity(a, b)
-        if score is None:
+        scores = pair_scores(index, a, b)
+        if scores is None:
             raise ApiError(404, "one of the images left the index")
-        return {"score": round(score, 6), "images": [_image_info(r) for r in records]}
+        return {"score": _rounded(scores["score"]), "cosine": round(scores["cosine"], 6),
+                "score_name": scores["score_name"], "dups_threshold": DEFAULT_THRESHOLD,
+                "images": [_image_info(r) for r in records]}
 
     @app.get("/api/stats")
     def stats():
         """What `neardup info --json` prints: image counts, model, storage."""
         return index.stats()
-
-    from .actions_api import actions_router  # here: it imports ApiError from this module
 
     app.include_router(actions_router(index, enabled=allow_actions))
     return app
@@ -311,8 +320,8 @@ def _docs_assets() -> Path | None:
     return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, **({"field": field} if field else {})}, status_code=status)
 
 
 def _host_name(header: str) -> str:
@@ -390,7 +399,8 @@ def _parse_and_search(index: Index, content_type: str, chunks: list[bytes], held
     k = _number(fields["k"], int, "k", 1, MAX_K) if "k" in fields else (k or 10)
     if "threshold" in fields:
         threshold = _number(fields["threshold"], float, "threshold", -1, 1)
-    return name, _search(index, data, k, threshold), threshold
+    matches, name_of_score, scores = _search(index, data, k, threshold)
+    return name, matches, threshold, name_of_score, scores
 
 
 def _upload(content_type: str, chunks: list[bytes], held: _Held) -> tuple[str, bytes, dict[str, str]]:
@@ -498,11 +508,19 @@ def _number(text: str, kind, name: str, low: float, high: float):
 
 
 def _search(index: Index, data: bytes, k: int, threshold: float | None):
+    """(matches, the name of the score `dups` links by, each match's score in it)."""
     try:
         decoded = load_image(data, min_side=index.embedder.input_size)
     except ImageError as exc:
         raise ApiError(422, f"cannot read the uploaded image: {exc.reason}") from None
-    return index.query(decoded.image, k=k, threshold=threshold)
+    matches = index.query(decoded.image, k=k, threshold=threshold)
+    name, scores = match_scores(index, lambda: index.embed(decoded.image), matches)
+    return matches, name, scores
+
+
+def _rounded(score: float) -> float | None:
+    """A score for JSON: None for a pair under the cosine floor (it never links, whatever its score)."""
+    return round(score, 6) if math.isfinite(score) else None
 
 
 def _indexed(index: Index, image_id: int) -> Record:

@@ -5,10 +5,18 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   threshold: null, page: 1, perPage: 25, pages: 1, request: 0, timer: null, loaded: false,
-  queryFile: null, queryUrl: null, compareFrom: "search", compared: false, groups: [],
+  queryFile: null, queryUrl: null, compareFrom: "search", compared: false, groups: [], lastMatches: null,
   actionsEnabled: false, plan: null, planId: null, planRequest: 0, exclude: new Set(), busy: false,
+  scoreName: null, dupsThreshold: 0.67, storeKey: null, saved: {},
 };
 const LEFT_OUT = "left out on request (unchecked on the page)"; // the reason actions_api gives excluded files
+// what each survivor criterion (actions.KEEP_CRITERIA) means, in the page's words
+const CRITERIA = {
+  shape: "the usual shape (not stretched or framed)", central: "the most typical copy", pixels: "most pixels",
+  size: "largest file", oldest: "oldest", newest: "newest", "shortest-path": "shortest path",
+};
+const KEEP_PRESETS = ["pixels,size,oldest", "pixels,oldest", "pixels,size,newest", "oldest,pixels", "newest,pixels",
+  "size,pixels", "shortest-path,pixels,size"];
 
 async function api(path, options) {
   const response = await fetch(path, options);
@@ -16,12 +24,59 @@ async function api(path, options) {
   try { body = await response.json(); } catch (_) { body = null; }
   if (!response.ok) {
     const reason = body && body.error ? body.error : `${response.status} ${response.statusText}`;
-    throw new Error(response.status === 401
+    const error = new Error(response.status === 401
       ? "This server needs a token: open the address that `neardup serve` printed (it ends in ?token=…)."
       : reason);
+    error.field = body && body.field ? body.field : null;
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
+
+// ---- what the page remembers across a refresh (per index, in this browser's local storage) ----------
+
+function remember(part, value) {
+  state.saved[part] = value;
+  if (!state.storeKey) return;
+  try { localStorage.setItem(state.storeKey, JSON.stringify(state.saved)); } catch (_) { /* storage off: no memory */ }
+}
+
+function recall(indexPath) {
+  state.storeKey = `neardup:${indexPath}`;
+  try { state.saved = JSON.parse(localStorage.getItem(state.storeKey) || "{}") || {}; } catch (_) { state.saved = {}; }
+  state.exclude = new Set(Array.isArray(state.saved.exclude) ? state.saved.exclude : []);
+  if (typeof state.saved.threshold === "number") state.threshold = state.saved.threshold;
+}
+
+function saveForm() {
+  remember("form", { action: $("action").value, to: $("move-to").value, keep: $("keep").value, keepIn: $("keep-in").value });
+}
+
+function restoreForm() {
+  const form = state.saved.form;
+  if (!form) return;
+  if (form.action && [...$("action").options].some((o) => o.value === form.action)) $("action").value = form.action;
+  if (typeof form.to === "string") $("move-to").value = form.to;
+  if (form.keep && [...$("keep").options].some((o) => o.value === form.keep)) $("keep").value = form.keep;
+  if (typeof form.keepIn === "string") $("keep-in").value = form.keepIn;
+  $("move-to-field").hidden = $("action").value !== "move";
+}
+
+function saveExclude() {
+  remember("exclude", [...state.exclude]);
+  const n = state.exclude.size;
+  $("left-out").hidden = n === 0;
+  $("left-out-text").textContent = `${n} ${n === 1 ? "file is" : "files are"} left out of the clean-up by you (remembered in this browser). `;
+}
+
+// ---- scores: the words the CLI and the API use -----------------------------------------------------
+
+function scoreText(value) { return value == null ? "–" : Number(value).toFixed(3); }
+
+function scoreNameNow() { return state.scoreName || "cosine"; }
+
+function cutOff() { return state.threshold !== null ? state.threshold : state.dupsThreshold; }
 
 function showMessage(text) {
   const box = $("message");
@@ -74,6 +129,7 @@ function route() {
 async function loadStats() {
   try {
     const stats = await api("/api/stats");
+    recall(stats.index);
     const model = stats.model ? stats.model.name : "no model yet";
     $("stats").textContent = `${stats.images} images indexed (${stats.failed} failed) · ${model} · ${stats.index}`;
   } catch (error) {
@@ -102,25 +158,53 @@ async function search(file) {
   $("results").replaceChildren();
   try {
     const data = await api(`/api/search?${params}`, { method: "POST", body: form });
-    renderResults(data.results[0].matches);
+    if (data.score_name) state.scoreName = data.score_name;
+    if (typeof data.dups_threshold === "number") state.dupsThreshold = data.dups_threshold;
+    state.lastMatches = data.results[0].matches;
+    renderResults(state.lastMatches);
   } catch (error) {
     $("search-status").textContent = "";
     showMessage(error.message);
   }
 }
 
+function isCopy(match) { return match.dups_score != null && match.dups_score >= cutOff() - 1e-9; }
+
 function renderResults(matches) {
+  const name = scoreNameNow();
+  const threshold = cutOff().toFixed(2);
   $("search-status").textContent = matches.length
     ? `${matches.length} matches, best first. Choose one to compare it with the query.`
     : "No match.";
-  const items = matches.map((match, i) => {
-    const name = basename(match.path);
-    const button = el("button", { type: "button", "aria-label": `Compare ${name} (score ${match.score.toFixed(3)}) with the query` },
-      thumb(match.id, name));
+  $("search-help").hidden = !matches.length;
+  $("search-help").textContent = `A match is a copy when its ${name} reaches ${threshold}, the threshold \`dups\` ` +
+    "groups duplicates by; below that line it is not a copy, only the nearest other photos.";
+  // the copies first (by cosine, as found), then one line where they stop, then the rest: the collection-aware
+  // score is not in cosine order, so a copy is never shown below the line
+  const ranked = [...matches.filter(isCopy), ...matches.filter((m) => !isCopy(m))];
+  const items = [];
+  let marked = false;
+  ranked.forEach((match) => {
+    const i = matches.indexOf(match);
+    const copy = isCopy(match);
+    if (!copy && !marked) {
+      marked = true;
+      items.push(el("li", { class: "cutoff", role: "separator" },
+        `Copies stop here (${name} ${threshold}, the dups threshold): below, not a copy`));
+    }
+    const file = basename(match.path);
+    const shown = name === "cosine" ? `cosine ${scoreText(match.score)}`
+      : `${name} ${scoreText(match.dups_score)}, cosine ${scoreText(match.score)}`;
+    const button = el("button", { type: "button", "aria-label": `Compare ${file} (${shown}) with the query` },
+      thumb(match.id, file));
     button.addEventListener("click", () => compareWithQuery(match));
-    return el("li", { class: "card", "data-rank": String(i + 1) }, button,
-      el("p", { class: "score" }, match.score.toFixed(3)),
-      el("p", { class: "path", title: match.path }, match.path));
+    const score = el("p", { class: "score", "data-cosine": String(match.score) },
+      name === "cosine" ? `cosine ${scoreText(match.score)}` : `${name} ${scoreText(match.dups_score)}`);
+    const parts = [button, score];
+    if (name !== "cosine") parts.push(el("p", { class: "cosine" }, `cosine ${scoreText(match.score)}`));
+    parts.push(el("p", { class: copy ? "verdict copy" : "verdict" }, copy ? "A copy" : "Not a copy"));
+    parts.push(el("p", { class: "path", title: match.path }, match.path));
+    items.push(el("li", { class: copy ? "card" : "card not-copy", "data-rank": String(i + 1) }, ...parts));
   });
   $("results").replaceChildren(...items);
 }
@@ -130,7 +214,7 @@ function renderResults(matches) {
 async function loadDuplicates() {
   const request = ++state.request;
   state.loaded = true;
-  const params = new URLSearchParams({ page: state.page, per_page: state.perPage });
+  const params = new URLSearchParams({ page: state.page, per_page: state.perPage, handled: "hide" });
   if (state.threshold !== null) params.set("threshold", state.threshold);
   $("dups-status").textContent = "Finding groups…";
   try {
@@ -139,8 +223,13 @@ async function loadDuplicates() {
     if (data.pages > 0 && data.page > data.pages) { state.page = data.pages; return loadDuplicates(); }
     showMessage("");
     state.threshold = data.threshold;
+    remember("threshold", data.threshold);
     state.page = data.page;
     state.pages = data.pages;
+    if (data.score_name) state.scoreName = data.score_name;
+    if (data.max_threshold) $("threshold").max = String(data.max_threshold);
+    $("threshold-help").textContent = `${scoreNameNow()} a pair needs to be grouped (up to ` +
+      `${Number($("threshold").max).toFixed(2)}); higher = stricter`;
     $("threshold").value = data.threshold;
     $("threshold-value").textContent = Number(data.threshold).toFixed(2);
     $("page").value = data.page;
@@ -148,9 +237,11 @@ async function loadDuplicates() {
     $("pages").textContent = Math.max(1, data.pages);
     $("prev").disabled = data.page <= 1;
     $("next").disabled = data.page >= data.pages;
-    $("dups-status").textContent = data.total_groups
+    const handled = data.handled_hidden
+      ? ` ${data.handled_hidden} files that earlier runs moved or linked are left out (the Actions tab lists the runs).` : "";
+    $("dups-status").textContent = (data.total_groups
       ? `${data.total_groups} groups, ${data.total_files} files at threshold ${data.threshold}.`
-      : `No duplicates at threshold ${data.threshold}.`;
+      : `No duplicates at threshold ${data.threshold}.`) + handled;
     state.groups = data.groups;
     $("groups").replaceChildren(...data.groups.map(renderGroup));
     decorateGroups();
@@ -163,7 +254,10 @@ async function loadDuplicates() {
 
 function renderGroup(group) {
   const selected = [];
-  const title = `Group ${group.number}: ${group.images.length} files, score ${group.min_score.toFixed(3)}–${group.max_score.toFixed(3)}`;
+  const range = (low, high) => `${low.toFixed(3)}–${high.toFixed(3)}`;
+  const title = `Group ${group.number}: ${group.images.length} files, ` + (scoreNameNow() === "cosine"
+    ? `cosine ${range(group.min_cosine, group.max_cosine)}`
+    : `${scoreNameNow()} ${range(group.min_score, group.max_score)}, cosine ${range(group.min_cosine, group.max_cosine)}`);
   const items = group.images.map((image, i) => {
     const name = basename(image.path);
     const button = el("button", { type: "button", "aria-pressed": "false",
@@ -209,6 +303,7 @@ async function loadActionsState() {
   try {
     const data = await api("/api/actions");
     state.actionsEnabled = data.enabled;
+    fillKeep(data.keep_criteria, data.default_keep);
   } catch (_) {
     state.actionsEnabled = false; // the stats line reports a server that cannot be reached
   }
@@ -217,17 +312,30 @@ async function loadActionsState() {
   decorateGroups();
 }
 
+// The survivor policies offered: the server's default first, then the presets its criteria allow.
+function fillKeep(criteria, defaultKeep) {
+  const known = new Set(criteria || Object.keys(CRITERIA));
+  const first = defaultKeep || KEEP_PRESETS[0];
+  const values = [first, ...KEEP_PRESETS.filter((v) => v !== first)]
+    .filter((v) => v.split(",").every((c) => known.has(c)));
+  const label = (value) => value.split(",").map((c) => CRITERIA[c] || c).join(", then ");
+  $("keep").replaceChildren(...values.map((value) =>
+    el("option", { value }, value === first ? `${label(value)} (default)` : label(value))));
+  $("keep").value = first;
+}
+
 // A checkbox per file (checked: the clean-up may act on it), a "kept" mark and a line saying what the
 // plan does with it. Updated in place by decorateGroups, so focus stays on the checkbox just used.
 function cleanupControls(image, name) {
-  const box = el("input", { type: "checkbox", checked: !state.exclude.has(image.id) });
+  const box = el("input", { type: "checkbox", checked: !state.exclude.has(image.path) });
   box.dataset.id = image.id;
   box.addEventListener("change", () => {
-    if (box.checked) state.exclude.delete(image.id); else state.exclude.add(image.id);
+    if (box.checked) state.exclude.delete(image.path); else state.exclude.add(image.path);
+    saveExclude();
     if (state.plan) preview(); // the plan shown must be the plan applied: make it again
   });
   return [
-    el("label", { class: "include" }, box, ` Include ${name} in the clean-up`),
+    el("label", { class: "include" }, box, el("span", {}, `Include ${name} in the clean-up`)),
     el("p", { class: "kept", hidden: true }, "Kept (this group's survivor)"),
     el("p", { class: "plan-note", hidden: true }),
   ];
@@ -258,7 +366,7 @@ function decorateGroups() {
 }
 
 function planBody() {
-  const body = { action: $("action").value, keep: $("keep").value, exclude: [...state.exclude],
+  const body = { action: $("action").value, keep: $("keep").value, exclude_paths: [...state.exclude],
     keep_in: $("keep-in").value.split("\n").map((line) => line.trim()).filter(Boolean) };
   if (state.threshold !== null) body.threshold = state.threshold;
   if (body.action === "move") body.to = $("move-to").value.trim();
@@ -278,9 +386,30 @@ function summary(manifest) {
     : `${past} ${acted.length} files (${size} MB), skipped ${skipped}.`;
 }
 
+// Notes and errors next to the field they concern (the API names it), else under the plan's status.
+const NOTE_FOR = { to: "move-to-note", keep: "keep-note", keep_in: "keep-in-note" };
+
+function clearNotes() {
+  for (const id of [...Object.values(NOTE_FOR), "plan-note"]) {
+    $(id).hidden = true;
+    $(id).replaceChildren();
+    $(id).className = "field-note";
+  }
+  $("move-to").removeAttribute("aria-invalid");
+}
+
+function addNote(field, level, text) {
+  const box = $(NOTE_FOR[field] || "plan-note");
+  box.append(el("span", { class: `note ${level}` }, text));
+  box.classList.add(level);
+  box.hidden = false;
+  if (field === "to" && level === "error") $("move-to").setAttribute("aria-invalid", "true");
+}
+
 async function preview() {
   const request = ++state.planRequest;
   $("apply").disabled = true;
+  clearNotes();
   $("plan-status").textContent = "Making the plan (every file is checked against the index)…";
   try {
     const data = await postJson("/api/actions/plan", planBody());
@@ -289,14 +418,15 @@ async function preview() {
     state.plan = data.manifest;
     state.planId = data.plan_id;
     $("plan-status").textContent = `${summary(data.manifest)} Nothing has changed yet.`;
+    for (const note of data.notes || []) addNote(note.field, note.level, note.message);
     renderPlan(data.manifest);
     $("apply").disabled = planned().length === 0 || state.busy;
   } catch (error) {
     if (request !== state.planRequest) return;
     state.plan = null;
-    $("plan-status").textContent = "";
+    $("plan-status").textContent = "No plan: see the message next to the setting.";
     $("plan-details").hidden = true;
-    showMessage(error.message);
+    addNote(error.field, "error", error.message);
   }
   decorateGroups();
 }
@@ -336,6 +466,7 @@ function forgetPlan() {
   $("apply").disabled = true;
   $("plan-details").hidden = true;
   $("plan-status").textContent = "The settings changed: preview again before applying.";
+  clearNotes();
   decorateGroups();
 }
 
@@ -367,49 +498,76 @@ async function applyPlan() {
   try {
     const run = await postJson("/api/actions/apply", { plan_id: planId, confirm: true });
     showMessage("");
-    state.plan = null;
-    state.exclude.clear();
+    state.plan = null; // the files left out stay left out: they are never planned again by accident
     $("plan-details").hidden = true;
     $("plan-status").textContent = "";
-    showResult(run, summary(run.manifest));
+    clearNotes();
+    remember("lastRun", run.run_id);
+    showResult(run.run_id, run.manifest_path, summary(run.manifest), run.manifest.entries.some((e) => e.status === "done"));
     state.loaded = false;
-    loadDuplicates(); // the index changed
+    loadDuplicates(); // the index changed: the moved files leave their groups, the counts follow
   } catch (error) {
-    $("plan-status").textContent = "Not applied.";
-    showMessage(error.message);
+    $("plan-status").textContent = `Not applied: ${error.message}`;
   } finally {
     state.busy = false;
     $("preview").disabled = false;
   }
 }
 
-function showResult(run, text) {
+function showResult(runId, manifestPath, text, undoable) {
   const heading = el("p", { class: "result-title", tabindex: "-1" }, text);
   const undo = el("button", { type: "button", class: "undo" }, "Undo");
-  undo.setAttribute("aria-label", `Undo run ${run.run_id}`);
-  undo.disabled = !run.manifest.entries.some((e) => e.status === "done");
-  undo.addEventListener("click", () => undoRun(run.run_id, (message) => {
+  undo.setAttribute("aria-label", `Undo run ${runId}`);
+  undo.disabled = !undoable;
+  undo.addEventListener("click", () => undoRun(runId, undo, (message) => {
     $("result").replaceChildren(el("p", { class: "result-title", tabindex: "-1" }, message));
     $("result").firstChild.focus();
+  }, (message) => {
+    $("result").querySelector(".undo-error").textContent = message;
+    $("result").querySelector(".undo-error").hidden = false;
   }));
   $("result").replaceChildren(heading,
-    el("p", {}, "Manifest: ", el("code", { class: "manifest-path" }, run.manifest_path)),
-    el("p", { class: "hint" }, "From a terminal: ", el("code", {}, `neardup undo ${run.manifest_path}`)), undo);
+    el("p", {}, "Manifest: ", el("code", { class: "manifest-path" }, manifestPath)),
+    el("p", { class: "hint" }, "From a terminal: ", el("code", {}, `neardup undo ${manifestPath}`)), undo,
+    el("p", { class: "undo-error field-note error", role: "alert", hidden: true }));
   $("result").hidden = false;
   heading.focus();
 }
 
-async function undoRun(runId, done) {
+// After a refresh: the last run this browser applied, with its Undo while it has files to put back.
+async function restoreLastRun() {
+  const runId = state.saved.lastRun;
+  if (!runId || !state.actionsEnabled) return;
+  try {
+    const data = await api("/api/actions");
+    const run = data.runs.find((r) => r.run_id === runId);
+    if (!run) return;
+    const done = run.counts.done || 0;
+    const [, past] = VERBS[run.action];
+    const text = done
+      ? `Last run ${run.run_id}: ${past} ${done} files, skipped ${run.counts.skipped || 0}${run.to ? ` (into ${run.to})` : ""}.`
+      : `Last run ${run.run_id}: ${run.state}${run.counts.undone ? `, ${run.counts.undone} files back in place` : ""}.`;
+    showResult(run.run_id, run.manifest_path, text, done > 0);
+    $("result").querySelector(".result-title").blur();
+  } catch (_) { /* the Actions tab still lists every run */ }
+}
+
+// Undo a run: the button says "Undoing…" and is disabled until the answer comes; a second click is not possible.
+async function undoRun(runId, button, done, failed) {
+  if (button.disabled) return;
+  button.disabled = true;
+  button.textContent = "Undoing…";
   try {
     const run = await postJson("/api/actions/undo", { run_id: runId });
     showMessage("");
     const back = run.manifest.entries.filter((e) => e.status === "undone").length;
     done(`Run ${runId} undone: ${back} files are back in place.`);
     state.loaded = false;
-    if (!$("view-duplicates").hidden) loadDuplicates();
-    if (!$("view-actions").hidden) loadRuns();
+    if (!$("view-duplicates").hidden) loadDuplicates(); // the Actions view reloads its runs in `done`
   } catch (error) {
-    showMessage(error.message);
+    button.textContent = "Undo";
+    button.disabled = false;
+    failed(`Not undone: ${error.message}`);
   }
 }
 
@@ -426,10 +584,10 @@ async function loadRuns(message) {
       const undo = el("button", { type: "button" }, "Undo");
       undo.setAttribute("aria-label", `Undo run ${run.run_id}`);
       undo.disabled = !data.enabled || !run.counts.done;
-      undo.addEventListener("click", () => undoRun(run.run_id, (text) => {
+      undo.addEventListener("click", () => undoRun(run.run_id, undo, (text) => {
         loadRuns(text);
         status.focus();
-      }));
+      }, (text) => { status.textContent = text; status.focus(); }));
       return el("tr", {}, el("td", {}, el("code", { title: run.manifest_path }, run.run_id)), el("td", {}, run.action),
         el("td", {}, run.created.replace("T", " ").replace("+00:00", "")), el("td", { class: "state" }, run.state),
         el("td", {}, counts), el("td", {}, undo));
@@ -465,10 +623,19 @@ function fillSide(figure, side) {
   ]));
 }
 
-function openCompare(score, a, b) {
+// scores: {score (what dups thresholds, or null under the cosine floor), cosine, score_name}
+function openCompare(scores, a, b) {
   state.compareFrom = location.hash.slice(1) === "duplicates" ? "duplicates" : "search";
   state.compared = true;
-  $("compare-score").textContent = `Score (cosine similarity): ${score.toFixed(3)}`;
+  const name = scores.score_name || "cosine";
+  const threshold = cutOff();
+  const copy = scores.score != null && scores.score >= threshold - 1e-9;
+  const shown = name === "cosine" ? `Cosine ${scoreText(scores.cosine)}`
+    : `Collection-aware score ${scoreText(scores.score)} (cosine ${scoreText(scores.cosine)})`;
+  const line = $("compare-score");
+  line.textContent = `${shown}: ${copy ? "a copy" : "not a copy"} at the dups threshold ${threshold.toFixed(2)}.`;
+  line.dataset.score = scores.score == null ? "" : String(scores.score);
+  line.dataset.cosine = String(scores.cosine);
   fillSide($("compare-a"), a);
   fillSide($("compare-b"), b);
   location.hash = "compare";
@@ -485,7 +652,8 @@ function indexedSide(image) {
 async function compareIndexed(a, b) {
   try {
     const data = await api(`/api/compare?a=${a}&b=${b}`);
-    openCompare(data.score, indexedSide(data.images[0]), indexedSide(data.images[1]));
+    openCompare({ score: data.score, cosine: data.cosine, score_name: data.score_name },
+      indexedSide(data.images[0]), indexedSide(data.images[1]));
   } catch (error) { showMessage(error.message); }
 }
 
@@ -493,7 +661,7 @@ async function compareWithQuery(match) {
   try {
     const image = await api(`/api/images/${match.id}/info`);
     const preview = $("query-image");
-    openCompare(match.score, {
+    openCompare({ score: match.dups_score, cosine: match.score, score_name: scoreNameNow() }, {
       src: state.queryUrl, name: state.queryFile.name, width: preview.naturalWidth, height: preview.naturalHeight,
       bytes: state.queryFile.size, path: "(your upload; not stored)",
     }, indexedSide(image));
@@ -519,6 +687,8 @@ function wire() {
 
   $("threshold").addEventListener("input", (event) => {
     state.threshold = Number(event.target.value);
+    remember("threshold", state.threshold);
+    if (state.lastMatches) renderResults(state.lastMatches); // where copies stop follows the threshold
     state.page = 1;
     $("threshold-value").textContent = state.threshold.toFixed(2);
     scheduleDuplicates();
@@ -533,8 +703,14 @@ function wire() {
   $("compare-back").addEventListener("click", () => { location.hash = state.compareFrom; });
 
   $("cleanup-form").addEventListener("submit", (event) => { event.preventDefault(); preview(); });
-  $("action").addEventListener("change", () => { $("move-to-field").hidden = $("action").value !== "move"; forgetPlan(); });
-  for (const id of ["keep", "keep-in", "move-to"]) $(id).addEventListener("input", forgetPlan);
+  $("action").addEventListener("change", () => { $("move-to-field").hidden = $("action").value !== "move"; saveForm(); forgetPlan(); });
+  for (const id of ["keep", "keep-in", "move-to"]) $(id).addEventListener("input", () => { saveForm(); forgetPlan(); });
+  $("include-all").addEventListener("click", () => {
+    state.exclude.clear();
+    saveExclude();
+    for (const box of $("groups").querySelectorAll(".include input")) box.checked = true;
+    if (state.plan) preview();
+  });
   $("threshold").addEventListener("input", forgetPlan);
   $("apply").addEventListener("click", openConfirm);
   $("confirm-count").addEventListener("input", () => {
@@ -550,7 +726,14 @@ function wire() {
   window.addEventListener("hashchange", route);
 }
 
-wire();
-route();
-loadStats();
-loadActionsState();
+async function start() {
+  wire();
+  await loadStats(); // first: the index names what this browser remembers
+  await loadActionsState();
+  restoreForm();
+  saveExclude();
+  route();
+  restoreLastRun();
+}
+
+start();
