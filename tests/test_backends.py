@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from neardup import schemas
+from neardup import models, schemas
 from neardup.cli import main
 from neardup.index import Index, ModelMismatch
 from neardup.models import load_embedder, resolve_backend
@@ -698,13 +698,15 @@ def test_guard_refuses_a_few_vectors_moved_far_that_the_mean_hides():
             x = np.array(x, dtype=np.float64)
             for row in self.moved:
                 if row < len(x):
-                    x[row] = x[row] + 1.2 * rng.normal(size=x.shape[1]) * np.linalg.norm(x[row]) / 8
+                    # noise of 0.25 times the row's norm: cosine ~0.97 to where it was
+                    noise = np.random.default_rng(row).normal(size=x.shape[1])
+                    x[row] = x[row] + 0.25 * noise / np.linalg.norm(noise) * np.linalg.norm(x[row])
             return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     report = ob.accuracy_guard(Unit(), Unit(moved=(3,)), originals, copies, 0.995)
     assert report["passed"] and report["mean_cosine"] > 0.995 and report["min_cosine"] < 0.98  # the mean alone passes
     report = ob.accuracy_guard(Unit(), Unit(moved=(3,)), originals, copies, 0.995, min_cosine=0.98)
-    assert not report["passed"] and report["worst"][0]["image"] == 3
+    assert not report["passed"] and report["worst"][0]["image"] in (3, 20 + 3)  # row 3 of either batch
     # hard cases are judged on their own bar
     hard = rng.normal(size=(4, 64))
     report = ob.accuracy_guard(Unit(), Unit(moved=(0,)), originals, copies, 0.995, min_cosine=0.98, extra=hard,
@@ -759,6 +761,10 @@ def test_auto_reports_its_cached_openvino_choice(cache_copy, monkeypatch):
     ovb._choice_path().write_text(json.dumps(choice))
     if ob.gpu_providers() or torch.cuda.is_available():
         pytest.skip("auto picks a GPU backend here")
+    # auto leaves OpenVINO to --backend openvino for now (models.AUTO_PICKS_OPENVINO), whatever was measured
+    assert resolve_backend("auto", threads=2) in ("onnx-int8", "onnx")
+    assert "auto leaves OpenVINO to --backend openvino" in describe_auto()
+    monkeypatch.setattr(models, "AUTO_PICKS_OPENVINO", True)  # the measured verdict, once it is turned on
     assert resolve_backend("auto", threads=2) == "openvino"
     _load_builtin.cache_clear()
     embedder = load_embedder("auto", threads=2)
