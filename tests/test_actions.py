@@ -62,7 +62,7 @@ def test_keep_policy_ranks_by_criteria_in_order():
     old = Record("/p/a/old.jpg", size=100, mtime_ns=1, sha256="c", width=400, height=300)
 
     def survivor(keep, protected=()):
-        return min((big, heavy, old), key=lambda r: actions._rank_key(r, keep, r.path in protected)).path
+        return actions.choose_survivor((big, heavy, old), keep, protected=lambda r: r.path in protected).path
 
     assert survivor(("pixels", "size", "oldest")) == "/p/a/old.jpg"  # pixels tie, size tie, then oldest
     assert survivor(("pixels", "newest")) == "/p/big.jpg"
@@ -70,6 +70,7 @@ def test_keep_policy_ranks_by_criteria_in_order():
     assert survivor(("shortest-path",)) == "/p/big.jpg"
     assert survivor(("pixels",), protected={"/p/heavy.jpg"}) == "/p/heavy.jpg"  # --keep-in wins over all
     assert actions.parse_keep("size, oldest") == ("size", "oldest")
+    assert MANIFEST["properties"]["keep"]["items"]["enum"] == list(actions.KEEP_CRITERIA)
     with pytest.raises(actions.ActionError, match="unknown keep criterion biggest"):
         actions.parse_keep("size,biggest")
 
@@ -82,12 +83,10 @@ def test_dry_run_is_exactly_what_apply_does_and_touches_nothing(library, tmp_pat
     assert {e.group for e in dry.entries} == {1, 2} and all(e.status == "planned" for e in dry.entries)
     assert {e.survivor for e in dry.entries} == {str(photos / "a" / "chelsea.jpg"), str(photos / "a" / "coffee.jpg")}
     default = plan_for(index, "move", keep=actions.DEFAULT_KEEP, to=tmp_path / "moved")
-    for group in {e.group for e in default.entries}:  # most pixels, then the largest file, then the oldest
-        survivor = next(e.survivor for e in default.entries if e.group == group)
-        members = [survivor] + [e.source for e in default.entries if e.group == group]
-        best = max(members, key=lambda p: (Image.open(p).size[0] * Image.open(p).size[1], os.stat(p).st_size,
-                                           -os.stat(p).st_mtime_ns))
-        assert survivor == best
+    # the default keeps the originals, although the flipped chelsea is as large and a larger file
+    assert {e.survivor for e in default.entries} == {str(photos / "a" / "chelsea.jpg"), str(photos / "a" / "coffee.jpg")}
+    flip = photos / "b" / "deep" / "chelsea_flip.jpg"
+    assert os.stat(flip).st_size > os.stat(photos / "a" / "chelsea.jpg").st_size
     applied = actions.apply_plan(plan_for(index, "move", to=tmp_path / "moved"))
     assert [(e.source, e.destination) for e in applied.entries] == [(e.source, e.destination) for e in dry.entries]
     assert all(e.status == "done" for e in applied.entries)
@@ -742,3 +741,79 @@ def test_purge_trash_leaves_folders_no_manifest_of_this_index_made(library, tmp_
     assert (stranger / "sub" / "photo.jpg").read_bytes() == b"a user's photo"
     assert (Path(run.trash) / "added-later.jpg").read_bytes() == b"another user's photo"
     assert purged[0].left == [str(Path(run.trash) / "added-later.jpg")]
+
+
+# ---- issue 19: the default survivor is the original ------------------------------------------------------
+
+
+def test_the_default_survivor_is_the_original_in_every_demo_group(full_index, collection, tmp_path):
+    """The old default (most pixels, then the largest file) kept the captioned or brightened copy and moved
+    the original away in most demo groups. The default policy keeps the original in every group."""
+    originals = {str(Path(p).resolve()) for p in collection["originals"].values()}
+    groups = full_index.duplicates()
+    plan = actions.make_plan(full_index.root, groups, "move", to=tmp_path / "moved")
+    survivors = {entry.group: entry.survivor for entry in plan.entries}
+    judged = 0
+    for number, group in enumerate(groups, 1):
+        held = [p for p in group.files if p in originals]
+        if len(held) == 1:
+            judged += 1
+            assert survivors[number] == held[0], (group.files, survivors[number])
+    assert judged >= 14
+
+
+def test_central_keeps_the_original_against_framed_stretched_captioned_and_smaller_copies(tmp_path, collection, embedder):
+    """Random names, one mtime: only pixels and vectors decide. A framed copy has more pixels, a stretched
+    one more pixels, a captioned one a larger file; the original is kept. A larger version of the same
+    picture is the better file, and is kept over a smaller original of it."""
+    from PIL import Image, ImageOps
+
+    from neardup import demo
+
+    source = Image.open(collection["originals"]["coffee"]).convert("RGB")
+    versions = {
+        "original": source,
+        "framed": ImageOps.expand(source, border=60, fill=(255, 255, 255)),
+        "stretched": source.resize((int(source.width * 1.45), source.height), Image.Resampling.BICUBIC),
+        "caption": demo.watermark(source),
+        "jpeg": demo.jpeg(source, 20),
+        "half": demo.half(source),
+        "bright": demo.brighten(source),
+        "flip": demo.flip(source),
+    }
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = {}
+    for i, (kind, image) in enumerate(versions.items()):
+        path = folder / f"{(i * 7919) % 1000:03d}.jpg"
+        image.save(path, quality=95)
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+        names[kind] = str(path)
+    with Index.open(tmp_path / "idx", create=True, embedder=embedder) as index:
+        index.add([folder])
+        with Store.open(index.root) as store:
+            records = {kind: store.record(path) for kind, path in names.items()}
+            vectors = {r.path: store.vector(r.id) for r in records.values()}
+
+    def survivor(*kinds):
+        chosen = actions.choose_survivor([records[k] for k in kinds], actions.DEFAULT_KEEP, vectors=vectors)
+        return next(k for k in kinds if records[k].path == chosen.path)
+
+    assert survivor(*versions) == "original"
+    assert survivor("framed", "caption", "original", "jpeg", "flip") == "original"
+    assert survivor("original", "half") == "original"  # one picture: the most pixels
+    # a higher-resolution version of a picture is the better file, whichever was made first
+    smaller = {k: v for k, v in records.items() if k != "original"}
+    assert survivor("half", "original", "jpeg") == "original"
+    assert smaller and actions.choose_survivor([records["half"], records["original"]], actions.DEFAULT_KEEP,
+                                               vectors=vectors).path == records["original"].path
+
+
+def test_shape_outliers_are_the_members_whose_aspect_ratio_few_others_share():
+    def record(name, width, height):
+        return Record(f"/p/{name}.jpg", size=1, mtime_ns=1, width=width, height=height)
+
+    group = [record("a", 600, 400), record("b", 300, 200), record("c", 480, 320), record("stretched", 870, 400),
+             record("framed", 720, 520)]
+    assert list(actions.shape_outliers(group)) == [False, False, False, True, True]
+    assert not actions.shape_outliers([record("a", 600, 400), record("b", 870, 400)]).any()  # a pair: no majority

@@ -591,13 +591,14 @@ def test_torch_on_gpu_matches_cpu(embedder, guard_inputs):
 def test_bench_command_writes_valid_figures(tmp_path, cache, collection):
     out = tmp_path / "bench.json"
     images = Path(next(iter(collection["originals"].values()))).parent
-    result = CliRunner().invoke(main, ["bench", "-n", "12", "--images", str(images), "--backends", "onnx",
+    backends = ["onnx", "openvino"] if ovb.available() else ["onnx"]
+    result = CliRunner().invoke(main, ["bench", "-n", "12", "--images", str(images), "--backends", ",".join(backends),
                                        "--queries", "20", "--json", str(out)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     jsonschema.validate(figures, schemas.BENCH)
     assert figures["images"]["count"] == 12 and figures["queries"]["count"] == 20
-    assert [row["backend"] for row in figures["backends"]] == ["onnx"]
+    assert [row["backend"] for row in figures["backends"]] == backends
     assert all(row["available"] and row["index_images_per_s"] > 0 and row["index_cpu_ms_per_image"] > 0
                for row in figures["backends"])
     assert 300e6 < figures["flops"]["macs_per_image"] < 450e6  # EfficientNet-Lite0 at 224 px: ~385 M

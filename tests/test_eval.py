@@ -135,6 +135,10 @@ def test_eval_run_writes_json_plot_and_reaches_the_floor(small_run):
     # the LSH path finds what the exact scan finds on a set this small
     assert ours["lsh_search"]["top1"] == pytest.approx(ours["overall"]["top1"])
     assert ours["dups"]["lsh"]["threshold"] == DEFAULT_THRESHOLD
+    # the survivor figure (issue 19): groups holding an original keep it
+    dups = ours["dups"]["lsh"]
+    assert dups["survivor_groups"] >= 1 and dups["survivor_is_original"] >= 0.95
+    assert "survivor (default --keep) is the original" in output
     assert "micro" not in output or "ALL" in output
     for name in ("seed_lsh", "phash"):  # baselines ran and are scored the same way
         assert set(data["methods"][name]["per_edit"]) == set(EDIT_KINDS)

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from . import files
-from .errors import ActionError  # noqa: F401 (re-exported)
+from .errors import ActionError, ImageError  # noqa: F401 (ActionError re-exported)
 from .files import FileCheckError
 from .index import DuplicateGroup, NeardupError, maybe_compact
 from .store import Record, Store, fsync_dir
@@ -69,8 +69,13 @@ from .store import Record, Store, fsync_dir
 log = logging.getLogger(__name__)
 
 ACTIONS = ("move", "hardlink", "delete")
-KEEP_CRITERIA = ("pixels", "size", "oldest", "newest", "shortest-path")
-DEFAULT_KEEP = ("pixels", "size", "oldest")
+KEEP_CRITERIA = ("shape", "central", "pixels", "size", "oldest", "newest", "shortest-path")
+SAME_PIXELS = 1.5  # mean grey levels between THUMB x THUMB thumbnails of one picture at two sizes (half: 0.4-1.4)
+LARGER = 1.5  # pixels: a version of a picture at least this much larger is another size of it, not an edit
+CENTRAL_NEAR = 0.005  # descriptor centrality within this of the best: decided on pixels
+THUMB = 32
+SHAPE_TOLERANCE = 0.02  # log aspect ratio: rounding of crops and thumbnails stays inside, a 6 % frame does not
+DEFAULT_KEEP = ("shape", "central", "pixels", "size", "oldest")
 MANIFEST_VERSION = 1
 ACTIONS_DIR = "actions"  # inside the index folder: one manifest per applied run
 TRASH_DIR = "trash"
@@ -158,17 +163,138 @@ def parse_keep(text: str) -> tuple[str, ...]:
     return names
 
 
-def _rank_key(record: Record, keep: Sequence[str], protected: bool):
-    """Sort key: the smallest key survives. Files under --keep-in come first, then the criteria in
-    order, then the path, so equal files always resolve the same way."""
-    values = {
-        "pixels": -((record.width or 0) * (record.height or 0)),
-        "size": -record.size,
-        "oldest": record.mtime_ns,
-        "newest": -record.mtime_ns,
-        "shortest-path": len(record.path),
-    }
-    return (not protected, *(values[name] for name in keep), record.path)
+def centrality(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Each member's mean cosine to the other members of its group (pure; unit or not)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    if len(v) < 2:
+        return np.ones(len(v))
+    sims = v @ v.T
+    return (sims.sum(axis=1) - np.diag(sims)) / (len(v) - 1)
+
+
+def shape_outliers(records: Sequence[Record]) -> np.ndarray:
+    """Members whose aspect ratio (within SHAPE_TOLERANCE) fewer than half as many others share as the best
+    shared one: edits that keep the picture's shape (re-encodes, filters, captions, logos, flips, crops and
+    thumbnails of the whole) agree with the original's; a stretched, squashed or framed copy stands alone.
+    In a pair, or where every shape is alone, nobody is an outlier."""
+    ratios = np.array([np.log(max(r.width or 1, 1) / max(r.height or 1, 1)) for r in records])
+    shared = (np.abs(ratios[:, None] - ratios[None, :]) <= SHAPE_TOLERANCE).sum(axis=1) - 1
+    return shared < 0.5 * shared.max()
+
+
+def _pixels(record: Record) -> int:
+    return (record.width or 0) * (record.height or 0)
+
+
+def _looks(paths: Sequence[str]) -> list[tuple[np.ndarray | None, bool]]:
+    """(a THUMB x THUMB RGB thumbnail, whether the file shows a uniform frame) of each file, read safely
+    (JPEG draft decoding: a few ms each); an unreadable file gives (None, True): it is no survivor."""
+    from PIL import Image
+
+    from .images import load_image
+    from .models.default_model import border_box
+
+    out = []
+    for path in paths:
+        try:
+            image = load_image(path, min_side=4 * THUMB).image
+            thumb = np.asarray(image.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32)
+            out.append((thumb, border_box(image) is not None))
+        except (ImageError, NeardupError, OSError, ValueError):
+            out.append((None, True))
+    return out
+
+
+def _central_best(records: Sequence[Record], vectors: dict[str, np.ndarray], eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the members 'central' ranks first, as a mask; every member's descriptor centrality).
+
+    The original is the member every copy was made from: one edit from each copy, two from any other
+    copy. So it is the most central by descriptor (mean cosine to the others) - up to noise of a few
+    thousandths, which copies that change little (a caption, a logo, a re-encode) can win. Members within
+    CENTRAL_NEAR of the best are therefore compared once more, on pixels: each one's mean distance to the
+    others as THUMB x THUMB thumbnails, where edits add up (a caption copy is a caption away from the
+    original and a caption plus an edit from every other copy); a framed one loses to an unframed one.
+    The winner ranks first together with any member the pixels cannot tell from it (in a pair, both are
+    as far from each other) and any larger version of it (the same shape, at least LARGER times its
+    pixels, thumbnails within SAME_PIXELS grey levels): the next criterion decides between those (by
+    default the most pixels: a larger version of the picture is the better file, whichever came first)."""
+    unit = np.asarray([vectors[r.path] for r in records], dtype=np.float64)
+    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    central = centrality(unit)
+    top = float(central[eligible].max())
+    near = np.flatnonzero(eligible & (central >= top - CENTRAL_NEAR))
+    best = np.zeros(len(records), bool)
+    thumbs: dict[int, np.ndarray | None] = {}
+    framed: dict[int, bool] = {}
+
+    def look(indices) -> None:
+        missing = [int(i) for i in indices if int(i) not in thumbs]
+        for i, (thumb, frame) in zip(missing, _looks([records[i].path for i in missing])):
+            thumbs[i], framed[i] = thumb, frame
+
+    def apart(i: int, j: int) -> float:
+        if thumbs[i] is None or thumbs[j] is None:
+            return 255.0
+        return float(np.abs(thumbs[i] - thumbs[j]).mean())
+
+    winner = int(near[0])
+    if len(near) > 1:
+        look(range(len(records)))
+        spread = {int(i): float(np.mean([apart(i, j) for j in range(len(records)) if j != i])) for i in near}
+        winner = min(spread, key=lambda i: (framed[i], spread[i], -central[i]))
+        for i in near:  # as far from the others as the winner is: the pixels cannot tell them apart
+            best[i] = framed[i] == framed[winner] and abs(spread[i] - spread[winner]) <= 1e-6
+    best[winner] = True
+    shape = np.log(max(records[winner].width or 1, 1) / max(records[winner].height or 1, 1))
+    larger = [i for i, r in enumerate(records) if eligible[i] and _pixels(r) >= LARGER * _pixels(records[winner])
+              and abs(np.log(max(r.width or 1, 1) / max(r.height or 1, 1)) - shape) <= SHAPE_TOLERANCE]
+    if larger:
+        look([winner, *larger])
+        for i in larger:  # (a frame added around the picture is no larger version of it)
+            best[i] = framed[i] <= framed[winner] and apart(i, winner) <= SAME_PIXELS
+    return best, central
+
+
+def choose_survivor(records: Sequence[Record], keep: Sequence[str], *, vectors: dict[str, np.ndarray] | None = None,
+                    protected: Callable[[Record], bool] = lambda record: False) -> Record:
+    """The member of a group to keep: files under --keep-in first, then the criteria in order, then the
+    path, so equal files always resolve the same way. 'central' needs `vectors` (path -> stored vector)."""
+    return sorted(records, key=_rank_keys(records, keep, vectors, protected))[0]
+
+
+def _rank_keys(records: Sequence[Record], keep: Sequence[str], vectors: dict[str, np.ndarray] | None,
+               protected: Callable[[Record], bool]):
+    """Sort key over one group's records: the smallest key survives.
+
+    'shape': a shape outlier (`shape_outliers`) ranks after the others. 'central': the member
+    `_central_best` ranks first, the others by their descriptor centrality; chosen among the members
+    that the criteria before it leave tied on 'shape' and on --keep-in."""
+    outliers = shape_outliers(records) if "shape" in keep else np.zeros(len(records), bool)
+    position = {r.path: i for i, r in enumerate(records)}
+    central_key: dict[str, tuple] = {}
+    if "central" in keep:
+        guarded = np.array([protected(r) for r in records])
+        eligible = guarded if guarded.any() else np.ones(len(records), bool)
+        if "shape" in keep[:keep.index("central")] and (eligible & ~outliers).any():
+            eligible = eligible & ~outliers
+        best, central = _central_best(records, vectors, eligible)
+        central_key = {r.path: (0, 0.0) if best[i] else (1, float(central.max() - central[i]))
+                       for i, r in enumerate(records)}
+
+    def key(record: Record):
+        values = {
+            "shape": lambda: bool(outliers[position[record.path]]),
+            "central": lambda: central_key[record.path],
+            "pixels": lambda: -_pixels(record),
+            "size": lambda: -record.size,
+            "oldest": lambda: record.mtime_ns,
+            "newest": lambda: -record.mtime_ns,
+            "shortest-path": lambda: len(record.path),
+        }
+        return (not protected(record), *(values[name]() for name in keep), record.path)
+
+    return key
 
 
 # ---- planning ---------------------------------------------------------------------------------
@@ -207,7 +333,9 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
                        if r is not None and r.status == "indexed" and not files.is_within(r.path, handled)]
             if len(records) < 2:
                 continue
-            ranked = sorted(records, key=lambda r: _rank_key(r, keep, files.is_within(r.path, protected_folders)))
+            vectors = {r.path: store.vector(r.id) for r in records} if "central" in keep else None
+            ranked = sorted(records, key=_rank_keys(records, keep, vectors,
+                                                    lambda r: files.is_within(r.path, protected_folders)))
             chosen.append((number, ranked[0], ranked[1:]))
     for warning in plan.warnings:
         log.warning("neardup: warning: %s", warning)

@@ -231,7 +231,8 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
               help="Act on every group's duplicates (all but the survivor). A dry run unless --apply.")
 @click.option("--to", "move_to", type=click.Path(file_okay=False), help="With --action move: the folder to move into.")
 @click.option("--keep", default=",".join(DEFAULT_KEEP), show_default=True,
-              help="Survivor policy: criteria in order, from pixels, size, oldest, newest, shortest-path.")
+              help="Survivor policy: criteria in order, from shape, central, pixels, size, oldest, newest, "
+                   "shortest-path (docs: 'Which file is kept').")
 @click.option("--keep-in", "keep_in", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Reference folder: its files are preferred as survivors and never touched (repeatable).")
 @click.option("--apply", "do_apply", is_flag=True, help="Do the actions (default: print exactly what would be done).")

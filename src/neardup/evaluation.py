@@ -121,6 +121,27 @@ def grouped_with_original(groups: list[list[str]], copies: list[str], originals:
     return {kind: float(np.mean(flags)) for kind, flags in sorted(per.items())}
 
 
+def survivors_kept(index, groups, originals: set[str]) -> tuple[int, int]:
+    """(groups whose survivor under the default --keep is their original, groups holding exactly one
+    original): the figure issue 19 asks for. A survivor byte-identical to the original (the grey copy
+    of a grey photo) counts as the original."""
+    from . import actions
+    from .store import Store
+
+    kept = judged = 0
+    with Store.open(index.root) as store:
+        for group in groups:
+            held = [p for p in group.files if p in originals]
+            if len(held) != 1:
+                continue
+            records = [store.record(p) for p in group.files]
+            vectors = {r.path: store.vector(r.id) for r in records}
+            survivor = actions.choose_survivor(records, actions.DEFAULT_KEEP, vectors=vectors)
+            judged += 1
+            kept += survivor.sha256 == store.record(held[0]).sha256
+    return kept, judged
+
+
 def _same_part_pairs(items, part_of) -> int:
     counts = Counter(part_of[x] for x in items if part_of.get(x) is not None)
     return sum(c * (c - 1) // 2 for c in counts.values())
@@ -368,17 +389,21 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
             index.add(query_paths, progress=lambda d, t, f: progress("index queries", d, t))
             dups = {}
             originals = [id_to_path[q["matches"][0]] for q in evalset.queries]
+            original_paths = {id_to_path[g["id"]] for g in evalset.gallery if g.get("role") == "original"}
             for mode, exact in (("lsh", False), ("exact", True)):
                 started = time.perf_counter()
-                groups = [g.files for g in index.duplicates(threshold, exact=exact)]
+                found = index.duplicates(threshold, exact=exact)
                 elapsed = time.perf_counter() - started
+                groups = [g.files for g in found]
+                kept, judged = survivors_kept(index, found, original_paths)
                 predicted, correct, true = pair_counts(groups, cluster, part_of)
                 dups[mode] = {"threshold": threshold, "groups": len(groups), "predicted_pairs": predicted,
                               "correct_pairs": correct, "true_pairs": true,
                               "precision": correct / predicted if predicted else 1.0,
                               "recall": correct / true if true else 0.0, "seconds": elapsed,
                               "collection_aware": neighbourhood.applies(len(index.snapshot())),
-                              "grouped_with_original": grouped_with_original(groups, query_paths, originals, edits)}
+                              "grouped_with_original": grouped_with_original(groups, query_paths, originals, edits),
+                              "survivor_is_original": kept / judged if judged else None, "survivor_groups": judged}
 
     all_paths = gallery_paths + query_paths
     all_ok = np.array(gok + qok)
@@ -486,6 +511,9 @@ def table(result: dict) -> str:
         rows.append(f"dups ({mode}) at threshold {d['threshold']}: {d['groups']} groups, pair precision "
                     f"{d['precision']:.4f}, recall {d['recall']:.4f} ({d['correct_pairs']}/{d['predicted_pairs']} "
                     f"predicted pairs right, {d['true_pairs']} true pairs)")
+        if d.get("survivor_groups"):
+            rows.append(f"  survivor (default --keep) is the original in {d['survivor_is_original']:.3f} of the "
+                        f"{d['survivor_groups']} groups holding one original")
     for m in methods:
         c = result["methods"][m]["calibration"]
         if c["threshold"] is None:

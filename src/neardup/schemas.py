@@ -95,7 +95,8 @@ MANIFEST = {
         "action": {"enum": ["move", "hardlink", "delete"]},
         "index": {"type": "string", "description": "the index folder (absolute)"},
         "created": {"type": "string", "description": "ISO 8601 UTC time the plan was made"},
-        "keep": {"type": "array", "items": {"enum": ["pixels", "size", "oldest", "newest", "shortest-path"]},
+        "keep": {"type": "array", "items": {"enum": ["shape", "central", "pixels", "size", "oldest", "newest",
+                                                     "shortest-path"]},
                  "description": "survivor criteria, in order"},
         "keep_in": {"type": "array", "items": {"type": "string"}, "description": "protected folders"},
         "to": {"type": ["string", "null"], "description": "--to folder of a move"},
@@ -281,7 +282,7 @@ BENCH = {
                 "type": "object",
                 "required": ["backend", "available", "error"],
                 "properties": {
-                    "backend": {"enum": ["torch", "onnx", "onnx-int8"]},
+                    "backend": {"enum": ["torch", "onnx", "onnx-int8", "openvino"]},
                     "available": {"type": "boolean"},
                     "error": {"type": ["string", "null"], "description": "why the backend cannot run here"},
                     "providers": {"type": "array", "items": {"type": "string"}},
@@ -294,6 +295,8 @@ BENCH = {
                                                "description": "CPU time of Index.add per image, all threads and "
                                                               "decode worker processes (ms)"},
                     "int8_guard": _GUARD,
+                    "openvino_guard": {"type": "object", "description": "OpenVINO's guard report against fp32 ONNX "
+                                                                        "(mean and worst cosine, hard cases)"},
                 },
             },
         },
@@ -372,7 +375,13 @@ _CALIBRATION = {"type": "object", "required": ["threshold", "precision", "recall
 _DUPS_RUN = {"type": "object",
              "required": ["threshold", "groups", "predicted_pairs", "correct_pairs", "true_pairs", "precision", "recall"],
              "properties": {"precision": {"type": "number", "minimum": 0, "maximum": 1},
-                            "recall": {"type": "number", "minimum": 0, "maximum": 1}}}
+                            "recall": {"type": "number", "minimum": 0, "maximum": 1},
+                            "survivor_is_original": {
+                                "type": ["number", "null"], "minimum": 0, "maximum": 1,
+                                "description": "of the groups holding exactly one original, the fraction whose "
+                                               "survivor under the default --keep is that original (or a "
+                                               "byte-identical copy of it); null when no group holds one"},
+                            "survivor_groups": {"type": "integer", "minimum": 0}}}
 _METHOD = {
     "type": "object",
     "required": ["overall", "per_edit", "calibration", "pairs_curve"],
