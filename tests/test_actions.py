@@ -377,8 +377,10 @@ def test_purge_trash_removes_only_what_old_runs_put_in_the_trash(library, tmp_pa
     assert undone.state == "undone" and all(os.path.isfile(p) for p in reembed) and len(reembed) == 2
 
     # a trash folder that is a symbolic link is refused: it would lead outside the index
+    assert not os.path.lexists(new.trash)  # the complete undo removed the (empty) folder its run had made
     os.rename(trash, tmp_path / "real-trash")
     os.symlink(tmp_path / "real-trash", trash)
+    (tmp_path / "real-trash" / Path(new.trash).name).mkdir()
     os.utime(tmp_path / "real-trash" / Path(new.trash).name, (month_ago, month_ago))
     linked = runner.invoke(main, ["purge-trash", "--index", str(index.root), "--older-than", "0", "--apply", "--yes"])
     assert linked.exit_code == 1 and "not a plain folder" in linked.output
@@ -817,3 +819,22 @@ def test_shape_outliers_are_the_members_whose_aspect_ratio_few_others_share():
              record("framed", 720, 520)]
     assert list(actions.shape_outliers(group)) == [False, False, False, True, True]
     assert not actions.shape_outliers([record("a", 600, 400), record("b", 870, 400)]).any()  # a pair: no majority
+
+
+def test_a_complete_undo_removes_the_folders_its_run_made_and_only_empty_ones(library, tmp_path):
+    """Issue 19 #8: undo left behind the folders the move had made. They are recorded in the manifest
+    before the first is made and removed by a complete undo, deepest first, each only while empty."""
+    photos, index = library
+    target = tmp_path / "new" / "review"
+    plan = actions.apply_plan(plan_for(index, "move", to=target))
+    made = [p for p in plan.created_dirs]
+    assert str(target) in made and str(tmp_path / "new") in made and all(os.path.isdir(p) for p in made)
+    assert json.loads(Path(plan.manifest).read_text())["created_dirs"] == made
+    (tmp_path / "new" / "notes.txt").write_text("the user's")  # put there since: keeps its folder
+    undone, _ = actions.undo(plan.manifest)
+    assert undone.state == "undone"
+    assert not target.exists() and (tmp_path / "new" / "notes.txt").read_text() == "the user's"
+
+    again = actions.apply_plan(plan_for(index, "move", to=tmp_path / "other" / "deep"))
+    actions.undo(again.manifest)
+    assert not (tmp_path / "other").exists()

@@ -131,6 +131,7 @@ class Plan:
     state: str = "planned"  # planned -> applying -> applied | interrupted -> undone | partly-undone
     manifest: str | None = None
     warnings: list[str] = field(default_factory=list)  # e.g. a --keep-in folder that holds no catalogued file
+    created_dirs: list[str] = field(default_factory=list)  # folders apply made (undo removes them once empty)
 
     @property
     def todo(self) -> list[Entry]:
@@ -479,6 +480,7 @@ def apply_plan(plan: Plan, *, manifest: str | os.PathLike | None = None, wait: b
             _refuse_index_target(plan.to, root)
         plan.manifest = str(manifest or root / ACTIONS_DIR / f"{plan.id}.json")
         plan.state = "applying"
+        plan.created_dirs = _folders_to_create(plan)  # recorded before any is made: a crash cannot lose them
         _write_manifest(plan)
         journal = _Journal(plan.manifest)
         number = {id(e): i for i, e in enumerate(plan.entries)}
@@ -828,12 +830,39 @@ def undo(manifest: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[]
         _sync_index(store, plan, [e for e in plan.entries if e.status == "undone"], undo=True)
         left = [e for e in todo if e.status == "done"]
         plan.state = "partly-undone" if left else "undone"
+        if not left:
+            _remove_created_folders(plan)
         _write_manifest(plan)
     if left:
         more = f" (and {len(left) - 1} more; the manifest lists each)" if len(left) > 1 else ""
         raise UndoIncomplete(f"{len(left)} of {len(todo)} files of {manifest} were not restored: "
                              f"{left[0].source}: {left[0].reason.removeprefix('not restored: ')}{more}", plan, reembed)
     return plan, reembed
+
+
+def _folders_to_create(plan: Plan) -> list[str]:
+    """The folders the plan's moves will make (destinations' parents that do not exist yet)."""
+    missing: set[str] = set()
+    for entry in plan.todo:
+        folder = os.path.dirname(entry.destination or "")
+        while folder and folder not in missing and not os.path.lexists(folder):
+            missing.add(folder)
+            folder = os.path.dirname(folder)
+    return sorted(missing)
+
+
+def _remove_created_folders(plan: Plan) -> None:
+    """After a complete undo, remove the folders the run made, deepest first, each only while it is an
+    empty real folder: anything the user put there since keeps it (and its parents)."""
+    for folder in sorted(plan.created_dirs, key=lambda f: f.count(os.sep), reverse=True):
+        if os.path.islink(folder):
+            continue
+        try:
+            os.rmdir(folder)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            fsync_dir(os.path.dirname(folder))
 
 
 def _lost_reason(plan: Plan, entry: Entry) -> str:

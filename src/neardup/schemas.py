@@ -107,6 +107,9 @@ MANIFEST = {
                                  "say why not in their reason (a re-run retries them)"},
         "warnings": {"type": "array", "items": {"type": "string"},
                      "description": "what the plan noticed, e.g. a --keep-in folder that holds no catalogued file"},
+        "created_dirs": {"type": "array", "items": {"type": "string"},
+                         "description": "folders the apply made (recorded before making them); a complete undo "
+                                        "removes each that is still an empty folder"},
         "entries": {
             "type": "array",
             "items": {
