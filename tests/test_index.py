@@ -17,7 +17,7 @@ from neardup.store import Store
 
 from conftest import PEER_DATA, needs_peer_data
 
-#: A fine texture rotated with black corners is the known weak spot of the descriptor (README,
+#: A fine texture rotated with black corners is the known weak spot of the descriptor (docs/LIMITS.md,
 #: "Known limits": gravel__rotate5 scores 0.50 against its original); every other copy must group.
 # Copies that do not group with their original at the calibrated DEFAULT_THRESHOLD (0.77): 5° rotations
 # of fine textures, star fields and the moon (black corners), and watermark text across a small
@@ -188,7 +188,7 @@ def test_peer_data_groups_like_imagededup_expects(tmp_path, embedder):
     groups = [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates()]
     # alpha_channel_image.png is ukbench00120 saved as RGBA: composited on white it is the same photo.
     # ukbench00120_rotation.jpg (turned ~30 degrees, black corners) scores 0.57 against it: below the
-    # calibrated default, found at 0.55 (README, "Known limits": strong rotations)
+    # calibrated default, found at 0.55 (docs/LIMITS.md: strong rotations)
     assert ["alpha_channel_image.png", "ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg"] in groups
     assert ["alpha_channel_image.png", "ukbench00120.jpg", "ukbench00120_hflip.jpg", "ukbench00120_resize.jpg",
             "ukbench00120_rotation.jpg"] in [sorted(os.path.basename(f) for f in g.files) for g in index.duplicates(0.55)]

@@ -222,7 +222,7 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
 @index_option
 @click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1.5),
               help="Link pairs whose score is >= T: the collection-aware score in an index of "
-                   f"{neighbourhood.MIN_FILES} files or more (README, 'Scores and the threshold'), else the cosine.")
+                   f"{neighbourhood.MIN_FILES} files or more (docs/SCORES.md), else the cosine.")
 @click.option("--cosine", "plain_cosine", is_flag=True, help="Threshold the plain cosine, whatever the index's size.")
 @click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.DUPS).")

@@ -34,7 +34,7 @@ DEFAULT_INDEX_DIR = ".neardup"
 #: Images per model call on a CPU (an embedder with a `batch` attribute, the GPU one, brings its own).
 DEFAULT_BATCH = 32
 #: Default `duplicates` threshold, on the collection-aware score (neighbourhood; plain cosine below
-#: neighbourhood.MIN_FILES files), calibrated with `neardup eval` (README, "Scores and the threshold") for the
+#: neighbourhood.MIN_FILES files), calibrated with `neardup eval` (docs/SCORES.md) for the
 #: default descriptor and the default CPU backend (int8): the lowest threshold whose groups keep pairwise
 #: precision >= 0.99 is 0.625 on the set built with seed 1, 0.636 on seed 2, 0.628 on seed 3 and 0.663 on
 #: seed 4; seeds 1 and 2 alone gave 0.64, which the held-out seed 4 refused (precision 0.988), so the default

@@ -29,7 +29,7 @@ backend: torch and fp32 ONNX agree to ~1e-6 per component, so an index built wit
 with the other. int8 and TensorRT FP16 are approximations of the same vectors (int8: cosine to
 fp32 >= 0.99 on average, guarded), so they share the identity too: mixing them shifts scores by
 about as much as re-encoding a JPEG does, far less than the gap between copies and different
-photos (see README, "Backends"). A custom ONNX model is a different vector space and gets its own
+photos (see docs/BACKENDS.md, "Identity across backends"). A custom ONNX model is a different vector space and gets its own
 identity (file sha256 + spec).
 """
 
@@ -229,7 +229,7 @@ def describe_auto() -> str:
             return ovb.describe_choice(choice)
         return "openvino or onnx-int8: not measured on this CPU yet (the next index or query measures it)"
     why = ("OpenVINO is not installed: pip install 'neardup[openvino]'" if not ovb.available() else
-           "auto leaves OpenVINO to --backend openvino for now: slower end to end here, see README 'Backends'")
+           "auto leaves OpenVINO to --backend openvino for now: slower end to end here, see docs/BACKENDS.md")
     if ob.guarded_int8_model() is not None:
         return f"onnx-int8 (its guarded model is cached; {why})"
     return f"onnx-int8 when its guard passes, else onnx (not built yet; {why})"
