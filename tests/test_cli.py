@@ -200,3 +200,19 @@ def test_a_folder_indexed_again_through_a_symlink_is_not_a_copy_of_itself(tmp_pa
     groups = json.loads(neardup("dups", "--json", index=index).stdout)["groups"]
     assert [sorted(g["files"]) for g in groups] == [[str(real / "rocket-copy.jpg"), str(real / "rocket.jpg")]]
     assert json.loads(neardup("info", "--json", index=index).stdout)["images"] == 3
+
+
+def test_dups_names_the_score_it_thresholds_as_the_page_does(full_index):
+    """Issue 19 #2: one score, one name everywhere: groups read 'collection-aware score a–b, cosine c–d' in
+    an index large enough for collection-aware scores, and only 'cosine' under --cosine."""
+    from click.testing import CliRunner
+
+    from neardup.cli import main
+
+    aware = CliRunner().invoke(main, ["dups", "--index", str(full_index.root)])
+    assert aware.exit_code == 0, aware.output
+    assert "collection-aware score" in aware.output.splitlines()[0] and ", cosine " in aware.output.splitlines()[0]
+    assert "(collection-aware score >= 0.67)" in aware.output
+    plain = CliRunner().invoke(main, ["dups", "--index", str(full_index.root), "--cosine"])
+    assert plain.exit_code == 0 and "collection-aware" not in plain.output
+    assert plain.output.splitlines()[0].split(", ")[1].startswith("cosine ")

@@ -261,6 +261,7 @@ def dups_command(index_dir, threshold, plain_cosine, exact, as_json, as_csv, act
         else:
             groups = index.duplicates(threshold, exact=exact, collection_aware=not plain_cosine)
         root = index.root
+        aware = not plain_cosine and neighbourhood.applies(index.stats()["images"])
     if action:
         _act_on_groups(root, groups, threshold, action, move_to, keep, keep_in, do_apply, as_json, action_no_wait)
         return
@@ -276,12 +277,14 @@ def dups_command(index_dir, threshold, plain_cosine, exact, as_json, as_csv, act
             for path in g.files:
                 writer.writerow([number, path, f"{g.min_score:.6f}", f"{g.max_score:.6f}"])
     else:
+        # the words the page uses: the score the threshold applies to, named for what it is
         for number, g in enumerate(groups, 1):
-            click.echo(f"group {number}: {len(g.files)} files, score {g.min_score:.3f}–{g.max_score:.3f}, "
-                       f"cosine {g.min_cosine:.3f}–{g.max_cosine:.3f}")
+            scores = f"collection-aware score {g.min_score:.3f}–{g.max_score:.3f}, " if aware else ""
+            click.echo(f"group {number}: {len(g.files)} files, {scores}cosine {g.min_cosine:.3f}–{g.max_cosine:.3f}")
             for path in g.files:
                 click.echo(f"  {path}")
-        click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files (threshold {threshold})", err=True)
+        name = "collection-aware score" if aware else "cosine"
+        click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files ({name} >= {threshold})", err=True)
 
 
 def _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv) -> None:
