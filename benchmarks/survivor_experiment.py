@@ -63,10 +63,8 @@ def main(sets: list[str]) -> None:
                         held = [p for p in group.files if p in originals]
                         if len(held) != 1:
                             continue
-                        records = [store.record(p) for p in group.files]
-                        vectors = {r.path: store.vector(r.id) for r in records}
                         for name, keep in POLICIES.items():
-                            survivor = actions.choose_survivor(records, keep, vectors=vectors)
+                            survivor = actions.catalogued_survivor(store, group.files, keep)
                             # a byte-identical copy of the original (the grey copy of a grey photo) is the original
                             kept = survivor.sha256 == store.record(held[0]).sha256
                             judged[name] += kept

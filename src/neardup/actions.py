@@ -257,6 +257,13 @@ def _central_best(records: Sequence[Record], vectors: dict[str, np.ndarray], eli
     return best, central
 
 
+def catalogued_survivor(store: Store, paths: Sequence[str], keep: Sequence[str] = DEFAULT_KEEP) -> Record:
+    """`choose_survivor` of catalogued files, with their records and stored vectors read from `store`."""
+    records = [store.record(p) for p in paths]
+    vectors = {r.path: store.vector(r.id) for r in records} if "central" in keep else None
+    return choose_survivor(records, keep, vectors=vectors)
+
+
 def choose_survivor(records: Sequence[Record], keep: Sequence[str], *, vectors: dict[str, np.ndarray] | None = None,
                     protected: Callable[[Record], bool] = lambda record: False) -> Record:
     """The member of a group to keep: files under --keep-in first, then the criteria in order, then the

@@ -134,9 +134,7 @@ def survivors_kept(index, groups, originals: set[str]) -> tuple[int, int]:
             held = [p for p in group.files if p in originals]
             if len(held) != 1:
                 continue
-            records = [store.record(p) for p in group.files]
-            vectors = {r.path: store.vector(r.id) for r in records}
-            survivor = actions.choose_survivor(records, actions.DEFAULT_KEEP, vectors=vectors)
+            survivor = actions.catalogued_survivor(store, group.files)
             judged += 1
             kept += survivor.sha256 == store.record(held[0]).sha256
     return kept, judged
