@@ -254,3 +254,16 @@ def test_merge_reads_each_shard_footer_once(full_index, tmp_path, embedder):
     merged = dict(zip(target.snapshot().paths, target.snapshot().vectors()))
     assert max(float(np.abs(merged[p] - v).max()) for p, v in zip(snap.paths, vectors)) < 2e-3
     target.close()
+
+
+def test_decode_tasks_ship_the_decode_stages_uint8_pixels(folder):
+    """Issue 20 #3: the Ray decode tasks run the decode stage's recipe (`model_pixels`: uint8 [224, 224, 3],
+    a quarter of float32's bytes through the object store), as `neardup index` does; a failed file gets
+    zeros of the same layout, so every batch of a run stacks."""
+    paths = sorted(str(p) for p in folder.iterdir())
+    out = distributed._decode_batch({"path": np.array(paths, dtype=object), "mtime_ns": np.zeros(len(paths), np.int64)},
+                                    {"backend": "torch"})
+    assert out["pixels"].dtype == np.uint8 and out["pixels"].shape == (len(paths), 224, 224, 3)
+    broken = paths.index(str(folder / "broken.jpg"))
+    assert out["status"][broken] == "failed" and not out["pixels"][broken].any()
+    assert all(out["pixels"][i].any() for i in range(len(paths)) if i != broken)

@@ -8,7 +8,7 @@ inputs and outputs between machines.
 
 Indexing (``neardup index PATH --ray [ADDRESS]``)::
 
-    list files (driver) -> read, sha256, decode, preprocess (CPU tasks)
+    list files (driver) -> read, sha256, decode, uint8 model pixels (CPU tasks)
         -> embed (map_batches over an actor pool: the model is loaded once per actor; a GPU each
            when the cluster has GPUs) -> Parquet shards (neardup.shards, written atomically)
         -> Index.merge (on the driver: hashes vectors with the index's planes, commits)
@@ -167,9 +167,13 @@ def _unchanged(record: Record | None, listed: dict) -> bool:
 
 
 def _decode_batch(batch: dict, embedder: dict) -> dict:
-    """CPU task: read, hash, decode and preprocess each file exactly as `Index.add` does."""
-    embedder = _load_embedder(embedder, threads=1)  # only its preprocess runs here
-    size, preprocess = embedder.input_size, embedder.preprocess
+    """CPU task: read, hash, decode and prepare each file exactly as `Index.add`'s decode stage does
+    (neardup.decode): the embedder's uint8 pixel recipe where it has one (150 KB an image through the
+    object store instead of 600 KB of float32; the embedding actor normalises), else its float input."""
+    embedder = _load_embedder(embedder, threads=1)  # only its pixel recipe runs here
+    size = embedder.input_size
+    uint8 = getattr(embedder, "model_pixels", None) is not None
+    preprocess = embedder.model_pixels if uint8 else embedder.preprocess
     records, pixels = [], []
     for path, listed_mtime in zip(batch["path"], batch["mtime_ns"]):
         path = str(path)
@@ -179,8 +183,9 @@ def _decode_batch(batch: dict, embedder: dict) -> dict:
             prepared = _prepare_file(path, None, size, preprocess)
         records.append(prepared.record)
         pixels.append(prepared.pixels)
-    shape = next((p.shape for p in pixels if p is not None), (3, size, size))
-    stacked = np.zeros((len(records),) + tuple(shape), dtype=np.float32)
+    empty = np.zeros((size, size, 3), np.uint8) if uint8 else np.zeros((3, size, size), np.float32)
+    template = next((p for p in pixels if p is not None), empty)  # every batch of one run has one layout
+    stacked = np.zeros((len(records),) + template.shape, dtype=template.dtype)
     for i, p in enumerate(pixels):
         if p is not None:
             stacked[i] = p
@@ -232,7 +237,7 @@ class _Embed:
         ok = batch["status"] == "indexed"
         vectors = np.zeros((len(ok), self.embedder.dim), dtype=np.float32)
         if ok.any():
-            vectors[ok] = self.embedder.embed(np.asarray(batch["pixels"][ok], dtype=np.float32))
+            vectors[ok] = self.embedder.embed(np.ascontiguousarray(batch["pixels"][ok]))  # uint8 or float32
         out = {key: value for key, value in batch.items() if key != "pixels"}
         out["vector"] = vectors
         out["model"] = np.full(len(ok), self.model, dtype=object)
