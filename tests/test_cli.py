@@ -65,7 +65,7 @@ def test_dups_json_and_csv(cli_index):
     assert list(rows[0]) == ["group", "path", "min_score", "max_score"]
     assert len(rows) == sum(len(g["files"]) for g in payload["groups"])
     text = neardup("dups", "--threshold", "0.9", index=cli_index)
-    assert text.stdout.startswith("group 1:") and "threshold 0.9" in text.stderr
+    assert text.stdout.startswith("group 1:") and "score >= 0.9)" in text.stderr
 
 
 def test_exit_codes_and_one_line_errors(tmp_path, cli_index, collection):
