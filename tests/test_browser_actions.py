@@ -6,6 +6,7 @@ Files are checked on disk by sha256. Screenshots go to test-artifacts/ at the re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,13 +72,12 @@ def watch(page) -> list[str]:
     return problems
 
 
-def test_preview_leave_one_out_apply_and_undo_a_move_in_chromium(library, tmp_path):
-    photos, index = library
-    expect = sync_api.expect
-    expect.set_options(timeout=60_000)
+@contextlib.contextmanager
+def duplicates_page(index: Index, tmp_path: Path):
+    """A served index with actions allowed, and one Chromium page (1280 x 1000) on its Duplicates view at
+    threshold 0.8, once the library's two groups are shown: yields (url, page, problems seen so far)."""
+    sync_api.expect.set_options(timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)
-    target = tmp_path / "moved"
-    before = tree_hashes(photos)
     app = create_app(index, token=TOKEN, allow_actions=True, thumbs_dir=tmp_path / "thumbs")
     with serve_in_thread(app) as url, sync_api.sync_playwright() as playwright:
         browser = launch(playwright)
@@ -85,113 +85,123 @@ def test_preview_leave_one_out_apply_and_undo_a_move_in_chromium(library, tmp_pa
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             problems = watch(page)
             page.goto(f"{url}/?token={TOKEN}#duplicates")
-            status = page.locator("#dups-status")
             page.locator("#threshold").fill("0.8")
-            expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
-            expect(page.locator("#cleanup")).to_be_visible()
-
-            # the settings, with the keyboard where a user would use it
-            page.get_by_label("Action", exact=True).select_option("move")
-            page.get_by_label("Folder to move into").fill(str(target))
-            page.get_by_label("Keep in each group").select_option("pixels,oldest")
-            page.get_by_role("button", name="Preview").click()
-            plan_status = page.locator("#plan-status")
-            expect(plan_status).to_contain_text("Would move 3 files")
-            expect(plan_status).to_contain_text("skip 0, in 2 groups")
-            # each group's kept file is marked, the others say where they go
-            for name in ("chelsea.jpg", "coffee.jpg"):
-                item = page.locator(f'li[data-path="{photos / "a" / name}"]')
-                expect(item.locator(".kept")).to_be_visible()
-                expect(item.locator(".include")).to_be_hidden()
-            half = page.locator(f'li[data-path="{photos / "b" / "chelsea_half.jpg"}"]')
-            expect(half.locator(".plan-note")).to_have_text(f"Moves to {target / 'chelsea_half.jpg'}")
-
-            # leave coffee's copy out: the plan is made again and says so
-            left_out = page.get_by_label("Include coffee_jpeg30.jpg in the clean-up")
-            left_out.focus()
-            page.keyboard.press("Space")
-            expect(left_out).not_to_be_checked()
-            expect(plan_status).to_contain_text("Would move 2 files")
-            expect(plan_status).to_contain_text("skip 1")
-            expect(page.locator(f'li[data-path="{photos / "b" / "coffee_jpeg30.jpg"}"] .plan-note')).to_have_text("Left out")
-            page.locator("#plan-details summary").click()
-            expect(page.locator("#plan-list")).to_contain_text(f"skip {photos / 'b' / 'coffee_jpeg30.jpg'}: left out")
-            assert tree_hashes(photos) == before and not target.exists()  # a preview touches nothing
-            page.screenshot(path=str(ARTIFACTS / "actions-preview.png"), full_page=True)
-
-            # apply, confirmed in the dialog
-            page.get_by_role("button", name="Apply…").click()
-            dialog = page.locator("#confirm")
-            expect(dialog).to_be_visible()
-            expect(dialog).to_contain_text(f"Move 2 files to {target}?")
-            dialog.get_by_role("button", name="Apply").click()
-            result = page.locator("#result")
-            expect(result).to_contain_text("Moved 2 files")
-            manifest_path = result.locator(".manifest-path").inner_text()
-            assert Path(manifest_path).parent == index.root / "actions"
-            expect(page.locator(".result-title")).to_be_focused()
-            page.screenshot(path=str(ARTIFACTS / "actions-applied.png"), full_page=True)
-
-            moved = {photos / "b" / "chelsea_half.jpg": target / "chelsea_half.jpg",
-                     photos / "b" / "chelsea_flip.jpg": target / "chelsea_flip.jpg"}
-            after = tree_hashes(photos, target)
-            for source, destination in moved.items():
-                assert str(source) not in after and after[str(destination)] == before[str(source)]
-            assert after[str(photos / "b" / "coffee_jpeg30.jpg")] == before[str(photos / "b" / "coffee_jpeg30.jpg")]
-            manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
-            assert [e["status"] for e in manifest["entries"]].count("done") == 2
-
-            # undo from the result, then the Actions view lists the run as undone
-            result.get_by_role("button", name="Undo").click()
-            expect(result).to_contain_text("2 files are back in place")
-            assert tree_hashes(photos) == before and tree_hashes(target) == {}
-            page.get_by_role("link", name="Actions").click()
-            row = page.locator("#runs-body tr")
-            expect(row).to_have_count(1)
-            expect(row.locator(".state")).to_have_text("undone")
-            expect(row.get_by_role("button", name=f"Undo run {manifest['id']}")).to_be_disabled()
-            page.screenshot(path=str(ARTIFACTS / "actions-runs.png"), full_page=True)
-
-            # delete asks for the number of files, typed (coffee's copy, left out above, is included again first:
-            # a file left out stays left out until the user says otherwise)
-            page.get_by_role("link", name="Duplicates").click()
-            expect(left_out).not_to_be_checked()
-            page.get_by_role("button", name="Include them all again").click()
-            expect(left_out).to_be_checked()
-            page.get_by_label("Action", exact=True).select_option("delete")
-            page.get_by_role("button", name="Preview").click()
-            expect(plan_status).to_contain_text("Would delete 3 files")
-            page.get_by_role("button", name="Apply…").click()
-            confirm = dialog.get_by_role("button", name="Apply")
-            expect(confirm).to_be_disabled()
-            count = dialog.get_by_label("Type the number of files to delete")
-            expect(count).to_be_focused()
-            count.fill("2")
-            expect(confirm).to_be_disabled()
-            count.fill("3")
-            expect(confirm).to_be_enabled()
-            page.keyboard.press("Escape")
-            expect(dialog).to_be_hidden()
-            assert tree_hashes(photos) == before and not (index.root / "trash").exists()
-
-            # this time typed and confirmed with Enter; then undone from the Actions view
-            page.get_by_role("button", name="Apply…").click()
-            count.fill("3")
-            page.keyboard.press("Enter")
-            expect(result).to_contain_text("Deleted (into the trash) 3 files")
-            trash = tree_hashes(index.root / "trash")
-            assert sorted(trash.values()) == sorted(h for p, h in before.items() if "/b/" in p)
-            assert not any(os.path.lexists(p) for p in before if "/b/" in p)
-            page.get_by_role("link", name="Actions").click()
-            expect(row).to_have_count(2)
-            expect(row.first.locator(".state")).to_have_text("applied")
-            row.first.get_by_role("button", name="Undo").click()
-            expect(page.locator("#actions-status")).to_contain_text("3 files are back in place")
-            expect(row.first.locator(".state")).to_have_text("undone")
-            assert tree_hashes(photos) == before
-            assert problems == []
+            sync_api.expect(page.locator("#dups-status")).to_contain_text("2 groups, 5 files at threshold 0.8")
+            yield url, page, problems
         finally:
             browser.close()
+
+
+def test_preview_leave_one_out_apply_and_undo_a_move_in_chromium(library, tmp_path):
+    photos, index = library
+    expect = sync_api.expect
+    target = tmp_path / "moved"
+    before = tree_hashes(photos)
+    with duplicates_page(index, tmp_path) as (url, page, problems):
+        status = page.locator("#dups-status")
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(page.locator("#cleanup")).to_be_visible()
+
+        # the settings, with the keyboard where a user would use it
+        page.get_by_label("Action", exact=True).select_option("move")
+        page.get_by_label("Folder to move into").fill(str(target))
+        page.get_by_label("Keep in each group").select_option("pixels,oldest")
+        page.get_by_role("button", name="Preview").click()
+        plan_status = page.locator("#plan-status")
+        expect(plan_status).to_contain_text("Would move 3 files")
+        expect(plan_status).to_contain_text("skip 0, in 2 groups")
+        # each group's kept file is marked, the others say where they go
+        for name in ("chelsea.jpg", "coffee.jpg"):
+            item = page.locator(f'li[data-path="{photos / "a" / name}"]')
+            expect(item.locator(".kept")).to_be_visible()
+            expect(item.locator(".include")).to_be_hidden()
+        half = page.locator(f'li[data-path="{photos / "b" / "chelsea_half.jpg"}"]')
+        expect(half.locator(".plan-note")).to_have_text(f"Moves to {target / 'chelsea_half.jpg'}")
+
+        # leave coffee's copy out: the plan is made again and says so
+        left_out = page.get_by_label("Include coffee_jpeg30.jpg in the clean-up")
+        left_out.focus()
+        page.keyboard.press("Space")
+        expect(left_out).not_to_be_checked()
+        expect(plan_status).to_contain_text("Would move 2 files")
+        expect(plan_status).to_contain_text("skip 1")
+        expect(page.locator(f'li[data-path="{photos / "b" / "coffee_jpeg30.jpg"}"] .plan-note')).to_have_text("Left out")
+        page.locator("#plan-details summary").click()
+        expect(page.locator("#plan-list")).to_contain_text(f"skip {photos / 'b' / 'coffee_jpeg30.jpg'}: left out")
+        assert tree_hashes(photos) == before and not target.exists()  # a preview touches nothing
+        page.screenshot(path=str(ARTIFACTS / "actions-preview.png"), full_page=True)
+
+        # apply, confirmed in the dialog
+        page.get_by_role("button", name="Apply…").click()
+        dialog = page.locator("#confirm")
+        expect(dialog).to_be_visible()
+        expect(dialog).to_contain_text(f"Move 2 files to {target}?")
+        dialog.get_by_role("button", name="Apply").click()
+        result = page.locator("#result")
+        expect(result).to_contain_text("Moved 2 files")
+        manifest_path = result.locator(".manifest-path").inner_text()
+        assert Path(manifest_path).parent == index.root / "actions"
+        expect(page.locator(".result-title")).to_be_focused()
+        page.screenshot(path=str(ARTIFACTS / "actions-applied.png"), full_page=True)
+
+        moved = {photos / "b" / "chelsea_half.jpg": target / "chelsea_half.jpg",
+                 photos / "b" / "chelsea_flip.jpg": target / "chelsea_flip.jpg"}
+        after = tree_hashes(photos, target)
+        for source, destination in moved.items():
+            assert str(source) not in after and after[str(destination)] == before[str(source)]
+        assert after[str(photos / "b" / "coffee_jpeg30.jpg")] == before[str(photos / "b" / "coffee_jpeg30.jpg")]
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+        assert [e["status"] for e in manifest["entries"]].count("done") == 2
+
+        # undo from the result, then the Actions view lists the run as undone
+        result.get_by_role("button", name="Undo").click()
+        expect(result).to_contain_text("2 files are back in place")
+        assert tree_hashes(photos) == before and tree_hashes(target) == {}
+        page.get_by_role("link", name="Actions").click()
+        row = page.locator("#runs-body tr")
+        expect(row).to_have_count(1)
+        expect(row.locator(".state")).to_have_text("undone")
+        expect(row.get_by_role("button", name=f"Undo run {manifest['id']}")).to_be_disabled()
+        page.screenshot(path=str(ARTIFACTS / "actions-runs.png"), full_page=True)
+
+        # delete asks for the number of files, typed (coffee's copy, left out above, is included again first:
+        # a file left out stays left out until the user says otherwise)
+        page.get_by_role("link", name="Duplicates").click()
+        expect(left_out).not_to_be_checked()
+        page.get_by_role("button", name="Include them all again").click()
+        expect(left_out).to_be_checked()
+        page.get_by_label("Action", exact=True).select_option("delete")
+        page.get_by_role("button", name="Preview").click()
+        expect(plan_status).to_contain_text("Would delete 3 files")
+        page.get_by_role("button", name="Apply…").click()
+        confirm = dialog.get_by_role("button", name="Apply")
+        expect(confirm).to_be_disabled()
+        count = dialog.get_by_label("Type the number of files to delete")
+        expect(count).to_be_focused()
+        count.fill("2")
+        expect(confirm).to_be_disabled()
+        count.fill("3")
+        expect(confirm).to_be_enabled()
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        assert tree_hashes(photos) == before and not (index.root / "trash").exists()
+
+        # this time typed and confirmed with Enter; then undone from the Actions view
+        page.get_by_role("button", name="Apply…").click()
+        count.fill("3")
+        page.keyboard.press("Enter")
+        expect(result).to_contain_text("Deleted (into the trash) 3 files")
+        trash = tree_hashes(index.root / "trash")
+        assert sorted(trash.values()) == sorted(h for p, h in before.items() if "/b/" in p)
+        assert not any(os.path.lexists(p) for p in before if "/b/" in p)
+        page.get_by_role("link", name="Actions").click()
+        expect(row).to_have_count(2)
+        expect(row.first.locator(".state")).to_have_text("applied")
+        row.first.get_by_role("button", name="Undo").click()
+        expect(page.locator("#actions-status")).to_contain_text("3 files are back in place")
+        expect(row.first.locator(".state")).to_have_text("undone")
+        assert tree_hashes(photos) == before
+        assert problems == []
 
 
 def recording(app, seen: list[dict]):
@@ -348,83 +358,72 @@ def test_apply_reloads_groups_unticks_persist_refresh_keeps_undo_and_undo_is_dis
     "Undoing…" and cannot be clicked again while it runs."""
     photos, index = library
     expect = sync_api.expect
-    expect.set_options(timeout=60_000)
-    ARTIFACTS.mkdir(exist_ok=True)
     target = tmp_path / "moved"
     before = tree_hashes(photos)
     kept_back = photos / "b" / "coffee_jpeg30.jpg"
-    app = create_app(index, token=TOKEN, allow_actions=True, thumbs_dir=tmp_path / "thumbs")
-    with serve_in_thread(app) as url, sync_api.sync_playwright() as playwright:
-        browser = launch(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            problems = watch(page)
-            page.goto(f"{url}/?token={TOKEN}#duplicates")
-            status, plan_status = page.locator("#dups-status"), page.locator("#plan-status")
-            page.locator("#threshold").fill("0.8")
-            expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
-            page.get_by_label("Folder to move into").fill(str(target))
-            page.get_by_label("Keep in each group").select_option("pixels,oldest")
-            left_out = page.get_by_label("Include coffee_jpeg30.jpg in the clean-up")
-            left_out.uncheck()
-            page.get_by_role("button", name="Preview").click()
-            expect(plan_status).to_contain_text("Would move 2 files")
+    with duplicates_page(index, tmp_path) as (url, page, problems):
+        status, plan_status = page.locator("#dups-status"), page.locator("#plan-status")
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        page.get_by_label("Folder to move into").fill(str(target))
+        page.get_by_label("Keep in each group").select_option("pixels,oldest")
+        left_out = page.get_by_label("Include coffee_jpeg30.jpg in the clean-up")
+        left_out.uncheck()
+        page.get_by_role("button", name="Preview").click()
+        expect(plan_status).to_contain_text("Would move 2 files")
 
-            # a refresh keeps the form: folder, policy, threshold and the untick
-            page.reload()
-            expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
-            expect(page.get_by_label("Folder to move into")).to_have_value(str(target))
-            expect(page.get_by_label("Keep in each group")).to_have_value("pixels,oldest")
-            expect(left_out).not_to_be_checked()
-            expect(page.locator("#left-out")).to_contain_text("1 file is left out")
+        # a refresh keeps the form: folder, policy, threshold and the untick
+        page.reload()
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(page.get_by_label("Folder to move into")).to_have_value(str(target))
+        expect(page.get_by_label("Keep in each group")).to_have_value("pixels,oldest")
+        expect(left_out).not_to_be_checked()
+        expect(page.locator("#left-out")).to_contain_text("1 file is left out")
 
-            page.get_by_role("button", name="Preview").click()
-            expect(plan_status).to_contain_text("Would move 2 files")
-            expect(plan_status).to_contain_text("skip 1")
-            page.get_by_role("button", name="Apply…").click()
-            page.locator("#confirm").get_by_role("button", name="Apply").click()
-            result = page.locator("#result")
-            expect(result).to_contain_text("Moved 2 files")
-            run_id = Path(result.locator(".manifest-path").inner_text()).stem
+        page.get_by_role("button", name="Preview").click()
+        expect(plan_status).to_contain_text("Would move 2 files")
+        expect(plan_status).to_contain_text("skip 1")
+        page.get_by_role("button", name="Apply…").click()
+        page.locator("#confirm").get_by_role("button", name="Apply").click()
+        result = page.locator("#result")
+        expect(result).to_contain_text("Moved 2 files")
+        run_id = Path(result.locator(".manifest-path").inner_text()).stem
 
-            # the groups reload from the index: chelsea's copies left, its group with them; the counts follow
-            expect(status).to_contain_text("1 groups, 2 files at threshold 0.8")
-            expect(status).to_contain_text("2 files that earlier runs moved or linked are left out")
-            expect(page.locator(f'li[data-path="{photos / "b" / "chelsea_half.jpg"}"]')).to_have_count(0)
-            expect(left_out).not_to_be_checked()  # still left out after apply
-            page.get_by_role("button", name="Preview").click()
-            expect(plan_status).to_contain_text("Would move 0 files")
-            expect(page.locator("#plan-note")).to_contain_text("would change no file")
-            expect(page.locator(f'li[data-path="{kept_back}"] .plan-note')).to_have_text("Left out")
-            page.screenshot(path=str(ARTIFACTS / "actions-after-apply.png"), full_page=True)
+        # the groups reload from the index: chelsea's copies left, its group with them; the counts follow
+        expect(status).to_contain_text("1 groups, 2 files at threshold 0.8")
+        expect(status).to_contain_text("2 files that earlier runs moved or linked are left out")
+        expect(page.locator(f'li[data-path="{photos / "b" / "chelsea_half.jpg"}"]')).to_have_count(0)
+        expect(left_out).not_to_be_checked()  # still left out after apply
+        page.get_by_role("button", name="Preview").click()
+        expect(plan_status).to_contain_text("Would move 0 files")
+        expect(page.locator("#plan-note")).to_contain_text("would change no file")
+        expect(page.locator(f'li[data-path="{kept_back}"] .plan-note')).to_have_text("Left out")
+        page.screenshot(path=str(ARTIFACTS / "actions-after-apply.png"), full_page=True)
 
-            # a refresh after apply: the last run and its Undo are still here, the untick too
-            page.reload()
-            expect(status).to_contain_text("1 groups, 2 files at threshold 0.8")
-            expect(result).to_contain_text(f"Last run {run_id}: Moved 2 files, skipped 1")
-            undo = result.get_by_role("button", name=f"Undo run {run_id}")
-            expect(undo).to_be_enabled()
-            expect(left_out).not_to_be_checked()
-            page.screenshot(path=str(ARTIFACTS / "actions-after-refresh.png"), full_page=True)
+        # a refresh after apply: the last run and its Undo are still here, the untick too
+        page.reload()
+        expect(status).to_contain_text("1 groups, 2 files at threshold 0.8")
+        expect(result).to_contain_text(f"Last run {run_id}: Moved 2 files, skipped 1")
+        undo = result.get_by_role("button", name=f"Undo run {run_id}")
+        expect(undo).to_be_enabled()
+        expect(left_out).not_to_be_checked()
+        page.screenshot(path=str(ARTIFACTS / "actions-after-refresh.png"), full_page=True)
 
-            # Undo while it runs: the request is held while the page's button is read (and clicked once more)
-            seen = []
+        # Undo while it runs: the request is held while the page's button is read (and clicked once more)
+        seen = []
 
-            def while_running(route):
-                seen.append(page.evaluate(f"""() => {{ const b = document.querySelector('#result button.undo');
-                    const state = [b.disabled, b.textContent]; b.click(); return state; }}"""))
-                route.continue_()
+        def while_running(route):
+            seen.append(page.evaluate(f"""() => {{ const b = document.querySelector('#result button.undo');
+                const state = [b.disabled, b.textContent]; b.click(); return state; }}"""))
+            route.continue_()
 
-            page.route("**/api/actions/undo", while_running)
-            undo.click()
-            expect(result).to_contain_text(f"Run {run_id} undone: 2 files are back in place")
-            assert seen == [[True, "Undoing…"]]  # one request: the second click found the button disabled
-            assert tree_hashes(photos) == before and tree_hashes(target) == {}
-            expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
-            expect(left_out).not_to_be_checked()  # undo does not forget what the user left out
-            assert problems == []
-        finally:
-            browser.close()
+        page.route("**/api/actions/undo", while_running)
+        undo.click()
+        expect(result).to_contain_text(f"Run {run_id} undone: 2 files are back in place")
+        assert seen == [[True, "Undoing…"]]  # one request: the second click found the button disabled
+        assert tree_hashes(photos) == before and tree_hashes(target) == {}
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(left_out).not_to_be_checked()  # undo does not forget what the user left out
+        assert problems == []
 
 
 def test_a_plan_applied_in_another_tab_is_reported_as_applied_there(library, tmp_path):
