@@ -130,3 +130,24 @@ def test_bench_cpu_per_image_counts_the_decode_worker_processes(tmp_path, files,
     # milliseconds, far below half the workers' share); before the fix the workers' share was missing
     outside_add = 0.5 * children
     assert own + children - outside_add <= reported <= own + children + 0.02
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_bench_splits_the_cpu_between_decoding_and_the_rest(tmp_path, files, onnx_embedder, monkeypatch, processes):
+    """`neardup bench`'s stage breakdown says where the CPU went: the decode workers' CPU per file (their
+    threads' own clocks, or the worker processes' CPU) and the rest per embedded image; the two add up to
+    the run's CPU, and the index's prepare is the index's own again afterwards."""
+    monkeypatch.setattr(decode, "PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr(decode, "PROCESS_MIN_CORES", 1 if processes else 10**6)
+    from neardup import index as index_module
+
+    paths = files[:-1]
+    _, cpu_ms, _, stages = bench.index_run(onnx_embedder, paths, tmp_path / "idx", 2)
+    assert index_module._prepare_file is _prepare_file
+    assert stages["decode"] == ("processes" if processes else "threads")
+    embedded = len(paths) - 1  # broken.jpg is recorded as failed
+    assert stages["decode_cpu_ms_per_file"] > 0 and stages["model_cpu_ms_per_image"] > 0
+    total = stages["decode_cpu_ms_per_file"] * len(paths) + stages["model_cpu_ms_per_image"] * embedded
+    assert total == pytest.approx(cpu_ms * embedded, rel=0.01, abs=0.1)
+    if not processes:  # decoding a 2400x1800 PNG and six photos takes this thread's clock well above zero
+        assert stages["decode_cpu_ms_per_file"] * len(paths) > 5

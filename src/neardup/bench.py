@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -232,7 +233,13 @@ def index_run(embedder, paths: Sequence[Path], root: Path, workers: int | None,
     CPU time it used per image (ms: every thread of this process and the decode stage's worker
     processes, see cpu_seconds): on a busy machine wall time says little, while cores / CPU time per
     image bounds what the same run reaches on idle cores; and the stages: seconds the indexing thread
-    spent in the model, in the store's commits, and otherwise (waiting for decoded files, bookkeeping)."""
+    spent in the model, in the store's commits, and otherwise (waiting for decoded files, bookkeeping),
+    and where the CPU went: decode_cpu_ms_per_file (the decode stage's workers: read, hash, decode, trim,
+    resize) and model_cpu_ms_per_image (the rest: the model's threads, the indexing thread). On cores that
+    decoding and the model share, the indexing thread's seconds "in the model" include the time decoding
+    took the cores from it; the CPU split says which stage to make cheaper."""
+    from . import decode
+    from . import index as index_module
     from .index import Index
     from .store import Store
 
@@ -255,25 +262,53 @@ def index_run(embedder, paths: Sequence[Path], root: Path, workers: int | None,
                 spent[stage] += time.perf_counter() - began
         return run
 
+    # the decode workers' CPU: summed per call from the thread's own clock (threads), or the worker
+    # processes' CPU (cpu_seconds' children part), which is decoding only
+    decode_cpu = [0.0]
+    prepare, lock = index_module._prepare_file, threading.Lock()
+
+    def timed_prepare(*args):
+        began = time.thread_time()
+        try:
+            return prepare(*args)
+        finally:
+            spent_here = time.thread_time() - began
+            with lock:
+                decode_cpu[0] += spent_here
+
+    processes = decode.use_processes(embedder, len(paths), workers or os.cpu_count() or 1)
     embed, commit, own = embedder.embed, Store.commit, "embed" in vars(embedder)
     embedder.embed, Store.commit = timed(embed, "model"), timed(commit, "store")
+    if not processes:  # a closure cannot be sent to worker processes
+        index_module._prepare_file = timed_prepare
     try:
         with Index.open(root, create=True, embedder=embedder) as index:
-            start, cpu_start = time.perf_counter(), cpu_seconds()
+            start, cpu_start, children_start = time.perf_counter(), cpu_seconds(), _children_cpu()
             # a GPU embedder names the batch it wants (256); CPU backends run best at the CLI's 32
             summary = index.add([str(p) for p in paths], progress=progress, workers=workers,
                                 batch_size=getattr(embedder, "batch", 32))
             seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+            if processes:
+                decode_cpu[0] = _children_cpu() - children_start
     finally:
         if own:
             embedder.embed = embed
         else:
             del embedder.embed  # the class's method again
         Store.commit = commit
+        index_module._prepare_file = prepare
     embedded = summary.added - summary.identical
     stages = {"seconds": round(seconds, 3), "model_s": round(spent["model"], 3), "store_s": round(spent["store"], 3),
-              "decode_wait_s": round(seconds - spent["model"] - spent["store"], 3)}
+              "decode_wait_s": round(seconds - spent["model"] - spent["store"], 3),
+              "decode": "processes" if processes else "threads",
+              "decode_cpu_ms_per_file": round(decode_cpu[0] / max(1, len(paths)) * 1000, 2),
+              "model_cpu_ms_per_image": round((cpu - decode_cpu[0]) / max(1, embedded) * 1000, 2)}
     return embedded / seconds, cpu / max(1, embedded) * 1000, root, stages
+
+
+def _children_cpu() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
 def cpu_seconds() -> float:
@@ -468,7 +503,10 @@ def summary_lines(figures: dict) -> list[str]:
                      f"{cores * 1000 / cpu:.0f} images/s on {cores} idle cores"
                      + (f"; of {stages['seconds']:.1f} s the indexing thread spent {stages['model_s']:.1f} s in the model, "
                         f"{stages['store_s']:.1f} s storing, {stages['decode_wait_s']:.1f} s waiting for decoded files"
-                        if stages else ""))
+                        if stages else "")
+                     + (f"; CPU: decoding {stages['decode_cpu_ms_per_file']:.1f} ms per file ({stages['decode']}), "
+                        f"model and the rest {stages['model_cpu_ms_per_image']:.1f} ms per image"
+                        if "decode_cpu_ms_per_file" in stages else ""))
         if row.get("choice"):
             lines.append(f"{row['backend']}: runs {row['choice']}")
         if "openvino_guard" in row:
