@@ -166,12 +166,11 @@ def resolve_backend(backend: str | None = None, threads: int | None = None) -> s
     return "onnx-int8" if ob.auto_int8_model(threads) is not None else "onnx"
 
 
-#: Whether `auto` considers OpenVINO. Off for now, measured (benchmarks/RESULTS.md, "OpenVINO backend"): on
-#: this 2-core machine bf16 runs the model 1.9x faster than ORT int8 but `neardup index` end to end is slower
-#: (112 vs 127 img/s: decoding is the bottleneck and OpenVINO's threads compete with it), a one-image
-#: `query` starts 0.2 s later, and `dups` recall on eval seed 1 is 0.0055 under fp32 (target: within 0.005).
-#: `--backend openvino` runs it on request; the measured verdict (auto_choice) is what turns this on.
-AUTO_PICKS_OPENVINO = False
+#: Whether `auto` considers OpenVINO (its measured verdict, `openvino_backend.auto_choice`, then decides).
+#: On, measured on this 2-core Sapphire Rapids (benchmarks/RESULTS.md, "OpenVINO backend", "Decode stage on
+#: 2 cores"): `neardup index` 1.22x ORT int8 end to end, a one-image `query` 0.51 s, and eval seeds 1-4 within
+#: 0.0055 of fp32 on every figure (ORT int8: within 0.0081). A switch, so a deployment can pin ORT int8.
+AUTO_PICKS_OPENVINO = os.environ.get("NEARDUP_AUTO_OPENVINO", "1") != "0"
 
 
 def _openvino_installed() -> bool:
@@ -229,7 +228,7 @@ def describe_auto() -> str:
             return ovb.describe_choice(choice)
         return "openvino or onnx-int8: not measured on this CPU yet (the next index or query measures it)"
     why = ("OpenVINO is not installed: pip install 'neardup[openvino]'" if not ovb.available() else
-           "auto leaves OpenVINO to --backend openvino for now: slower end to end here, see docs/BACKENDS.md")
+           "auto leaves OpenVINO to --backend openvino: NEARDUP_AUTO_OPENVINO=0")
     if ob.guarded_int8_model() is not None:
         return f"onnx-int8 (its guarded model is cached; {why})"
     return f"onnx-int8 when its guard passes, else onnx (not built yet; {why})"

@@ -225,11 +225,27 @@ def _fault(path: Path, recorded) -> str | None:
     return None if actual == recorded else "is damaged (its sha256 differs from the one recorded when it was built)"
 
 
+_held_locks = threading.local()  # per thread: cache folders whose build lock this thread holds, and how often
+
+
 @contextlib.contextmanager
 def build_lock(cache: Path):
     """Held while building a file into the cache: one process builds, the others wait, then find its file
     (every builder re-checks the cache under the lock). Taking it first removes what builds killed
-    mid-way left (the lock died with them). Raises CacheError when the cache cannot be written."""
+    mid-way left (the lock died with them). Raises CacheError when the cache cannot be written.
+
+    Re-entrant within a thread: a build that needs another cached file (OpenVINO's verdict compiles a model
+    and builds the int8 model it is timed against) takes the lock again, and a second flock on a new
+    descriptor of the same file would wait for the first forever."""
+    key = os.path.realpath(cache)
+    held = _held_locks.__dict__.setdefault("counts", {})
+    if held.get(key):
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
     try:
         cache.mkdir(parents=True, exist_ok=True)
         fd = os.open(cache / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -242,8 +258,10 @@ def build_lock(cache: Path):
             pass
         else:
             _remove_leftovers(cache)
+        held[key] = 1
         yield
     finally:
+        held.pop(key, None)
         os.close(fd)
 
 
