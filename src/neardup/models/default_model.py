@@ -110,6 +110,15 @@ def checked_batch(batch: np.ndarray, input_size: int) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def embed_in_batches(batch: np.ndarray, input_size: int, dim: int, step: int, run) -> np.ndarray:
+    """`run` (float32 [m, 3, s, s] -> [m, dim]) over the checked batch, `step` images at a time."""
+    batch = checked_batch(batch, input_size)
+    if len(batch) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    out = [run(batch[i:i + step]) for i in range(0, len(batch), step)]
+    return np.concatenate(out) if len(out) > 1 else out[0]
+
+
 def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
     """(left, top, right, bottom) of the picture inside a uniform frame, or None where there is no frame.
     Each side's lines are compared with the median colour of that side's outermost line, so a mirrored copy

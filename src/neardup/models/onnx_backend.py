@@ -59,8 +59,8 @@ from .default_model import (
     DIM,
     INPUT_SIZE,
     NAME,
-    checked_batch,
     descriptor_key,
+    embed_in_batches,
     identity,
     lsh_center,
     model_pixels,
@@ -408,12 +408,8 @@ class OnnxEmbedder:
         return lite0_preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        batch = checked_batch(batch, self.input_size)
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        step = self._batch
-        out = [self.session.run(None, {"pixels": batch[i:i + step]})[0] for i in range(0, len(batch), step)]
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        return embed_in_batches(batch, self.input_size, self.dim, self._batch,
+                                lambda part: self.session.run(None, {"pixels": part})[0])
 
 
 # ---- int8 --------------------------------------------------------------------------------------------

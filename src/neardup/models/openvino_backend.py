@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import onnx_backend as ob
-from .default_model import DIM, INPUT_SIZE, NAME, checked_batch, identity, lsh_center, model_pixels
+from .default_model import DIM, INPUT_SIZE, NAME, embed_in_batches, identity, lsh_center, model_pixels
 from .default_model import preprocess as lite0_preprocess
 from ..errors import BackendError
 
@@ -207,12 +207,8 @@ class OpenVinoEmbedder:
         return lite0_preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        batch = checked_batch(batch, self.input_size)
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = [np.array(self.request.infer({0: batch[i:i + OV_BATCH]})[0], dtype=np.float32)
-               for i in range(0, len(batch), OV_BATCH)]
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        return embed_in_batches(batch, self.input_size, self.dim, OV_BATCH,
+                                lambda part: np.array(self.request.infer({0: part})[0], dtype=np.float32))
 
 
 # ---- the guard ---------------------------------------------------------------------------------------------
