@@ -806,3 +806,28 @@ def test_the_build_lock_is_reentrant_within_a_thread_and_exclusive_across_proces
         pass
     free = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ob.LOCK_NAME)], capture_output=True, text=True)
     assert free.stdout.strip() == "free"
+
+
+def test_a_cache_that_cannot_even_be_read_runs_torch_or_says_why_in_one_line(monkeypatch, capfd):
+    """Found by a clean-clone run as `nobody` with the cache under a root-only folder: Path.is_dir() and
+    glob() raise PermissionError there (not CacheError), and `neardup index` died with a bare errno line.
+    auto now runs torch with one line; a backend asked for by name gives one error line."""
+    from neardup.models import _load_builtin
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(ob.cache_dir()))
+
+    monkeypatch.setattr(models, "AUTO_PICKS_OPENVINO", False)
+    monkeypatch.setattr(ob, "guarded_int8_model", unreadable)
+    monkeypatch.setattr(ob, "fp32_model_path", unreadable)
+    monkeypatch.setattr(ob, "gpu_providers", lambda: [])
+    if torch.cuda.is_available():
+        pytest.skip("auto picks torch-fp16 here")
+    capfd.readouterr()
+    assert resolve_backend("auto") == "torch"
+    line = capfd.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "cannot use the model cache" in line and "using the torch backend" in line
+    _load_builtin.cache_clear()
+    with pytest.raises(ob.CacheError, match="set NEARDUP_CACHE to a writable folder"):
+        load_embedder("onnx", threads=1)
+    _load_builtin.cache_clear()

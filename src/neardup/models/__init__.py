@@ -147,16 +147,18 @@ def resolve_backend(backend: str | None = None, threads: int | None = None) -> s
         return "torch-fp16"
     if ob.gpu_providers():
         return "onnx"
-    choice = _openvino_choice(threads, build=False)
-    if choice is not None:  # reached earlier: needs no write
-        return choice["backend"]
-    if ob.guarded_int8_model() is not None and not (AUTO_PICKS_OPENVINO and _openvino_installed()):  # built earlier
-        return "onnx-int8"
     try:
+        choice = _openvino_choice(threads, build=False)
+        if choice is not None:  # reached earlier: needs no write
+            return choice["backend"]
+        if ob.guarded_int8_model() is not None and not (AUTO_PICKS_OPENVINO and _openvino_installed()):  # built earlier
+            return "onnx-int8"
         ob.fp32_model_path()  # what int8 is built from, and what auto falls back to
-    except ob.CacheError as exc:
+    except (ob.CacheError, OSError) as exc:  # cannot be written, or not even read (a parent folder closed to us)
+        reason = str(exc) if isinstance(exc, ob.CacheError) else (
+            f"cannot use the model cache {ob.cache_dir()} ({exc.strerror or exc})")
         # torch shares the model's identity (torch and ONNX vectors agree to 1e-6): the index stays one
-        ob._notice(f"{exc}; using the torch backend (the same model and vectors, slower)")
+        ob._notice(f"{reason}; using the torch backend (the same model and vectors, slower)")
         return "torch"
     choice = _openvino_choice(threads, build=True)
     if choice is not None:
@@ -281,6 +283,9 @@ def _load_builtin(backend: str, threads: int | None) -> Embedder:
         return ob.OnnxEmbedder(threads=threads, providers=[*ob.gpu_providers(), "CPUExecutionProvider"])
     except ob.CacheError as exc:  # asked for by name: say what would work rather than run another backend
         raise ob.CacheError(f"{exc}; set NEARDUP_CACHE to a writable folder, or use --backend torch") from exc
+    except PermissionError as exc:
+        raise ob.CacheError(f"cannot use the model cache {ob.cache_dir()} ({exc.strerror or exc}); set NEARDUP_CACHE "
+                            "to a writable folder, or use --backend torch") from exc
 
 
 def _torch_embedder(threads: int | None) -> Embedder:

@@ -269,9 +269,9 @@ def tidy_cache() -> None:
     """Remove what killed builds left in the cache, at start-up, unless a build holds the lock now (its
     items are live) or the cache cannot be written (nothing can be removed then)."""
     cache = cache_dir()
-    if not cache.is_dir():
-        return
-    try:
+    try:  # (is_dir() raises, not answers False, where a parent folder cannot be searched)
+        if not cache.is_dir():
+            return
         fd = os.open(cache / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         return
