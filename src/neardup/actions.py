@@ -220,9 +220,7 @@ def _central_best(records: Sequence[Record], vectors: dict[str, np.ndarray], eli
     as far from each other) and any larger version of it (the same shape, at least LARGER times its
     pixels, thumbnails within SAME_PIXELS grey levels): the next criterion decides between those (by
     default the most pixels: a larger version of the picture is the better file, whichever came first)."""
-    unit = np.asarray([vectors[r.path] for r in records], dtype=np.float64)
-    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-    central = centrality(unit)
+    central = centrality([vectors[r.path] for r in records])
     top = float(central[eligible].max())
     near = np.flatnonzero(eligible & (central >= top - CENTRAL_NEAR))
     best = np.zeros(len(records), bool)
@@ -260,8 +258,12 @@ def _central_best(records: Sequence[Record], vectors: dict[str, np.ndarray], eli
 def catalogued_survivor(store: Store, paths: Sequence[str], keep: Sequence[str] = DEFAULT_KEEP) -> Record:
     """`choose_survivor` of catalogued files, with their records and stored vectors read from `store`."""
     records = [store.record(p) for p in paths]
-    vectors = {r.path: store.vector(r.id) for r in records} if "central" in keep else None
-    return choose_survivor(records, keep, vectors=vectors)
+    return choose_survivor(records, keep, vectors=_stored_vectors(store, records, keep))
+
+
+def _stored_vectors(store: Store, records: Sequence[Record], keep: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """What 'central' compares (path -> stored vector); None when `keep` does not use it."""
+    return {r.path: store.vector(r.id) for r in records} if "central" in keep else None
 
 
 def choose_survivor(records: Sequence[Record], keep: Sequence[str], *, vectors: dict[str, np.ndarray] | None = None,
@@ -341,8 +343,7 @@ def make_plan(index_root: str | os.PathLike, groups: Iterable[DuplicateGroup], a
                        if r is not None and r.status == "indexed" and not files.is_within(r.path, handled)]
             if len(records) < 2:
                 continue
-            vectors = {r.path: store.vector(r.id) for r in records} if "central" in keep else None
-            ranked = sorted(records, key=_rank_keys(records, keep, vectors,
+            ranked = sorted(records, key=_rank_keys(records, keep, _stored_vectors(store, records, keep),
                                                     lambda r: files.is_within(r.path, protected_folders)))
             chosen.append((number, ranked[0], ranked[1:]))
     for warning in plan.warnings:
