@@ -41,9 +41,12 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 
 from neardup import lsh  # noqa: E402
-from neardup.index import (LSH_SEED, NUM_TABLES, QUERY_PROBES, QUERY_PROBES_UNCENTRED, SHORTLIST,  # noqa: E402
+from neardup.index import (DEFAULT_THRESHOLD, LSH_SEED, NUM_TABLES, QUERY_PROBES, QUERY_PROBES_UNCENTRED, SHORTLIST,  # noqa: E402
                            STORED_BITS, Index, query_bits)
 from neardup.store import Record, Store  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import photos_variant  # noqa: E402
 
 DIM = 1280
 CHUNK = 50_000
@@ -71,13 +74,17 @@ def base_chunk(rng, rows: int, variant: str, mu: np.ndarray) -> np.ndarray:
     return unit(g if variant == "random" else 0.5 * mu + g)
 
 
-def build(work: Path, n: int, queries: int, variant: str, seed: int) -> dict:
-    """Write the index, return the queries, the exact oracle and the planted pairs."""
+def build(work: Path, n: int, queries: int, variant: str, seed: int, extra: int = 0) -> dict:
+    """Write the index, return the queries, the exact oracle and the planted pairs; for the photos
+    variant also `extra` more rows of the same collection, held back (the incremental step)."""
     rng = np.random.default_rng(seed)
+    dim = photos_variant.DIM if variant == "photos" else DIM
     mu = unit(rng.standard_normal((1, DIM), dtype=np.float32))[0]
     groups = min(10_000, n // 20)
     chunk = max(CHUNK, groups * (1 + COPIES))
-    planes = lsh.make_planes(DIM, NUM_TABLES, STORED_BITS, LSH_SEED)
+    planes = lsh.make_planes(dim, NUM_TABLES, STORED_BITS, LSH_SEED)
+    photos = photos_variant.PhotosVariant(seed, n + extra, planted=groups).chunks(chunk) if variant == "photos" else None
+    held: list[np.ndarray] = []
     store = Store.open(work, create=True, write=True)
     store.save_planes(planes)
     center = None
@@ -89,10 +96,15 @@ def build(work: Path, n: int, queries: int, variant: str, seed: int) -> dict:
     hash_seconds = commit_seconds = 0.0
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
-        vectors = base_chunk(rng, rows, variant, mu)
+        if photos is not None:  # the model's rows, planted copies included; rows past n are held back
+            vectors = next(photos)[1]
+            held.append(vectors[rows:])
+            vectors = vectors[:rows]
+        else:
+            vectors = base_chunk(rng, rows, variant, mu)
         if start == 0:
             originals = vectors[:groups]
-            for c in range(COPIES):
+            for c in range(COPIES if photos is None else 0):
                 vectors[groups * (1 + c) : groups * (2 + c)] = copies_of(rng, originals)
             # planted pairs: original-copy and copy-copy, with their exact float32 cosine
             a = np.r_[np.arange(groups), np.arange(groups), groups + np.arange(groups)]
@@ -106,7 +118,7 @@ def build(work: Path, n: int, queries: int, variant: str, seed: int) -> dict:
                 center = vectors[groups * 3 : groups * 3 + 10_000].mean(axis=0)
             store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED,
                                    "center": None if center is None else [float(x) for x in center]})
-            store.set_meta("model", {"name": f"synthetic-{variant}", "dim": DIM})
+            store.set_meta("model", {"name": f"synthetic-{variant}", "dim": dim})
         t0 = time.perf_counter()
         codes = lsh.hash_vectors(vectors, planes, NUM_TABLES, center)
         t1 = time.perf_counter()
@@ -125,8 +137,10 @@ def build(work: Path, n: int, queries: int, variant: str, seed: int) -> dict:
         sample_hits = np.argwhere(sample @ vectors.T >= RELEVANT)
         sample_list += [(int(sample_rows[i]), start + int(j)) for i, j in sample_hits if sample_rows[i] != start + j]
         print(f"  {variant}: {start + rows:,} / {n:,} vectors written", file=sys.stderr, flush=True)
+    if photos is not None:
+        held.extend(vectors for _, vectors in photos)
     store.close()
-    return {"queries": query_vectors, "top_rows": top_rows, "top_scores": top_scores, "planted": planted,
+    return {"held_back": np.concatenate(held)[:extra] if held else None,"queries": query_vectors, "top_rows": top_rows, "top_scores": top_scores, "planted": planted,
             "sample_pairs": sample_list, "hash_seconds": hash_seconds, "commit_seconds": commit_seconds,
             "groups": groups}
 
@@ -148,7 +162,7 @@ def row_of(path: str) -> int:
     return int(path.rsplit("/", 1)[1])
 
 
-def bench_queries(work: Path, data: dict, exact_queries: int) -> dict:
+def bench_queries(work: Path, data: dict, exact_queries: int, baselines: bool = True) -> dict:
     import faiss
 
     faiss.omp_set_num_threads(1)  # single-query latency; FAISS' default threads are erratic on 2 cores
@@ -178,6 +192,9 @@ def bench_queries(work: Path, data: dict, exact_queries: int) -> dict:
         "probes": probes,
         "mean_candidates": int(np.mean(candidates)),
         "memory_mb": round((state.tables.rows.nbytes + state.tables.offsets.nbytes + state.words.nbytes) / 2**20, 1)}
+    if not baselines:
+        index.close()
+        return results
     ms, found = [], []
     for q in queries[:exact_queries]:
         t = time.perf_counter()
@@ -218,7 +235,7 @@ def bench_queries(work: Path, data: dict, exact_queries: int) -> dict:
     for start in range(0, n, block):
         positions = np.arange(start, min(start + block, n))
         t0 = time.perf_counter()
-        flat = faiss.IndexFlatIP(DIM)
+        flat = faiss.IndexFlatIP(queries.shape[1])
         flat.add(lsh.normalise_rows(state.snap.vectors(positions, dtype=None)))
         flat_build += time.perf_counter() - t0
         for i, q in enumerate(flat_queries):
@@ -253,20 +270,15 @@ def bench_pairs(work: Path, data: dict, threshold: float) -> dict:
     sampled = data["sample_pairs"]
     together = lambda x, y: x in group_of and group_of.get(x) == group_of.get(y)  # noqa: E731
     return {"threshold": threshold, "seconds": child["seconds"], "cpu_s": child["cpu_s"], "peak_rss_mb": child["peak_rss_mb"],
-            "plan": child["plan"], "groups": len(child["groups"]),
+            "groups": len(child["groups"]),
             "planted_pairs": len(planted), "planted_recall": round(sum(together(*p) for p in planted) / max(1, len(planted)), 4),
             "sample_pairs": len(sampled), "sample_recall": round(sum(together(*p) for p in sampled) / max(1, len(sampled)), 4)
             if sampled else None}
 
 
 def pairs_child(work: str, threshold: float, out: str) -> None:
-    from neardup import index as index_module
-
+    """`dups` as a fresh process runs it: Index.duplicates over the stored graph (issue 18)."""
     index = Index.open(work)
-    snap = index._search_state().snap
-    plan = lsh.plan_pairs(len(snap), threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=index._unrelated_cosine(),
-                          recall=index_module.PAIR_RECALL, seed=LSH_SEED)
-    del snap
     t0 = time.perf_counter()
     groups = index.duplicates(threshold)
     seconds = time.perf_counter() - t0
@@ -274,9 +286,98 @@ def pairs_child(work: str, threshold: float, out: str) -> None:
     # VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into the child's ru_maxrss
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     figures = {"seconds": round(seconds, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-               "peak_rss_mb": round(int(status["VmHWM"].split()[0]) / 1024), "plan": plan.__dict__}
-    print(f"  all-pairs child: {figures}", file=sys.stderr, flush=True)
+               "peak_rss_mb": round(int(status["VmHWM"].split()[0]) / 1024)}
+    print(f"  dups child: {figures}", file=sys.stderr, flush=True)
     Path(out).write_text(json.dumps({**figures, "groups": [[row_of(f) for f in g.files] for g in groups]}))
+
+
+def bench_graph(work: Path, held: np.ndarray | None = None) -> dict:
+    """The k-NN graph as `neardup index` keeps it: with `held` None its full build over the written rows,
+    else the incremental update after `held` more rows are committed (1 % of the collection)."""
+    from neardup.index import update_graph
+
+    with Store.open(work, write=True) as store:
+        n = store.counts()["indexed"]
+        if held is not None:
+            codes = lsh.hash_vectors(held, store.load_planes(), NUM_TABLES)
+            store.commit(vectors=held, codes=codes, indexed=[Record(f"/synthetic/{n + i}", 1, 1, None) for i in range(len(held))])
+        t0 = time.perf_counter()
+        graph = update_graph(store)
+        seconds = round(time.perf_counter() - t0, 1)
+    what = "built" if held is None else f"updated for {len(held):,} more rows"
+    print(f"  graph over {len(graph):,} rows {what} in {seconds} s", file=sys.stderr, flush=True)
+    return {"seconds": seconds, "rows": len(graph), "clustered": not graph.exact,
+            "rows_with_true_lists": int(graph.exact_rows.sum())}
+
+
+def link_oracle(work: Path, threshold: float, sample: int, seed: int = 3) -> dict:
+    """Links of `sample` random rows: the ones `dups` makes (graph pairs scored with the graph's b) against
+    a brute-force oracle (every row's cosine to them, exact b of them and of their partners by a full
+    scan: bfloat16 product, top 40 re-scored in float32, independent of neardup.graph)."""
+    import torch
+
+    from neardup import neighbourhood
+
+    index = Index.open(work)
+    snap = index.snapshot()
+    n = len(snap)
+    graph = index.graph()
+    b_graph = neighbourhood.backgrounds(graph.kth())
+    a, b, s = index.graph_pairs(threshold, aware=True)
+    linked = neighbourhood.normalised(s, b_graph[a], b_graph[b]) >= threshold
+    a, b = a[linked], b[linked]
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, sample, replace=False))
+    everything = torch.empty((n, snap.vectors(np.arange(1), dtype=None).shape[1]), dtype=torch.bfloat16)
+    for start in range(0, n, 1 << 16):
+        at = np.arange(start, min(start + (1 << 16), n))
+        everything[start:start + len(at)] = torch.from_numpy(lsh.normalise_rows(snap.vectors(at, dtype=None)))
+
+    def exact_kth(at: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(at))
+        for first in range(0, len(at), 512):  # 512 x n bfloat16 similarities at a time
+            part = at[first:first + 512]
+            sims = everything[torch.from_numpy(part)] @ everything.T
+            sims[torch.arange(len(part)), torch.from_numpy(part)] = -float("inf")
+            top = torch.topk(sims, 40, dim=1).indices.numpy()
+            q = lsh.normalise_rows(snap.vectors(part, dtype=None))
+            exact = np.einsum("id,ikd->ik", q, lsh.normalise_rows(snap.vectors(top.ravel(), dtype=None)).reshape(*top.shape, -1))
+            out[first:first + len(part)] = -np.sort(-exact, axis=1)[:, neighbourhood.K - 1]
+        return out
+
+    q = lsh.normalise_rows(snap.vectors(rows, dtype=None))
+    partners = []
+    for start in range(0, n, 1 << 16):
+        at = np.arange(start, min(start + (1 << 16), n))
+        sims = q @ lsh.normalise_rows(snap.vectors(at, dtype=None)).T
+        i, j = np.nonzero(sims >= neighbourhood.COSINE_FLOOR)
+        keep = rows[i] != at[j]
+        partners.append((rows[i[keep]], at[j[keep]], sims[i[keep], j[keep]]))
+    pa, pb, ps = (np.concatenate(x) for x in zip(*partners))
+    whatever = neighbourhood.links_whatever_b(ps, threshold)
+    need = np.union1d(rows, pb[~whatever])
+    b_true = np.full(n, np.nan)
+    b_true[need] = neighbourhood.backgrounds(exact_kth(need))
+    truly = whatever.copy()
+    truly[~whatever] = neighbourhood.normalised(ps[~whatever], b_true[pa[~whatever]], b_true[pb[~whatever]]) >= threshold
+    oracle = {(int(x), int(y)) for x, y in zip(pa[truly], pb[truly])}
+    in_sample = np.isin(a, rows) | np.isin(b, rows)
+    made = set()
+    for x, y in zip(a[in_sample].tolist(), b[in_sample].tolist()):
+        for r, other in ((x, y), (y, x)):
+            if r in set(rows.tolist()):
+                made.add((r, other))
+    groups = {}
+    for g, members in enumerate(index.duplicates(threshold)):
+        for m in members.ids:
+            groups[m] = g
+    ids = snap.ids
+    same_group = sum(groups.get(int(ids[x]), -1) == groups.get(int(ids[y]), -2) for x, y in oracle)
+    index.close()
+    return {"sample_rows": sample, "oracle_links": len(oracle), "dups_links": len(made),
+            "false_links": len(made - oracle), "missed_links": len(oracle - made),
+            "oracle_links_in_one_group": round(same_group / max(1, len(oracle)), 4),
+            "b_exact_for": len(need)}
 
 
 def main() -> None:
@@ -285,8 +386,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--exact-queries", type=int, default=5, help="queries timed with the (slow) exact scans")
     parser.add_argument("--variants", default="random,cone")
-    parser.add_argument("--threshold", type=float, default=0.8, help="all-pairs threshold")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="dups threshold (default: dups' own)")
     parser.add_argument("--no-pairs", action="store_true")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the FAISS and exact-scan query baselines")
+    parser.add_argument("--oracle-rows", type=int, default=100, help="rows whose links are checked by brute force (0: none)")
+    parser.add_argument("--keep", action="store_true", help="keep the index folder")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/neardup-bench-scale"))
     parser.add_argument("--json", type=Path, default=Path("bench_scale.json"))
     parser.add_argument("--pairs-child", nargs=3, help=argparse.SUPPRESS)
@@ -302,16 +406,31 @@ def main() -> None:
         shutil.rmtree(work.parent, ignore_errors=True)
         work.parent.mkdir(parents=True)
         t0 = time.perf_counter()
-        data = build(work, args.n, args.queries, variant, seed=1)
-        entry = {"write_s": round(time.perf_counter() - t0, 1), "hash_s": round(data["hash_seconds"], 1),
-                 "query": bench_queries(work, data, args.exact_queries)}
+        data = build(work, args.n, args.queries, variant, seed=1, extra=args.n // 100 if variant == "photos" else 0)
+        entry = {"write_s": round(time.perf_counter() - t0, 1), "hash_s": round(data["hash_seconds"], 1)}
+        if variant == "photos":
+            print(photos_variant.PhotosVariant(1, args.n + args.n // 100, planted=data["groups"]).describe())
+        entry["graph"] = bench_graph(work)
+        entry["query"] = bench_queries(work, data, args.exact_queries, baselines=not args.no_baselines)
         print_table(variant, entry)
+        if data["held_back"] is not None:
+            entry["graph_update"] = bench_graph(work, data["held_back"])
+            entry["graph_update"]["over_build"] = round(entry["graph_update"]["seconds"] / max(entry["graph"]["seconds"], 1e-9), 4)
         if not args.no_pairs:
-            entry["all_pairs"] = bench_pairs(work, data, args.threshold)
+            entry["dups"] = bench_pairs(work, data, args.threshold)
+            print_pairs(entry["dups"])
+            if args.oracle_rows:
+                entry["links"] = link_oracle(work, args.threshold, args.oracle_rows)
+                print(f"links of {args.oracle_rows} sampled rows against the brute-force oracle: {entry['links']}")
         figures["variants"][variant] = entry
-        if "all_pairs" in entry:
-            print_pairs(entry["all_pairs"])
-        shutil.rmtree(work.parent, ignore_errors=True)
+        print(json.dumps({k: v for k, v in entry.items() if k != "query"}))
+        if "dups" in entry:
+            lsh_query = entry["query"]["neardup LSH (Index.query_vector)"]
+            d = entry["dups"]
+            print(f"scale: variant={variant} n={args.n} query_p50_ms={lsh_query['p50_ms']} query_recall={lsh_query['recall']} "
+                  f"dups_wall_s={d['seconds']} dups_peak_rss_mb={d['peak_rss_mb']} dups_planted_recall={d['planted_recall']}")
+        if not args.keep:
+            shutil.rmtree(work.parent, ignore_errors=True)
     args.json.write_text(json.dumps(figures, indent=2))
     print(f"figures written to {args.json}")
 
@@ -325,7 +444,7 @@ def print_table(variant: str, entry: dict) -> None:
 
 
 def print_pairs(p: dict) -> None:
-    print(f"all-pairs at {p['threshold']}: {p['seconds']} s ({p['cpu_s']} s CPU), peak RSS {p['peak_rss_mb']} MB, plan {p['plan']}, "
+    print(f"dups at {p['threshold']}: {p['seconds']} s ({p['cpu_s']} s CPU), peak RSS {p['peak_rss_mb']} MB, "
           f"{p['groups']} groups; planted pairs {p['planted_pairs']} recall {p['planted_recall']}; "
           f"sample pairs {p['sample_pairs']} recall {p['sample_recall']}")
 

@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 
 from neardup import distributed, neighbourhood, shards
 from neardup.cli import main
-from neardup.index import Index, _exact_pairs
+from neardup.index import Index
 from neardup.store import Record
 
 CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 40  # a JPEG header and nothing after it
@@ -172,25 +172,35 @@ def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, e
     target.close()
 
 
-@pytest.mark.parametrize("threshold", [0.65, 0.9])
-def test_distributed_dups_equal_local_and_exact(full_index, ray_cluster, threshold):
-    snap = full_index.snapshot()
-    found = distributed.duplicates(full_index, threshold, chunk_rows=48, tables_per_task=7)  # several chunks and blocks
-    a, b, scores = found.pairs
-    # the join runs at the lowest cosine a collection-aware score can reach the threshold from
-    join = neighbourhood.join_threshold(threshold) if neighbourhood.applies(len(snap)) else threshold
-    local = full_index._lsh_pairs(snap, join)
-    exact = _exact_pairs(snap, join)
-    assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
-    # Ray runs the local join's tables: the same pairs. Both find each pair at the threshold with
-    # probability >= 0.999 (lsh.plan_pairs), so they hold nearly all the exact pairs and nothing else.
-    assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2])
-    assert _pair_set(snap, a, b) <= _pair_set(snap, *exact[:2])
-    assert len(a) > 50 and len(a) >= 0.99 * len(exact[0])
-    assert _groups(found.groups) == _groups(full_index.duplicates(threshold)) == _groups(
-        full_index.duplicates(threshold, exact=True))
-    local_scores = {(i, j): s for i, j, s in zip(*(x.tolist() for x in local))}
-    assert all(local_scores[(i, j)] == s for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist()))
+@pytest.mark.parametrize("lsh_join", [False, True], ids=["exact-scan-task", "lsh-join-tasks"])
+@pytest.mark.parametrize("plain", [False, True], ids=["collection-aware", "cosine"])
+def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypatch, lsh_join, plain):
+    """Ray runs the crowded files' join (the pairs no k-NN list holds: two bursts of 40 near-identical
+    vectors bridged at cosine ~0.8); the listed pairs and b come from the stored graph: the local pairs
+    and groups, which are the exact path's."""
+    from test_graph import crowded, write_index
+
+    from neardup import index as index_module
+
+    write_index(tmp_path / "idx", crowded(seed=2))
+    if lsh_join:  # more crowded files than an exact scan takes: the LSH join's tables, dealt out to tasks
+        monkeypatch.setattr(index_module, "EXACT_SCAN_MAX", 30)
+        monkeypatch.setattr(distributed, "EXACT_SCAN_MAX", 30)
+    threshold = 0.67
+    with Index.open(tmp_path / "idx") as index:
+        snap = index.snapshot()
+        found = distributed.duplicates(index, threshold, chunk_rows=48, tables_per_task=7, collection_aware=not plain)
+        a, b, scores = found.pairs
+        local = index.graph_pairs(threshold, aware=not plain)
+        assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
+        assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2])
+        local_scores = {(i, j): s for i, j, s in zip(*(x.tolist() for x in local))}
+        assert all(local_scores[(i, j)] == s for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist()))
+        assert (found.candidates > 0) == lsh_join and (found.plan is not None) == lsh_join
+        groups = _groups(found.groups)
+        assert groups == _groups(index.duplicates(threshold, collection_aware=not plain)) == _groups(
+            index.duplicates(threshold, exact=True, collection_aware=not plain))
+        assert max(len(g) for g in groups) >= 80  # the bridge between the crowded bursts was found
 
 
 def test_file_url_goes_through_fsspec(folder, tmp_path, ray_cluster, local_index):

@@ -29,6 +29,7 @@ import pytest
 from conftest import tree_hashes
 
 from neardup import actions
+from neardup import graph as knn
 from neardup.images import load_image
 from neardup.index import Index
 from neardup.store import IndexLocked, IndexWriteError, Store, StoreError
@@ -77,11 +78,17 @@ def killed(result: subprocess.CompletedProcess) -> bool:
 
 
 def check_store(root: Path, *, write: bool = False) -> dict:
-    """Opens, verifies, and the snapshot's ids, paths and vectors agree; with `write` also clears orphans."""
+    """Opens, verifies, and the snapshot's ids, paths and vectors agree; the stored k-NN graph, if any, is
+    whole (a killed writer leaves the previous one); with `write` (after a run that finished) it is
+    current, and orphans are cleared."""
     with Store.open(root, write=write) as store:
         assert store.verify() == []
         snap = store.snapshot()
         assert len(snap.ids) == len(snap.paths) == len(snap.vectors()) == store.counts()["indexed"]
+        arrays = store.load_graph()
+        graph = None if arrays is None else knn.Graph.from_arrays(arrays)  # raises if not whole
+        if write:
+            assert graph is not None and knn.current(graph, snap.ids, snap.stamps)
         return {"counts": store.counts(), "paths": list(snap.paths),
                 "vectors": dict(zip(snap.paths, snap.vectors().astype(np.float32)))}
 
@@ -89,6 +96,8 @@ def check_store(root: Path, *, write: bool = False) -> dict:
 def no_litter(root: Path) -> None:
     with Store.open(root) as store:
         registered = {f"{name}.{kind}.npy" for name in store.segment_names() for kind in ("vectors", "codes")}
+        if store.get_meta("graph"):
+            registered.add(f"{store.get_meta('graph')}.graph.npz")
     assert set(os.listdir(root / "segments")) == registered
 
 

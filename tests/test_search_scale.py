@@ -268,28 +268,32 @@ def brute_force_groups(vectors: np.ndarray, threshold: float) -> set[tuple[str, 
             for g in group_pairs(a[keep], c[keep], scores[keep], cosines[keep])}
 
 
-@pytest.mark.parametrize("n", [10_000, 12_000], ids=["at-the-switch", "past-the-switch"])
-def test_collection_aware_dups_agree_with_the_brute_force_oracle_across_the_exact_scan_switch(tmp_path, n):
+@pytest.mark.parametrize("clustered", [False, True], ids=["exact-graph", "clustered-graph"])
+def test_collection_aware_dups_agree_with_the_brute_force_oracle_in_both_graph_regimes(tmp_path, monkeypatch, clustered):
     """Review 2026-12-06 #2: above EXACT_SCAN_MAX files b came from the LSH k-NN, whose K-th neighbour is
     never nearer than the true one, so b was low and scores high: on 12,000 vectors `dups` gave 1,051
     groups against 947 exact ones, 247 of them no exact group nor part of one; and one Index answered
-    dups(exact=True) with the LSH b's cached by an earlier dups(). Now the exact path is the oracle's, the
-    LSH path's groups are exact groups or parts of them (missed join pairs only), on both sides of the switch."""
-    from neardup import index as index_module
+    dups(exact=True) with approximate b's cached by an earlier dups(). Now b and the candidate pairs come
+    from the stored k-NN graph (neardup.graph). Its exact regime gives the oracle's groups; in its
+    clustered regime (forced here at 12,000 vectors) every file whose b can matter has a true list, so
+    its groups are exact groups or parts of them (a pair the lists miss)."""
+    from neardup import graph as knn
 
-    assert index_module.EXACT_SCAN_MAX in (10_000, 12_000 - 2_000)
+    if clustered:
+        monkeypatch.setattr(knn, "EXACT_MAX", 5_000)
+    n = 12_000
     index, vectors, _ = planted_index(tmp_path, n, 128, n // 10, seed=9, cone=True)
     threshold = 0.85
     oracle = brute_force_groups(vectors, threshold)
-    lsh_sets = {tuple(sorted(g.files)) for g in index.duplicates(threshold)}
-    approximate = index._search_state().lsh_backgrounds
-    used_lsh_knn = approximate is not None and not np.isnan(approximate).all()
-    assert used_lsh_knn == (n > index_module.EXACT_SCAN_MAX)
-    exact_after_lsh = {tuple(sorted(g.files)) for g in index.duplicates(threshold, exact=True)}  # same Index: its cache
+    graph_sets = {tuple(sorted(g.files)) for g in index.duplicates(threshold)}
+    assert index.graph().exact != clustered
+    exact_after = {tuple(sorted(g.files)) for g in index.duplicates(threshold, exact=True)}  # same Index: its cache
     index.close()
     with Index.open(tmp_path / "idx") as fresh:
         exact_sets = {tuple(sorted(g.files)) for g in fresh.duplicates(threshold, exact=True)}
     assert len(oracle) >= n // 15
-    assert exact_sets == oracle and exact_after_lsh == oracle
-    assert all(any(set(group) <= set(e) for e in oracle) for group in lsh_sets)
-    assert len(lsh_sets & oracle) / len(oracle) >= 0.99
+    assert exact_sets == oracle and exact_after == oracle
+    if not clustered:
+        assert graph_sets == oracle
+    assert all(any(set(group) <= set(e) for e in oracle) for group in graph_sets)
+    assert len(graph_sets & oracle) / len(oracle) >= 0.99

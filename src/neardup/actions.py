@@ -63,7 +63,7 @@ import numpy as np
 from . import files
 from .errors import ActionError, ImageError  # noqa: F401 (ActionError re-exported)
 from .files import FileCheckError
-from .index import DuplicateGroup, NeardupError, maybe_compact
+from .index import DuplicateGroup, NeardupError, finish_write
 from .store import Record, Store, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -724,7 +724,7 @@ def _sync_index(store: Store, plan: Plan, entries: Sequence[Entry], *, undo: boo
         vectors, codes = snap.vectors(rows_array), snap.codes(rows_array)
     kept_paths = {r.path for r in records}
     store.commit(vectors=vectors, codes=codes, indexed=records, removed=[p for p in removed if p not in kept_paths])
-    maybe_compact(store)
+    finish_write(store)
 
 
 # ---- recovery and undo ----------------------------------------------------------------------------

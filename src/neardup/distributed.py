@@ -38,6 +38,7 @@ import numpy as np
 from . import lsh, neighbourhood, shards
 from .images import IMAGE_EXTENSIONS, discover
 from .index import (
+    EXACT_SCAN_MAX,
     DuplicateGroup,
     Index,
     NeardupError,
@@ -368,30 +369,60 @@ class DuplicateSearch:
 
 def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
                tables_per_task: int | None = None, collection_aware: bool = True) -> DuplicateSearch:
-    """`index.duplicates(threshold)` computed on the connected Ray cluster: the same plan (tables of
-    random stored bits), the same candidates per table with the same Hamming filter, the same cosine
-    check and grouping, so the same pairs and groups.
-
-    Data movement: the stored codes as 64-byte words go once into the object store (every worker
-    reads them zero-copy); the tables are dealt out to tasks (each sorts n keys per table, which is
-    the local join's work); the candidates are shuffled by (chunk of a, chunk of b) to tasks that
-    fetch those two vector chunks and verify. Only verified pairs come back to the driver."""
+    """`index.duplicates(threshold)` with the connected Ray cluster doing the one part of it that grows
+    with how crowded the collection is: the join among the "crowded" files, whose pairs no k-NN list can
+    hold (Index.graph_pairs). The listed pairs and every file's b come from the k-NN graph the index
+    keeps (neardup.graph), read by the driver as the local path reads them; the crowded join runs as the
+    local one does (an exact scan up to EXACT_SCAN_MAX files, else the LSH join with the same plan),
+    here in Ray tasks. So the pairs and groups are the local ones."""
     ray = connect()
     snap = index.snapshot()
     n = len(snap)
     if n < 2:
         return DuplicateSearch([], _no_pairs(), 0)
-    # collection-aware scores as in Index.duplicates: the join runs at the lowest cosine that can still
-    # reach the threshold; then the backgrounds of the files in verified pairs come from the index's own
-    # k-NN queries on the driver
     aware = collection_aware and neighbourhood.applies(n)
-    group_threshold, threshold = threshold, (neighbourhood.join_threshold(threshold) if aware else threshold)
-    plan = index.pair_plan(n, threshold)
+    joined = {"candidates": 0, "plan": None}
+
+    def join(positions: np.ndarray, cosine: float):
+        vectors = snap.vectors(positions, dtype=None)
+        if len(positions) <= EXACT_SCAN_MAX:
+            return ray.get(ray.remote(_exact_join).remote(ray.put(vectors), cosine))
+        plan = index.pair_plan(len(positions), cosine)
+        a, b, s, count = _ray_join(ray, snap.codes(positions), vectors, cosine, plan, chunk_rows, tables_per_task)
+        joined.update(candidates=count, plan=plan)
+        return a, b, s
+
+    try:
+        a, b, s = index.graph_pairs(threshold, aware=aware, snapshot=snap, join=join)
+        backgrounds = neighbourhood.backgrounds(index.graph(snap).kth()) if aware else None
+    except NeardupError as exc:
+        raise RayError(str(exc)) from None
+    groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, threshold=threshold)
+    return DuplicateSearch(groups, (a, b, s), joined["candidates"], joined["plan"])
+
+
+def _exact_join(vectors: np.ndarray, threshold: float):
+    """Task: every pair of the rows at cosine >= threshold, by exact scan (as Index._crowded_join)."""
+    from .index import _exact_pairs_of
+
+    return _exact_pairs_of(lsh.normalise_rows(vectors), threshold)
+
+
+def _ray_join(ray, codes: np.ndarray, vectors: np.ndarray, threshold: float, plan: lsh.PairPlan, chunk_rows: int,
+              tables_per_task: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """lsh.join_pairs on the cluster: the same tables of random stored bits, the same candidates per
+    table with the same Hamming filter, the same cosine check, so the same pairs (a < b, row numbers of
+    `codes`/`vectors`) and the count of candidates.
+
+    Data movement: the codes as 64-byte words go once into the object store (every worker reads them
+    zero-copy); the tables are dealt out to tasks (each sorts the keys of a table, the local join's
+    work); the candidates are shuffled by (chunk of a, chunk of b) to tasks that fetch those two vector
+    chunks and verify. Only verified pairs come back to the driver."""
+    n = len(codes)
     starts = list(range(0, n, chunk_rows))
     chunks = len(starts)
-    words_ref = ray.put(lsh.code_words(snap.codes()))
-    vector_refs = [ray.put(np.ascontiguousarray(snap.vectors(np.arange(s, min(s + chunk_rows, n)), dtype=None)))
-                   for s in starts]
+    words_ref = ray.put(lsh.code_words(codes))
+    vector_refs = [ray.put(np.ascontiguousarray(vectors[s:s + chunk_rows])) for s in starts]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tables_per_task = tables_per_task or max(1, -(-plan.tables // (4 * cpus)))
     found_a, found_b, found_s = [], [], []
@@ -414,14 +445,6 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
             for batch in verified.iter_batches(batch_format="numpy", batch_size=None):
                 found_a.append(batch["a"]), found_b.append(batch["b"]), found_s.append(batch["score"])
     if not found_a:
-        return DuplicateSearch([], _no_pairs(), count, plan)
+        return (*_no_pairs(), count)
     a, b, s = (np.concatenate(x) for x in (found_a, found_b, found_s))
-    a, b = a.astype(np.int64), b.astype(np.int64)
-    backgrounds = None
-    if aware:
-        try:
-            backgrounds = index.pair_backgrounds(a, b, s, group_threshold, snapshot=snap)
-        except NeardupError as exc:
-            raise RayError(str(exc)) from None
-    groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, threshold=group_threshold)
-    return DuplicateSearch(groups, (a, b, s), count, plan)
+    return a.astype(np.int64), b.astype(np.int64), s, count

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import lsh, neighbourhood
+from . import graph as knn, lsh, neighbourhood
 from .files import FileCheckError, open_regular, same_file
 from .groups import group_pairs
 from .images import NOT_UTF8, ImageError, discover, load_image, printable_path
@@ -238,7 +238,7 @@ class Index:
                 batch.removed.extend(gone)
                 summary.removed = len(gone)
             batch.flush()
-            maybe_compact(store)
+            finish_write(store)
         return summary
 
     def remove(self, paths: Iterable[str | os.PathLike], *, wait: bool = True,
@@ -248,12 +248,14 @@ class Index:
         with Store.open(self.root, write=True, wait=wait, on_wait=on_wait) as store:
             gone = store.paths_under(targets)
             store.commit(removed=gone)
-            maybe_compact(store)
+            finish_write(store)
         return len(gone)
 
     def compact(self) -> int:
         with Store.open(self.root, write=True) as store:
-            return store.compact()
+            dropped = store.compact()
+            update_graph(store)
+            return dropped
 
     def merge(self, shards: Iterable[str], *, progress: ProgressCallback | None = None, wait: bool = True,
               on_wait: Callable[[], None] | None = None, commit_rows: int = 1 << 16) -> "MergeSummary":
@@ -306,7 +308,7 @@ class Index:
                     progress(done, len(files), summary.failed)
             if pending:
                 commit()
-            maybe_compact(store)
+            finish_write(store)
         return summary
 
     def snapshot(self) -> Snapshot:
@@ -387,19 +389,71 @@ class Index:
         state = self._search_state()
         snap = state.snap
         aware = collection_aware and neighbourhood.applies(len(snap))
+        if not exact:
+            a, b, scores = self.graph_pairs(threshold, aware=aware, snapshot=snap)
+            backgrounds = neighbourhood.backgrounds(self.graph(snap).kth()) if aware else None
+            return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
         join = neighbourhood.join_threshold(threshold) if aware else threshold
-        a, b, scores = _exact_pairs(snap, join) if exact else self._lsh_pairs(snap, join)
-        backgrounds = self.pair_backgrounds(a, b, scores, threshold, exact=exact, snapshot=snap) if aware else None
+        a, b, scores = _exact_pairs(snap, join)
+        backgrounds = self.pair_backgrounds(a, b, scores, threshold, exact=True, snapshot=snap) if aware else None
         return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
+
+    def graph(self, snapshot: Snapshot | None = None) -> knn.Graph:
+        """The k-NN graph (neardup.graph) of the current images: the one `index` stored, brought up to date
+        in memory if a writer was interrupted before saving it. `snapshot`, when given, must be current
+        (else NeardupError: the index changed meanwhile)."""
+        state = self._search_state()
+        if snapshot is not None and snapshot is not state.snap and not np.array_equal(snapshot.ids, state.snap.ids):
+            raise NeardupError("the index changed while dups ran; run it again")
+        with self._search_lock:
+            if state.graph is None:
+                state.graph = current_graph(state.snap, stored_graph(self._reader))
+            return state.graph
+
+    def graph_pairs(self, threshold: float, *, aware: bool, snapshot: Snapshot | None = None,
+                    join: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair (snapshot positions a < b, cosine) that can link at `threshold`: the pairs the graph
+        lists at the join cosine, plus the pairs no list can hold. A pair is missing from both lists only
+        when each file has KEEP neighbours at least as close; such a pair links only if its cosine c
+        reaches c* = the threshold (plain cosine) or max(COSINE_FLOOR, threshold + B_MAX - OFFSET) (the
+        collection-aware score, whose b is then B_MAX for both), so the "crowded" files, those whose
+        KEEP-th neighbour reaches c*, are joined among themselves at c*: by `join(positions, c*)` (pairs
+        of indices into `positions`; the Ray path passes its own), else exactly, or by the LSH join above
+        EXACT_SCAN_MAX of them. In the exact regime this gives every pair `--exact` links."""
+        state = self._search_state()
+        snap = snapshot or state.snap
+        graph = self.graph(snap)
+        listed = neighbourhood.join_threshold(threshold) if aware else threshold
+        hidden = max(neighbourhood.COSINE_FLOOR, threshold + neighbourhood.B_MAX - neighbourhood.OFFSET) if aware else threshold
+        a, b, s = graph.pairs(listed)
+        crowded = np.flatnonzero(graph.similarities[:, knn.KEEP - 1] >= hidden) if len(graph) else np.empty(0, np.int64)
+        if len(crowded) >= 2:
+            ca, cb, cs = (join or self._crowded_join)(crowded, hidden)
+            a, b, s = np.r_[a, crowded[ca]], np.r_[b, crowded[cb]], np.r_[s, cs.astype(np.float32)]
+            key, first = np.unique(a * max(len(snap), 1) + b, return_index=True)
+            a, b, s = a[first], b[first], s[first]
+        return a, b, s
+
+    def _crowded_join(self, positions: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        snap = self._search_state().snap
+
+        def vectors(rows: np.ndarray) -> np.ndarray:
+            return snap.vectors(positions[rows], dtype=None)
+
+        if len(positions) <= EXACT_SCAN_MAX:
+            return _exact_pairs_of(lsh.normalise_rows(vectors(np.arange(len(positions)))), threshold)
+        found = list(lsh.join_pairs(snap.codes(positions), vectors, threshold, self.pair_plan(len(positions), threshold)))
+        return tuple(np.concatenate(p) for p in zip(*found)) if found else _no_pairs()
 
     def pair_backgrounds(self, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, threshold: float, *,
                          exact: bool = False, snapshot: Snapshot | None = None) -> np.ndarray:
         """b of every file in the pairs (a, b), as `backgrounds`, such that the links they give are the
-        links exact backgrounds give: an approximate K-th neighbour (the LSH path, above EXACT_SCAN_MAX
-        files) is never nearer than the true one, so its b is a lower bound and a pair failing with it
+        links exact backgrounds give: an approximate K-th neighbour (the graph's clustered regime, above
+        graph.EXACT_MAX files) is never nearer than the true one, so its b is a lower bound and a pair failing with it
         fails with the true b too; every pair that passes with it and whose cosine does not pass whatever
         b is gets the exact b of both files before it links. The exact scans follow the few borderline
-        pairs, not the candidates. The local and the Ray joins both score through this."""
+        pairs, not the candidates."""
         files = np.union1d(a, b)
         values, is_exact = self._backgrounds(files, exact=exact, snapshot=snapshot)
         if is_exact[files].all():
@@ -415,12 +469,10 @@ class Index:
     def backgrounds(self, positions: np.ndarray | None = None, *, exact: bool = False,
                     snapshot: Snapshot | None = None) -> np.ndarray:
         """b (neighbourhood.backgrounds: the cosine to the K-th nearest other file, clipped) of the snapshot
-        positions asked for (default: all), in an array over every position (NaN where not asked). By
-        exact scan up to EXACT_SCAN_MAX files (or when `exact`), else by the LSH query path (a bounded
-        candidate list per file: a lower bound of the exact b; `pair_backgrounds` makes the links agree).
-        Values are kept with the search state until the collection changes, exact ones apart from
-        approximate ones, so an exact request never gets an approximate value. `snapshot`, when given,
-        must be the state's (else NeardupError: the index changed meanwhile)."""
+        positions asked for, in an array over every position. From the stored k-NN graph: exact in its exact
+        regime (up to graph.EXACT_MAX files), else a lower bound of the exact b; with `exact`, such values
+        are replaced by an exact scan's (kept with the search state until the collection changes).
+        `snapshot`, when given, must be the state's (else NeardupError: the index changed meanwhile)."""
         values, _ = self._backgrounds(positions, exact=exact, snapshot=snapshot)
         return values
 
@@ -428,25 +480,23 @@ class Index:
                      snapshot: Snapshot | None) -> tuple[np.ndarray, np.ndarray]:
         """(b over every position, NaN where unknown; which of them are exact)."""
         state = self._search_state()
+        graph = self.graph(snapshot)  # checks that `snapshot` is current
         snap = state.snap
-        if snapshot is not None and snapshot is not snap and not np.array_equal(snapshot.ids, snap.ids):
-            raise NeardupError("the index changed while dups ran; run it again")
         positions = np.arange(len(snap)) if positions is None else np.asarray(positions, dtype=np.int64)
-        exact = exact or len(snap) <= EXACT_SCAN_MAX
         with self._search_lock:
             if state.exact_backgrounds is None:
                 state.exact_backgrounds = np.full(len(snap), np.nan)
-                state.lsh_backgrounds = np.full(len(snap), np.nan)
-            known = state.exact_backgrounds if exact else np.where(
-                np.isnan(state.exact_backgrounds), state.lsh_backgrounds, state.exact_backgrounds)
-            missing = positions[np.isnan(known[positions])]
+                if graph.exact:
+                    state.exact_backgrounds[:] = neighbourhood.backgrounds(graph.kth())
+            missing = positions[np.isnan(state.exact_backgrounds[positions])] if exact else positions[:0]
         if len(missing):
-            kth = self._kth_exact(state, missing) if exact else self._kth_lsh(snap, missing)
+            kth = self._kth_exact(state, missing)
             with self._search_lock:
-                (state.exact_backgrounds if exact else state.lsh_backgrounds)[missing] = neighbourhood.backgrounds(kth)
+                state.exact_backgrounds[missing] = neighbourhood.backgrounds(kth)
         with self._search_lock:
             is_exact = ~np.isnan(state.exact_backgrounds)
-            values = np.where(is_exact, state.exact_backgrounds, np.nan if exact else state.lsh_backgrounds)
+            values = np.where(is_exact, state.exact_backgrounds,
+                              np.nan if exact else neighbourhood.backgrounds(graph.kth()))
         return values, is_exact
 
     @staticmethod
@@ -471,19 +521,6 @@ class Index:
             kth = best.min(axis=1)
             out[first:first + len(chunk)] = np.where(np.isfinite(kth), kth, 0.0)
         return out
-
-    def _kth_lsh(self, snap: Snapshot, rows: np.ndarray) -> np.ndarray:
-        k = neighbourhood.K
-        kth = np.zeros(len(rows))
-        for start in range(0, len(rows), 1 << 14):
-            chunk = rows[start:start + (1 << 14)]
-            vectors = lsh.normalise_rows(snap.vectors(chunk, dtype=None))
-            for i, vector in enumerate(vectors):
-                matches = self.query_vector(vector, k + 1, exact=False)
-                others = [m.score for m in matches if m.id != int(snap.ids[chunk[i]])]
-                # fewer than k found: no bound on the k-th but 0 (the k-th found is NOT a lower bound)
-                kth[start + i] = others[k - 1] if len(others) >= k else 0.0
-        return kth
 
     def stats(self) -> dict:
         counts = self._reader.counts()
@@ -585,11 +622,42 @@ class Index:
         yield from prepare_files(files, store.record, self.embedder, _prepare_file, _failed, workers, lookahead)
 
 
-def maybe_compact(store: Store) -> None:
-    """Compact after a write that left too many dead rows or too many segments: the one rule for every
-    writer (add, remove, merge, actions)."""
+def finish_write(store: Store) -> None:
+    """What every writer (add, remove, merge, actions) does before it lets go of the index: compact if the
+    write left too many dead rows or segments, then bring the neighbourhood graph up to date."""
     if store.dead_fraction() > COMPACT_DEAD_FRACTION or store.counts()["segments"] > COMPACT_MAX_SEGMENTS:
         store.compact()
+    update_graph(store)
+
+
+def update_graph(store: Store) -> knn.Graph:
+    """Bring the stored k-NN graph (neardup.graph) to the store's current images and save it, unless it
+    is current. It is saved after the images' own commit: a crash between the two leaves the previous
+    graph, which every reader brings up to date in memory (`current_graph`) and the next writer saves."""
+    snap = store.snapshot()
+    stored = stored_graph(store)
+    graph = current_graph(snap, stored)
+    if graph is not stored:
+        store.save_graph(graph.arrays())
+    return graph
+
+
+def stored_graph(store: Store) -> knn.Graph | None:
+    arrays = store.load_graph()
+    try:
+        return None if arrays is None else knn.Graph.from_arrays(arrays)
+    except (KeyError, ValueError):  # written by another version of neardup: rebuilt
+        return None
+
+
+def current_graph(snap: Snapshot, graph: knn.Graph | None) -> knn.Graph:
+    """`graph` (or nothing) brought to the snapshot's images: incremental when there is one."""
+    def rows(positions: np.ndarray) -> np.ndarray:
+        return lsh.normalise_rows(snap.vectors(positions, dtype=None))
+
+    if graph is None:
+        return knn.build(snap.ids, snap.stamps, rows)
+    return knn.update(graph, snap.ids, snap.stamps, rows)
 
 
 def query_bits(n: int) -> int:
@@ -761,9 +829,10 @@ class _SearchState:
     snap: Snapshot
     tables: lsh.LSHTables | None = None
     words: np.ndarray | None = None
-    # Index.backgrounds of this snapshot, NaN until computed: by exact scan, and by the LSH query path
+    # exact b (Index.backgrounds) of this snapshot, NaN until computed (all at once in the graph's exact
+    # regime); and the k-NN graph
     exact_backgrounds: np.ndarray | None = None
-    lsh_backgrounds: np.ndarray | None = None
+    graph: knn.Graph | None = None
     _dense: np.ndarray | None = None
 
     def dense(self) -> np.ndarray | None:
@@ -795,15 +864,20 @@ def _exact_top_k(state: _SearchState, vector: np.ndarray, k: int, block: int = 1
 
 
 def _exact_pairs(snap: Snapshot, threshold: float, block: int = 2048):
-    found_a, found_b, found_s = [], [], []
-    n = len(snap)
-    def normalised(first: int) -> np.ndarray:
-        return lsh.normalise_rows(snap.vectors(np.arange(first, min(first + block, n)), dtype=None))
+    """Every pair (a < b) of the snapshot with cosine >= threshold, by blockwise scan (the O(n²) oracle)."""
+    return _scan_pairs(len(snap), lambda at: lsh.normalise_rows(snap.vectors(at, dtype=None)), threshold, block)
 
+
+def _exact_pairs_of(vectors: np.ndarray, threshold: float, block: int = 2048):
+    return _scan_pairs(len(vectors), lambda at: vectors[at], threshold, block)
+
+
+def _scan_pairs(n: int, normalised: Callable[[np.ndarray], np.ndarray], threshold: float, block: int):
+    found_a, found_b, found_s = [], [], []
     for start in range(0, n, block):
-        rows = normalised(start)
+        rows = normalised(np.arange(start, min(start + block, n)))
         for other in range(start, n, block):
-            cols = normalised(other)
+            cols = normalised(np.arange(other, min(other + block, n)))
             scores = rows @ cols.T
             a, b = np.nonzero(scores >= threshold)
             a, b = a + start, b + other

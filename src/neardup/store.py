@@ -6,6 +6,8 @@ Layout of an index folder::
     planes.npy            the LSH hyperplanes (written once, at creation)
     segments/<name>.vectors.npy   float16 [rows, dim] unit vectors (format 2; float32 in format 1)
     segments/<name>.codes.npy     uint32  [rows, tables] LSH codes
+    segments/<name>.graph.npz     the k-nearest-neighbour graph (neardup.graph) of the images indexed
+                                  when it was written; the catalog's meta 'graph' names the current one
     lock                  held (flock) by the one writer
 
 Commit protocol: segment files are written under a temporary name, fsynced, renamed and the folder
@@ -44,7 +46,8 @@ CATALOG = "catalog.sqlite"
 SEGMENTS = "segments"
 # the only names the store writes in SEGMENTS (see commit, compact and _write_array); the orphan sweep
 # deletes nothing else, whatever a user or another program put there
-_SEGMENT_FILE = re.compile(r"(?P<tmp>\.tmp-)?(?P<name>\d{14}-[0-9a-f]{8})\.(?:vectors|codes)\.npy")
+_SEGMENT_FILE = re.compile(r"(?P<tmp>\.tmp-)?(?P<name>\d{14}-[0-9a-f]{8})\.(?:vectors\.npy|codes\.npy|graph\.npz)")
+GRAPH_META = "graph"
 PLANES = "planes.npy"
 LOCK = "lock"
 
@@ -121,8 +124,11 @@ class Snapshot:
     """The live (indexed) images at one moment: ids, paths, codes, and vectors read from segments."""
 
     def __init__(self, ids: np.ndarray, paths: list[str], segment_ids: np.ndarray, rows: np.ndarray,
-                 segments: dict[int, "_Segment"]):
+                 segments: dict[int, "_Segment"], stamps: np.ndarray | None = None):
         self.ids, self.paths = ids, paths
+        # when each image's row was last written (catalog `updated`): a vector changes only with it, and a
+        # compaction moves rows without changing it, so (id, stamp) names a vector (neardup.graph)
+        self.stamps = np.zeros(len(ids)) if stamps is None else stamps
         self._segment_ids, self._rows, self._segments = segment_ids, rows, segments
 
     def __len__(self) -> int:
@@ -323,7 +329,7 @@ class Store:
         with self._read_transaction():
             segments = self._conn.execute("SELECT id, name, rows FROM segments").fetchall()
             rows = self._conn.execute(
-                "SELECT id, path, segment, row FROM images WHERE status = 'indexed' ORDER BY id"
+                "SELECT id, path, segment, row, updated FROM images WHERE status = 'indexed' ORDER BY id"
             ).fetchall()
             # map the files while the read transaction pins this state: a compaction may commit
             # meanwhile (WAL), but it deletes the old files only once no reader holds an older
@@ -336,7 +342,8 @@ class Store:
         paths = [r[1] for r in rows]
         segment_ids = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
         seg_rows = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
-        return Snapshot(ids, paths, segment_ids, seg_rows, loaded)
+        stamps = np.fromiter((r[4] for r in rows), dtype=np.float64, count=len(rows))
+        return Snapshot(ids, paths, segment_ids, seg_rows, loaded, stamps)
 
     def vector(self, image_id: int) -> np.ndarray | None:
         """The stored vector of one image id (None unless it is indexed). The image's row, its segment and
@@ -377,7 +384,45 @@ class Store:
             cached = self._segment_cache[name] = _Segment(seg_id, name, rows, vectors, codes)
         return cached
 
+    def load_graph(self) -> dict[str, np.ndarray] | None:
+        """The arrays of the current neighbourhood graph (`Store.save_graph`), None if none was saved."""
+        for _ in range(2):  # a writer may replace (and sweep) the graph between reading its name and opening it
+            name = self.get_meta(GRAPH_META)
+            if name is None:
+                return None
+            path = self.root / SEGMENTS / f"{name}.graph.npz"
+            try:
+                with np.load(path) as arrays:
+                    return {key: arrays[key] for key in arrays.files}
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, EOFError) as exc:
+                raise StoreError(f"the neighbourhood graph {path} is unreadable: {exc}") from exc
+        return None
+
     # ---- writes --------------------------------------------------------------------------------
+
+    @_reporting_write_errors
+    def save_graph(self, arrays: dict[str, np.ndarray]) -> None:
+        """Make `arrays` the current neighbourhood graph: written under a new name (temporary file, fsync,
+        rename), then named in one transaction, the commit point; the replaced file goes with the orphans."""
+        self._require_write()
+        name = _new_segment_name()
+        path = self.root / SEGMENTS / f"{name}.graph.npz"
+        tmp = path.with_name(f".tmp-{path.name}")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.root / SEGMENTS)
+        self.set_meta(GRAPH_META, name)
+        self._remove_orphans()
 
     @_reporting_write_errors
     def commit(self, *, vectors: np.ndarray | None = None, codes: np.ndarray | None = None,
@@ -514,7 +559,7 @@ class Store:
         busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
         if busy:
             return
-        known = set(self.segment_names())
+        known = set(self.segment_names()) | {self.get_meta(GRAPH_META)}
         with os.scandir(self.root / SEGMENTS) as entries:
             for entry in entries:
                 made = _SEGMENT_FILE.fullmatch(entry.name)

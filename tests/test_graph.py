@@ -1,0 +1,229 @@
+"""The k-NN graph kept with the index (neardup.graph, issue 18): the exact regime against a brute-force
+oracle through any sequence of adds, removals and re-embeds (hypothesis); the clustered regime's
+promises (true similarities, K-th a lower bound, true lists where b can matter); the index keeps it
+current, `dups` in a new process reads it, and `dups` over it links exactly what `dups --exact` links."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from neardup import graph as knn
+from neardup import lsh, neighbourhood
+from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index, stored_graph
+from neardup.store import Record, Store
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_lists(vectors: np.ndarray) -> np.ndarray:
+    """Each row's similarities to the other rows, highest first, KEEP of them (-inf padded)."""
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    top = -np.sort(-sims, axis=1)[:, :knn.KEEP]
+    return np.concatenate([top, np.full((len(vectors), knn.KEEP - top.shape[1]), -np.inf)], axis=1)
+
+
+def assert_true_lists(graph: knn.Graph, vectors: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """The listed similarities are the true ones of the listed rows, and (for `rows`) the true top list."""
+    n = len(vectors)
+    rows = np.arange(n) if rows is None else rows
+    valid = graph.neighbours >= 0
+    assert (np.isfinite(graph.similarities) == valid).all()
+    listed = np.einsum("id,ikd->ik", vectors, vectors[np.where(valid, graph.neighbours, 0)])
+    np.testing.assert_allclose(graph.similarities[valid], listed[valid], atol=2e-5)
+    assert not (graph.neighbours == np.arange(n)[:, None]).any()  # nobody is their own neighbour
+    for row in range(n):  # no row listed twice
+        kept = graph.neighbours[row][valid[row]]
+        assert len(set(kept.tolist())) == len(kept)
+    truth = brute_lists(vectors)[rows]
+    filled = np.isfinite(graph.similarities[rows]).sum(axis=1)
+    need = min(knn.K, n - 1)
+    assert (filled >= need).all()
+    got = np.where(np.isfinite(graph.similarities[rows]), graph.similarities[rows], -9)
+    want = np.where(np.isfinite(truth), truth, -9)
+    for i, f in enumerate(filled):  # a list may be shorter than KEEP after removals: a true prefix
+        np.testing.assert_allclose(got[i, :f], want[i, :f], atol=2e-5)
+    np.testing.assert_allclose(graph.kth()[rows], np.where(np.isfinite(truth[:, knn.K - 1]), truth[:, knn.K - 1], 0.0),
+                               atol=2e-5)
+
+
+operations = st.lists(st.tuples(st.sampled_from(["add", "remove", "reembed"]), st.integers(1, 30)), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(start=st.integers(0, 40), ops=operations, seed=st.integers(0, 2**16), twins=st.booleans())
+def test_exact_graph_equals_brute_force_through_adds_removals_and_reembeds(start, ops, seed, twins):
+    rng = np.random.default_rng(seed)
+    dim = 6  # low dimension: crowded neighbourhoods and near-ties
+    vectors = {i: unit(rng.standard_normal((1, dim)))[0] for i in range(start)}
+    stamps = dict.fromkeys(vectors, 1.0)
+    if twins and start >= 2:
+        vectors[1] = vectors[0].copy()  # byte-identical copies: equal similarities
+    next_id, clock = start, 2.0
+
+    def current():
+        ids = np.array(sorted(vectors), dtype=np.int64)
+        matrix = np.array([vectors[i] for i in ids], dtype=np.float32).reshape(len(ids), dim)
+        return ids, np.array([stamps[i] for i in ids]), matrix
+
+    ids, times, matrix = current()
+    graph = knn.build(ids, times, lambda at: matrix[at])
+    assert_true_lists(graph, matrix)
+    for op, count in ops:
+        clock += 1
+        if op == "add":
+            for _ in range(count):
+                vectors[next_id], stamps[next_id] = unit(rng.standard_normal((1, dim)))[0], clock
+                next_id += 1
+        elif op == "remove":
+            for i in rng.permutation(sorted(vectors))[:count].tolist():
+                del vectors[i], stamps[i]
+        else:  # the same id, a new vector (the file changed and was embedded again)
+            for i in rng.permutation(sorted(vectors))[:count].tolist():
+                vectors[i], stamps[i] = unit(rng.standard_normal((1, dim)))[0], clock
+        ids, times, matrix = current()
+        graph = knn.update(graph, ids, times, lambda at, m=matrix: m[at])
+        assert np.array_equal(graph.ids, ids) and knn.current(graph, ids, times)
+        assert_true_lists(graph, matrix)
+        assert graph.exact and graph.exact_rows.all()
+
+
+def planted(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unrelated rows plus bursts: 1 in 10 rows is the centre of a burst of 2-30 rows at cosine 0.6-0.97."""
+    rng = np.random.default_rng(seed)
+    vectors = unit(rng.standard_normal((n, dim)))
+    for centre in rng.choice(n, n // 10, replace=False):
+        members = rng.choice(n, min(n, rng.integers(2, 30)), replace=False)
+        cos = rng.uniform(0.6, 0.97)
+        vectors[members] = unit(cos * vectors[centre] + np.sqrt(1 - cos**2) * unit(rng.standard_normal((len(members), dim))))
+    return vectors
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bfloat16"])
+def test_clustered_graph_keeps_its_promises_through_an_update(monkeypatch, low_precision):
+    monkeypatch.setattr(knn, "EXACT_MAX", 500)
+    monkeypatch.setattr(knn, "CLUSTER_ROWS", 64)
+    monkeypatch.setattr(knn, "PROBES", 16)
+    monkeypatch.setattr(knn, "bf16_matmul", lambda: low_precision)
+    vectors = planted(3000, 24, seed=5)
+    first = np.arange(2700)
+    graph = knn.build(first, np.ones(2700), lambda at: vectors[at])
+    assert not graph.exact and len(graph.centroids) == -(-2700 // 64)
+
+    def check(graph, matrix):
+        valid = graph.neighbours >= 0
+        listed = np.einsum("id,ikd->ik", matrix, matrix[np.where(valid, graph.neighbours, 0)])
+        np.testing.assert_allclose(graph.similarities[valid], listed[valid], atol=2e-5)  # re-scored in float32
+        truth = brute_lists(matrix)[:, knn.K - 1]
+        assert (graph.kth() <= truth + 2e-5).all()  # a lower bound
+        # rows whose b can matter (a pair at the cosine floor, a listed K-th under B_MAX) hold true lists
+        matters = (graph.similarities[:, 0] >= neighbourhood.COSINE_FLOOR) & (graph.kth() < neighbourhood.B_MAX)
+        assert graph.exact_rows[matters].all()
+        true_rows = np.flatnonzero(graph.exact_rows)
+        assert len(true_rows) > 100
+        np.testing.assert_allclose(graph.kth()[true_rows], truth[true_rows], atol=2e-3 if low_precision else 2e-5)
+        recall = np.mean(np.abs(graph.kth() - truth) < 1e-3)
+        assert recall >= 0.5  # the lists' own quality (measured at scale in benchmarks/RESULTS.md)
+
+    check(graph, vectors[first])
+    # remove 200 rows, add the 300 held back, re-embed 20: still the same promises
+    ids = np.r_[np.arange(200, 2700), np.arange(2700, 3000)]
+    stamps = np.ones(len(ids))
+    stamps[:20] = 2.0
+    changed = vectors.copy()
+    changed[200:220] = unit(np.random.default_rng(1).standard_normal((20, 24)))
+    matrix = changed[ids]
+    updated = knn.update(graph, ids, stamps, lambda at: matrix[at])
+    assert not updated.exact and updated.fitted == graph.fitted
+    check(updated, matrix)
+
+
+def write_index(root, vectors: np.ndarray, start: int = 0) -> None:
+    planes = lsh.make_planes(vectors.shape[1], NUM_TABLES, STORED_BITS, LSH_SEED)
+    with Store.open(root, create=True, write=True) as store:
+        if store.get_meta("model") is None:
+            store.save_planes(planes)
+            store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED, "center": None})
+            store.set_meta("model", {"name": "synthetic", "dim": vectors.shape[1]})
+        store.commit(vectors=vectors, codes=lsh.hash_vectors(vectors, store.load_planes(), NUM_TABLES),
+                     indexed=[Record(f"/v/{i}", 1, 1) for i in range(start, start + len(vectors))])
+
+
+def crowded(seed: int) -> np.ndarray:
+    """Two bursts of 40 near-identical rows bridged by one pair at cosine ~0.8, bursts of a few rows,
+    unrelated rows: every list of a big burst is full of its own members, so the bridge is in no list."""
+    rng = np.random.default_rng(seed)
+    dim = 32
+    vectors = planted(900, dim, seed)
+    a, b = unit(rng.standard_normal((2, dim)))
+    orthogonal = unit((b - (b @ a) * a)[None])[0]
+    b = unit((0.8 * a + 0.6 * orthogonal)[None])[0]
+    for centre, rows in ((a, slice(0, 40)), (b, slice(40, 80))):
+        vectors[rows] = unit(centre + 0.05 * unit(rng.standard_normal((40, dim))))
+    return vectors
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.67, 0.8])
+@pytest.mark.parametrize("plain", [False, True], ids=["collection-aware", "cosine"])
+def test_dups_over_the_graph_links_what_the_exact_path_links(tmp_path, threshold, plain):
+    write_index(tmp_path / "idx", crowded(seed=2))
+    with Index.open(tmp_path / "idx") as index:
+        over_graph = index.duplicates(threshold, collection_aware=not plain)
+        exact = index.duplicates(threshold, exact=True, collection_aware=not plain)
+        assert {tuple(g.files) for g in over_graph} == {tuple(g.files) for g in exact}
+        # the two crowded bursts are one group through pairs at cosine ~0.8 that no list holds
+        if threshold < 0.7:
+            assert max(len(g.files) for g in exact) >= 80
+        a, b, _ = index.graph().pairs(0.5)
+        assert not ((a < 40) & (b >= 40) & (b < 80)).any()
+
+
+def test_index_keeps_the_graph_current_and_a_new_process_reads_it(tmp_path):
+    root = tmp_path / "idx"
+    vectors = planted(400, 16, seed=3)
+    write_index(root, vectors[:300])
+    with Store.open(root, write=True) as store:  # what every writer does last (Index.add, remove, merge, actions)
+        from neardup.index import finish_write
+
+        finish_write(store)
+        saved = stored_graph(store)
+        snap = store.snapshot()
+        assert saved is not None and knn.current(saved, snap.ids, snap.stamps)
+    # a writer killed between its commit and the graph's: readers bring the stored graph up to date
+    write_index(root, vectors[300:], start=300)
+    with Index.open(root) as index:
+        snap = index.snapshot()
+        with Store.open(root) as store:
+            assert not knn.current(stored_graph(store), snap.ids, snap.stamps)
+        graph = index.graph()
+        assert knn.current(graph, snap.ids, snap.stamps)
+        assert_true_lists(graph, lsh.normalise_rows(snap.vectors(dtype=None)))
+        assert index.duplicates(0.7) == index.duplicates(0.7, exact=True)
+        index.remove(["/v/0", "/v/1"])  # the next writer saves it
+    with Store.open(root) as store:
+        snap = store.snapshot()
+        assert len(snap) == 398 and knn.current(stored_graph(store), snap.ids, snap.stamps)
+    with Index.open(root) as index:
+        assert index.duplicates(0.7) == index.duplicates(0.7, exact=True)
+
+
+def test_only_its_own_graph_files_are_swept(tmp_path):
+    root = tmp_path / "idx"
+    write_index(root, planted(120, 8, seed=4))
+    with Store.open(root, write=True) as store:
+        from neardup.index import update_graph
+
+        update_graph(store)
+        names = sorted(p.name for p in (root / "segments").glob("*.graph.npz"))
+        assert len(names) == 1
+        (root / "segments" / "mine.graph.npz").write_bytes(b"not neardup's")
+    write_index(root, planted(10, 8, seed=5), start=120)
+    with Store.open(root, write=True) as store:
+        update_graph(store)
+    left = sorted(p.name for p in (root / "segments").glob("*.graph.npz"))
+    assert "mine.graph.npz" in left and names[0] not in left and len(left) == 2
