@@ -116,6 +116,8 @@ def build(work: Path, n: int, queries: int, variant: str, seed: int, extra: int 
             sample = vectors[sample_rows]
             if variant == "cone-centred":
                 center = vectors[groups * 3 : groups * 3 + 10_000].mean(axis=0)
+            elif photos is not None:  # whitened descriptors are centred: the default model's center is the origin
+                center = np.zeros(dim, np.float32)
             store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED,
                                    "center": None if center is None else [float(x) for x in center]})
             store.set_meta("model", {"name": f"synthetic-{variant}", "dim": dim})

@@ -146,6 +146,7 @@ def test_sigkill_during_indexing_leaves_a_consistent_index(tmp_path, collection)
     with Store.open(index, write=True) as store:  # a writer also clears orphan files of killed commits
         assert store.verify() == [] and store.counts()["indexed"] == 128
         registered = {f"{name}.{kind}.npy" for name in store.segment_names() for kind in ("vectors", "codes")}
+        registered.add(f"{store.get_meta('graph')}.graph.npz")  # the k-NN graph the finished run saved
     assert set(os.listdir(index / "segments")) == registered
 
 

@@ -44,3 +44,27 @@ def test_groups_report_the_cosines_of_normalised_links():
     groups = group_pairs(a, b, scores, cosines)
     assert [(g.members.tolist(), g.min_score, g.max_score, g.min_cosine, g.max_cosine) for g in groups] == [
         ([0, 1, 2], 0.7, 0.9, 0.6, 0.95), ([3, 4], 0.8, 0.8, 0.5, 0.5)]
+
+
+@given(st.integers(2, 3000), st.integers(0, 2**16), st.sampled_from(["chain", "random", "star"]))
+def test_connected_components_label_every_node_by_its_components_smallest_member(n, seed, shape):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if shape == "chain":  # the longest paths: hooking must still reach the smallest node
+        a, b = order[:-1], order[1:]
+    elif shape == "star":
+        a, b = np.full(n - 1, order[0]), order[1:]
+    else:
+        a, b = rng.integers(0, n, n // 2), rng.integers(0, n, n // 2)
+    labels = connected_components(n, a, b)
+    parent = list(range(n))  # reference: a plain union-find
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = find(x), find(y)
+        parent[max(rx, ry)] = min(rx, ry)
+    assert labels.tolist() == [find(x) for x in range(n)]

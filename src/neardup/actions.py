@@ -699,6 +699,7 @@ def _sync_index(store: Store, plan: Plan, entries: Sequence[Entry], *, undo: boo
         elif entry.action == "move" and store.record(entry.destination) and not store.record(entry.source):
             moves.append((entry.destination, entry.source))
     if not (moves or removed or linked):
+        finish_write(store)  # a run killed after its commit but before the k-NN graph's: bring it up to date
         return
     snap = store.snapshot()
     position = {path: i for i, path in enumerate(snap.paths)}

@@ -142,7 +142,7 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
 
     console = Console(stderr=True)
     columns = (
-        TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
         TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(),
     )
@@ -150,14 +150,24 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
     embedder = _embedder(backend, model_path, model_spec, threads)
     with Index.open(index_dir, create=True, embedder=embedder) as index, \
             Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("index", total=None, rate="", failed=0)
+        task = bar.add_task("indexing", total=None, rate="", failed=0)
 
         def progress(done: int, total: int, failed: int) -> None:
             elapsed = time.perf_counter() - started
             bar.update(task, completed=done, total=total, failed=failed, rate=f"{done / max(elapsed, 1e-9):.1f} img/s")
 
+        stage_started: dict[str, float] = {}
+
+        def graph_progress(stage: str, done: int, total: int) -> None:  # the k-NN graph (neardup.graph)
+            if stage not in stage_started:
+                stage_started[stage] = time.perf_counter()
+                bar.reset(task, description=f"neighbourhoods: {stage}", total=total)
+            rate = done / max(time.perf_counter() - stage_started[stage], 1e-9)
+            bar.update(task, completed=done, total=total, rate=f"{rate:.0f} files/s")
+
         summary = index.add(paths, batch_size=batch_size, prune=prune, progress=progress, workers=workers,
-                            commit_every=commit_every, wait=not no_wait, on_wait=_waiting)
+                            commit_every=commit_every, wait=not no_wait, on_wait=_waiting,
+                            graph_progress=graph_progress)
     elapsed = time.perf_counter() - started
     embedded = summary.added + summary.updated - summary.identical
     click.echo(

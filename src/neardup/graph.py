@@ -47,6 +47,9 @@ KMEANS_SAMPLE_PER_CLUSTER = 48
 SEED = 20261206
 #: Reader of normalised float32 rows at the given positions of the collection.
 Rows = Callable[[np.ndarray], np.ndarray]
+#: progress(stage, rows done, rows in the stage): "nearest files" (every new row's list), "true lists"
+#: (the full scans of the rows whose b can matter, clustered regime)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -122,12 +125,12 @@ def empty(ids: np.ndarray, stamps: np.ndarray | None = None) -> Graph:
 
 
 def build(ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
-          progress: Callable[[int, int], None] | None = None) -> Graph:
+          progress: Progress | None = None) -> Graph:
     """The graph of the collection whose row i has catalog id ids[i] (ascending), written at stamps[i]."""
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) <= EXACT_MAX:
         graph = empty(ids, stamps)
-        _scan(graph, np.arange(len(ids)), rows, progress=progress)
+        _scan(graph, np.arange(len(ids)), rows, progress=_stage(progress, NEAREST))
         return graph
     return _clustered_build(ids, stamps, rows, progress=progress)
 
@@ -137,7 +140,7 @@ def current(graph: Graph, ids: np.ndarray, stamps: np.ndarray) -> bool:
 
 
 def update(graph: Graph, ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
-           progress: Callable[[int, int], None] | None = None) -> Graph:
+           progress: Progress | None = None) -> Graph:
     """The graph brought to the collection `ids` (ascending catalog ids, written at `stamps`, rows read
     by `rows`): rows no longer there (or re-written since) leave every list, new ones get their lists and
     enter the old rows' lists. The
@@ -178,7 +181,7 @@ def update(graph: Graph, ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
 
     if out.exact:
         if len(new_at):  # an old row's list knew every other old row
-            _scan(out, new_at, rows, merge=True, known_others=len(old_at) - 1, progress=progress)
+            _scan(out, new_at, rows, merge=True, known_others=len(old_at) - 1, progress=_stage(progress, NEAREST))
         refill = short(old_at)
         if len(refill):
             _scan(out, refill, rows)
@@ -187,15 +190,22 @@ def update(graph: Graph, ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
         out.exact_rows[refill] = False
         if len(new_at):
             out.clusters[new_at] = _assign(rows(new_at), out.centroids)
-        _clustered_rows(out, np.union1d(new_at, refill), rows, merge_from=new_at, progress=progress)
+        _clustered_rows(out, np.union1d(new_at, refill), rows, merge_from=new_at, progress=_stage(progress, NEAREST))
         exact_old = old_at[out.exact_rows[old_at]]
         if len(new_at) and len(exact_old):  # rows with true lists stay true: they see every new row
             _scan(out, new_at, rows, columns=exact_old, set_lists=False, merge=True)
-        _refine(out, rows)
+        _refine(out, rows, progress)
     return out
 
 
-def _refine(graph: Graph, rows: Rows) -> None:
+def _stage(progress: Progress | None, stage: str):
+    return None if progress is None else lambda done, total: progress(stage, done, total)
+
+
+NEAREST, TRUE_LISTS = "nearest files", "true lists"
+
+
+def _refine(graph: Graph, rows: Rows, progress: Progress | None = None) -> None:
     """Give the rows whose b can matter a true list by a full scan: a row in some pair at COSINE_FLOOR or
     above (it can link) whose listed K-th cosine is under B_MAX (a lower bound there: the true b may be
     higher). Elsewhere b is B_MAX already (a listed K-th >= B_MAX is a lower bound >= B_MAX) or unused."""
@@ -203,7 +213,8 @@ def _refine(graph: Graph, rows: Rows) -> None:
         graph.kth() < neighbourhood.B_MAX)
     at = np.flatnonzero(doubtful)
     if len(at):
-        _scan(graph, at, rows, low_precision=bf16_matmul(), block=8192, column_block=1 << 14)
+        _scan(graph, at, rows, low_precision=bf16_matmul(), block=8192, column_block=1 << 14,
+              progress=_stage(progress, TRUE_LISTS))
         graph.exact_rows[at] = True
 
 
@@ -398,7 +409,7 @@ def _probe_lists(vectors: np.ndarray, centroids: np.ndarray, low_precision: bool
     return part
 
 
-def _clustered_build(ids: np.ndarray, stamps: np.ndarray, rows: Rows, *, progress=None) -> Graph:
+def _clustered_build(ids: np.ndarray, stamps: np.ndarray, rows: Rows, *, progress: Progress | None = None) -> Graph:
     n = len(ids)
     low_precision = bf16_matmul()
     clusters = max(1, math.ceil(n / CLUSTER_ROWS))
@@ -408,8 +419,8 @@ def _clustered_build(ids: np.ndarray, stamps: np.ndarray, rows: Rows, *, progres
     for start in range(0, n, 1 << 16):
         at = np.arange(start, min(start + (1 << 16), n))
         graph.clusters[at] = _assign(rows(at), centroids, low_precision)
-    _clustered_rows(graph, np.arange(n), rows, progress=progress, low_precision=low_precision)
-    _refine(graph, rows)
+    _clustered_rows(graph, np.arange(n), rows, progress=_stage(progress, NEAREST), low_precision=low_precision)
+    _refine(graph, rows, progress)
     return graph
 
 

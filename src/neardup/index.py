@@ -173,12 +173,14 @@ class Index:
 
     def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int | None = None, prune: bool = False,
             progress: ProgressCallback | None = None, workers: int | None = None,
-            commit_every: int = 512, wait: bool = True, on_wait: Callable[[], None] | None = None) -> AddSummary:
+            commit_every: int = 512, wait: bool = True, on_wait: Callable[[], None] | None = None,
+            graph_progress: knn.Progress | None = None) -> AddSummary:
         """Index image files and folders (recursively). Unchanged files are skipped (size + mtime, then
         sha256), changed ones re-embedded, byte-identical copies share the already computed vector, and
         undecodable files are recorded with a reason. With `prune`, catalogued files under the given
         folders that no longer exist are removed. `batch_size` images go to the model per call (default:
-        the embedder's own `batch`, e.g. 256 on a GPU, else 32). Raises FileNotFoundError for a missing path."""
+        the embedder's own `batch`, e.g. 256 on a GPU, else 32). Then the k-NN graph is brought up to date
+        (`graph_progress(stage, done, total)`). Raises FileNotFoundError for a missing path."""
         batch_size = batch_size or getattr(self.embedder, "batch", None) or DEFAULT_BATCH
         roots = [os.path.abspath(p) for p in paths]
         found = discover(roots)
@@ -238,7 +240,7 @@ class Index:
                 batch.removed.extend(gone)
                 summary.removed = len(gone)
             batch.flush()
-            finish_write(store)
+            finish_write(store, graph_progress)
         return summary
 
     def remove(self, paths: Iterable[str | os.PathLike], *, wait: bool = True,
@@ -622,21 +624,21 @@ class Index:
         yield from prepare_files(files, store.record, self.embedder, _prepare_file, _failed, workers, lookahead)
 
 
-def finish_write(store: Store) -> None:
+def finish_write(store: Store, graph_progress: knn.Progress | None = None) -> None:
     """What every writer (add, remove, merge, actions) does before it lets go of the index: compact if the
     write left too many dead rows or segments, then bring the neighbourhood graph up to date."""
     if store.dead_fraction() > COMPACT_DEAD_FRACTION or store.counts()["segments"] > COMPACT_MAX_SEGMENTS:
         store.compact()
-    update_graph(store)
+    update_graph(store, graph_progress)
 
 
-def update_graph(store: Store) -> knn.Graph:
+def update_graph(store: Store, progress: knn.Progress | None = None) -> knn.Graph:
     """Bring the stored k-NN graph (neardup.graph) to the store's current images and save it, unless it
     is current. It is saved after the images' own commit: a crash between the two leaves the previous
     graph, which every reader brings up to date in memory (`current_graph`) and the next writer saves."""
     snap = store.snapshot()
     stored = stored_graph(store)
-    graph = current_graph(snap, stored)
+    graph = current_graph(snap, stored, progress)
     if graph is not stored:
         store.save_graph(graph.arrays())
     return graph
@@ -650,14 +652,14 @@ def stored_graph(store: Store) -> knn.Graph | None:
         return None
 
 
-def current_graph(snap: Snapshot, graph: knn.Graph | None) -> knn.Graph:
+def current_graph(snap: Snapshot, graph: knn.Graph | None, progress: knn.Progress | None = None) -> knn.Graph:
     """`graph` (or nothing) brought to the snapshot's images: incremental when there is one."""
     def rows(positions: np.ndarray) -> np.ndarray:
         return lsh.normalise_rows(snap.vectors(positions, dtype=None))
 
     if graph is None:
-        return knn.build(snap.ids, snap.stamps, rows)
-    return knn.update(graph, snap.ids, snap.stamps, rows)
+        return knn.build(snap.ids, snap.stamps, rows, progress=progress)
+    return knn.update(graph, snap.ids, snap.stamps, rows, progress=progress)
 
 
 def query_bits(n: int) -> int:

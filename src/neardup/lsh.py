@@ -97,6 +97,9 @@ def range_keys(codes: np.ndarray, k: int) -> np.ndarray:
     (hyperplane) t * k + i; k need not divide 32, so no stored bit is wasted."""
     words = code_words(np.atleast_2d(codes))
     num_tables = words.shape[1] * 64 // k
+    if len(words) == 1:  # one query: slice one Python integer (a numpy loop over tables costs ~0.1 ms)
+        bits = int.from_bytes(words.tobytes(), "little")
+        return np.array([[(bits >> (t * k)) & ((1 << k) - 1) for t in range(num_tables)]], dtype=CODE_DTYPE)
     padded = np.concatenate([words, np.zeros((len(words), 1), np.uint64)], axis=1)
     out = np.empty((len(words), num_tables), dtype=CODE_DTYPE)
     mask = np.uint64((1 << k) - 1)

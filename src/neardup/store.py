@@ -152,6 +152,8 @@ class Snapshot:
         if len(self._segments) == 1:
             return np.take(getattr(template, kind), rows, axis=0)
         source = getattr(template, kind)
+        if 0 < len(positions) <= 256:  # a query's shortlist: row by row beats grouping by segment
+            return np.stack([getattr(self._segments[s], kind)[r] for s, r in zip(segment_ids.tolist(), rows.tolist())])
         out = np.empty((len(positions),) + source.shape[1:], dtype=source.dtype)
         if len(positions) == 0:
             return out
