@@ -1,6 +1,8 @@
 """Benchmark (not a test): the distributed duplicate search on a local Ray cluster against the local
 `Index.duplicates`, on the same index of N synthetic unit vectors (default 100,000 x 1280-d) with
-planted near-duplicates, in one run.
+planted near-duplicates, in one run; or on an existing index (`--index`, e.g. the 1M photos variant that
+`bench_scale.py --variants photos --keep` leaves). Both read the k-NN graph the index keeps; Ray runs the
+join among crowded files.
 
 Data: random unit vectors (unrelated cosine ~0; the index is centred at 0, so the join is planned for
 that); G = N / 20 originals each get 2 copies at cosine U(0.8, 0.99). The vectors go through the real
@@ -14,7 +16,8 @@ It also times the driver's side of distributed indexing, `Index.merge`, on --mer
 rows in shards of `distributed.SHARD_ROWS` (the real model's identity on synthetic unit vectors):
 first merge, and a second merge of the same shards (which must add nothing).
 
-    python benchmarks/bench_ray_dups.py [--n 100000] [--threshold 0.8] [--cpus 2] [--merge-rows 100000] [--json out.json]
+    python benchmarks/bench_ray_dups.py [--n 100000 | --index DIR] [--threshold 0.67] [--cpus 2] [--merge-rows 100000]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from neardup import lsh
-from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index
+from neardup.index import DEFAULT_THRESHOLD, LSH_SEED, NUM_TABLES, STORED_BITS, Index, update_graph
 from neardup.store import Record, Store
 
 DIM = 1280
@@ -114,8 +117,7 @@ def child(mode: str, work: str, threshold: float, out: str, cpus: int) -> None:
         t0 = time.perf_counter()
         groups = index.duplicates(threshold)
         seconds = time.perf_counter() - t0
-        snap = index.snapshot()
-        a, b, _ = index._lsh_pairs(snap, threshold)  # the pairs behind those groups (timed above, not here)
+        a, b, _ = index.graph_pairs(threshold, aware=True)  # the pairs behind those groups (timed above, not here)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         memory = {"peak_rss_mb": round(peak / 2**20)}
     else:
@@ -135,10 +137,15 @@ def child(mode: str, work: str, threshold: float, out: str, cpus: int) -> None:
         groups, (a, b, _) = found.groups, found.pairs
         memory = {"peak_rss_tree_mb": round(tree.peak / 2**20), "peak_rss_driver_mb": round(tree.driver_peak / 2**20),
                   "ray_start_s": round(started, 1), "candidates": found.candidates}
-    paths = index.snapshot().paths
-    pairs = sorted({tuple(sorted((paths[i], paths[j]))) for i, j in zip(a.tolist(), b.tolist())})
-    Path(out).write_text(json.dumps({"seconds": round(seconds, 2), **memory, "pairs": pairs,
-                                     "groups": sorted(sorted(g.files) for g in groups)}))
+    import hashlib
+
+    ids = index.snapshot().ids
+    pairs = np.unique(np.sort(np.c_[ids[a], ids[b]], axis=1), axis=0)  # catalog ids, each pair once
+    group_ids = sorted(sorted(g.ids) for g in groups)
+    Path(out).write_text(json.dumps({"seconds": round(seconds, 2), **memory, "pairs": len(pairs),
+                                     "pairs_sha256": hashlib.sha256(pairs.tobytes()).hexdigest(),
+                                     "groups": len(group_ids),
+                                     "groups_sha256": hashlib.sha256(json.dumps(group_ids).encode()).hexdigest()}))
 
 
 def bench_merge(folder: Path, rows: int) -> dict:
@@ -168,8 +175,8 @@ def bench_merge(folder: Path, rows: int) -> dict:
             "remerge_s": round(t3 - t2, 1), "remerge_added": second.added}
 
 
-def run_child(mode: str, work: Path, threshold: float, cpus: int) -> dict:
-    out = work.parent / f"{mode}.json"
+def run_child(mode: str, work: Path, threshold: float, cpus: int, folder: Path) -> dict:
+    out = folder / f"{mode}.json"
     subprocess.run([sys.executable, __file__, "--child", mode, str(work), str(threshold), str(out), str(cpus)], check=True)
     return json.loads(out.read_text())
 
@@ -177,7 +184,8 @@ def run_child(mode: str, work: Path, threshold: float, cpus: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--index", type=Path, help="an existing index to search (no synthetic index, no merge timing)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--merge-rows", type=int, default=100_000, help="rows for the merge timing (0: skip)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/neardup-bench-ray"))
@@ -188,21 +196,28 @@ def main() -> None:
         mode, work, threshold, out, cpus = args.child
         child(mode, work, float(threshold), out, int(cpus))
         return
-    work = args.workdir / "index"
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    work.parent.mkdir(parents=True)
-    t0 = time.perf_counter()
-    planted = build(work, args.n)
-    print(f"index of {args.n:,} vectors written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    local = run_child("local", work, args.threshold, args.cpus)
-    ray_run = run_child("ray", work, args.threshold, args.cpus)
-    same_pairs, same_groups = local["pairs"] == ray_run["pairs"], local["groups"] == ray_run["groups"]
+    if args.index:
+        work, planted, args.merge_rows = args.index, None, 0
+        args.n = len(Index.open(work).snapshot())
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        work = args.workdir / "index"
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        work.parent.mkdir(parents=True)
+        t0 = time.perf_counter()
+        planted = build(work, args.n)
+        with Store.open(work, write=True) as store:
+            update_graph(store)  # as `neardup index` leaves it
+        print(f"index of {args.n:,} vectors written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    local = run_child("local", work, args.threshold, args.cpus, args.workdir)
+    ray_run = run_child("ray", work, args.threshold, args.cpus, args.workdir)
+    same_pairs = local["pairs_sha256"] == ray_run["pairs_sha256"]
+    same_groups = local["groups_sha256"] == ray_run["groups_sha256"]
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}",
-        "n": args.n, "dim": DIM, "threshold": args.threshold, "planted_pairs": planted, "ray_cpus": args.cpus,
-        "local": {k: v for k, v in local.items() if k not in ("pairs", "groups")},
-        "ray": {k: v for k, v in ray_run.items() if k not in ("pairs", "groups")},
-        "pairs": len(local["pairs"]), "groups": len(local["groups"]),
+        "n": args.n, "index": str(work), "threshold": args.threshold, "planted_pairs": planted, "ray_cpus": args.cpus,
+        "local": local, "ray": ray_run,
+        "pairs": local["pairs"], "groups": local["groups"],
         "same_pairs": same_pairs, "same_groups": same_groups,
         "ray_over_local_time": round(ray_run["seconds"] / max(local["seconds"], 1e-9), 2),
         "merge": bench_merge(args.workdir, args.merge_rows) if args.merge_rows else None,
