@@ -227,3 +227,39 @@ def test_only_its_own_graph_files_are_swept(tmp_path):
         update_graph(store)
     left = sorted(p.name for p in (root / "segments").glob("*.graph.npz"))
     assert "mine.graph.npz" in left and names[0] not in left and len(left) == 2
+
+
+def test_a_query_finds_copies_through_its_best_matches_nearest_files(tmp_path, monkeypatch):
+    """Above EXACT_SCAN_MAX a query reads LSH candidates; the nearest files (stored graph) of its best
+    matches join them, so a copy the tables miss is found through its original."""
+    from neardup import index as index_module
+
+    rng = np.random.default_rng(6)
+    n, dim = 10_500, 64
+    vectors = unit(rng.standard_normal((n, dim)))
+    originals = np.arange(50)
+    for c in range(1, 3):  # two copies of each original at cosine ~0.8 (rows 50c .. 50c + 49)
+        noise = unit(rng.standard_normal((50, dim)))
+        vectors[50 * c + originals] = unit(0.8 * vectors[originals] + 0.6 * noise)
+    write_index(tmp_path / "idx", vectors)
+    with Store.open(tmp_path / "idx", write=True) as store:
+        from neardup.index import update_graph
+
+        update_graph(store)
+    monkeypatch.setattr(index_module, "QUERY_PROBES", 1)  # tables that see little beyond the query's own bucket
+    monkeypatch.setattr(index_module, "QUERY_PROBES_UNCENTRED", 1)
+
+    def copies_found(expand: int) -> float:
+        monkeypatch.setattr(index_module, "QUERY_EXPAND", expand)
+        with Index.open(tmp_path / "idx") as index:
+            if not expand:
+                state = index._search_state()
+                state.graph_checked = True  # no graph for this state
+            found = 0
+            for o in originals:
+                paths = {m.path for m in index.query_vector(vectors[o], 5, exact=False)}
+                found += sum(f"/v/{50 * c + o}" in paths for c in (1, 2))
+            return found / (2 * len(originals))
+
+    with_graph, without = copies_found(2), copies_found(0)
+    assert with_graph == 1.0 and without < 1.0

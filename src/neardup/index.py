@@ -57,6 +57,9 @@ QUERY_PROBES_UNCENTRED = 64
 EXACT_SCAN_MAX = 10_000
 #: Candidates closest in Hamming distance that a query re-ranks by exact cosine (at least 4 * k).
 SHORTLIST = 64
+#: The nearest files (k-NN graph) of this many best LSH matches are re-ranked too: a copy missed by the
+#: tables is found through its original (benchmarks/RESULTS.md, "Scale").
+QUERY_EXPAND = 2
 #: Stored vectors are kept in memory as normalised float32 for exact scans up to this many bytes.
 DENSE_CACHE_BYTES = 128 << 20
 #: Target probability that a pair at the threshold shares a bucket during `duplicates`.
@@ -374,10 +377,28 @@ class Index:
                 distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.code_words(codes)[0])
                 candidates = candidates[lsh.nearest_by_hamming(distances, shortlist)]
             scores = lsh.cosines(state.vectors(candidates), vector)
+            graph = self._query_graph(state)
+            if graph is not None and len(candidates):  # the best matches' nearest files join the candidates
+                near = graph.neighbours[candidates[lsh.top_k(scores, QUERY_EXPAND)]].ravel()
+                near = np.setdiff1d(near[near >= 0], candidates)
+                if len(near):
+                    candidates = np.r_[candidates, near]
+                    scores = np.r_[scores, lsh.cosines(state.vectors(near), vector)]
             best = lsh.top_k(scores, k)
             positions, scores = candidates[best], scores[best]
         matches = [Match(snap.paths[p], float(s), int(snap.ids[p])) for p, s in zip(positions, scores)]
         return [m for m in matches if (threshold is None or m.score >= threshold) and m.path != exclude]
+
+    def _query_graph(self, state: "_SearchState") -> knn.Graph | None:
+        """The stored k-NN graph for the query path, if it is current (a stale one is not brought up to
+        date for a query: that is a writer's work); read once per committed state."""
+        with self._search_lock:
+            if state.graph is None and not state.graph_checked:
+                state.graph_checked = True
+                stored = stored_graph(self._reader)
+                if stored is not None and knn.current(stored, state.snap.ids, state.snap.stamps):
+                    state.graph = stored
+            return state.graph
 
     def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False,
                    collection_aware: bool = True) -> list[DuplicateGroup]:
@@ -835,6 +856,7 @@ class _SearchState:
     # regime); and the k-NN graph
     exact_backgrounds: np.ndarray | None = None
     graph: knn.Graph | None = None
+    graph_checked: bool = False
     _dense: np.ndarray | None = None
 
     def dense(self) -> np.ndarray | None:
