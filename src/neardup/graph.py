@@ -143,8 +143,7 @@ def update(graph: Graph, ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
            progress: Progress | None = None) -> Graph:
     """The graph brought to the collection `ids` (ascending catalog ids, written at `stamps`, rows read
     by `rows`): rows no longer there (or re-written since) leave every list, new ones get their lists and
-    enter the old rows' lists. The
-    work is bounded per added or removed row, except when the regime changes (the collection crosses
+    enter the old rows' lists. The work is bounded per added or removed row, except when the regime changes (the collection crosses
     EXACT_MAX, or has grown or shrunk REFIT_FACTOR times since the centroids were fitted): then it is
     rebuilt."""
     ids, stamps = np.asarray(ids, dtype=np.int64), np.asarray(stamps, dtype=np.float64)
@@ -193,7 +192,7 @@ def update(graph: Graph, ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
         _clustered_rows(out, np.union1d(new_at, refill), rows, merge_from=new_at, progress=_stage(progress, NEAREST))
         exact_old = old_at[out.exact_rows[old_at]]
         if len(new_at) and len(exact_old):  # rows with true lists stay true: they see every new row
-            _scan(out, new_at, rows, columns=exact_old, set_lists=False, merge=True)
+            _scan(out, new_at, rows, columns=exact_old, set_lists=False, merge=True, known_others=n)
         _refine(out, rows, progress)
     return out
 
@@ -460,7 +459,7 @@ def _clustered_rows(graph: Graph, at: np.ndarray, rows: Rows, *, merge_from: np.
             found_rows[local, probe] = np.where(np.isfinite(top_sims), members[top_cols], -1)
             if merge_from is not None:
                 new_here = is_new[chunk[local]]
-                old_members = ~is_new[members]
+                old_members = ~is_new[members] & ~graph.exact_rows[members]  # true lists: merged by a full scan
                 if new_here.any() and old_members.any():
                     exact_sims = queries[local[new_here]] @ columns[old_members].T
                     _merge(graph, members[old_members], exact_sims.T, chunk[local][new_here])
