@@ -136,7 +136,7 @@ def child(mode: str, work: str, threshold: float, out: str, cpus: int) -> None:
             ray.shutdown()
         groups, (a, b, _) = found.groups, found.pairs
         memory = {"peak_rss_tree_mb": round(tree.peak / 2**20), "peak_rss_driver_mb": round(tree.driver_peak / 2**20),
-                  "ray_start_s": round(started, 1), "candidates": found.candidates}
+                  "ray_start_s": round(started, 1), "join_tasks": found.blocks}
     import hashlib
 
     ids = index.snapshot().ids

@@ -147,6 +147,33 @@ def build(work: Path, n: int, queries: int, variant: str, seed: int, extra: int 
             "groups": groups}
 
 
+def reused(work: Path, queries: int, seed: int) -> dict:
+    """The queries, their exact oracle and the planted pairs of an index a `--keep` run left (rows 0..G-1
+    originals, G..3G-1 their copies, as `build` writes them); the sampled pairs are not recomputed."""
+    snap = Index.open(work).snapshot()
+    n = len(snap)
+    rows_of = np.array([row_of(p) for p in snap.paths])
+    groups = min(10_000, n // 20)
+    rng = np.random.default_rng(seed + 100)
+    originals = lsh.normalise_rows(snap.vectors(np.searchsorted(rows_of, rng.integers(0, groups, queries)), dtype=None))
+    query_vectors = copies_of(rng, originals)
+    top_rows, top_scores = np.zeros((queries, 0), np.int64), np.zeros((queries, 0), np.float32)
+    for start in range(0, n, CHUNK):
+        at = np.arange(start, min(start + CHUNK, n))
+        scores = query_vectors @ lsh.normalise_rows(snap.vectors(at, dtype=None)).T
+        cand_rows = np.c_[top_rows, np.broadcast_to(rows_of[at], scores.shape)]
+        cand_scores = np.c_[top_scores, scores]
+        best = np.argsort(-cand_scores, axis=1)[:, :K]
+        top_rows, top_scores = np.take_along_axis(cand_rows, best, axis=1), np.take_along_axis(cand_scores, best, axis=1)
+    g = np.arange(groups)
+    a, b = np.r_[g, g, groups + g], np.r_[groups + g, 2 * groups + g, 2 * groups + g]
+    pos = np.searchsorted(rows_of, np.r_[a, b])
+    vectors = lsh.normalise_rows(snap.vectors(pos, dtype=None))
+    cos = lsh.row_dots(vectors[: len(a)], vectors[len(a):])
+    return {"queries": query_vectors, "top_rows": top_rows, "top_scores": top_scores, "planted": (a, b, cos),
+            "sample_pairs": [], "hash_seconds": 0.0, "held_back": None, "groups": groups}
+
+
 def recall(found: list[np.ndarray], top_rows: np.ndarray, top_scores: np.ndarray) -> float:
     hit = total = 0
     for rows, exact_rows, exact_scores in zip(found, top_rows, top_scores):
@@ -393,6 +420,7 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true", help="skip the FAISS and exact-scan query baselines")
     parser.add_argument("--oracle-rows", type=int, default=100, help="rows whose links are checked by brute force (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the index folder")
+    parser.add_argument("--reuse", action="store_true", help="run queries, dups and the oracle on the index a --keep run left")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/neardup-bench-scale"))
     parser.add_argument("--json", type=Path, default=Path("bench_scale.json"))
     parser.add_argument("--pairs-child", nargs=3, help=argparse.SUPPRESS)
@@ -405,14 +433,18 @@ def main() -> None:
                "n": args.n, "dim": DIM, "queries": args.queries, "query_bits": query_bits(args.n), "variants": {}}
     for variant in args.variants.split(","):
         work = args.workdir / variant / "index"
-        shutil.rmtree(work.parent, ignore_errors=True)
-        work.parent.mkdir(parents=True)
         t0 = time.perf_counter()
-        data = build(work, args.n, args.queries, variant, seed=1, extra=args.n // 100 if variant == "photos" else 0)
-        entry = {"write_s": round(time.perf_counter() - t0, 1), "hash_s": round(data["hash_seconds"], 1)}
-        if variant == "photos":
-            print(photos_variant.PhotosVariant(1, args.n + args.n // 100, planted=data["groups"]).describe())
-        entry["graph"] = bench_graph(work)
+        if args.reuse:  # the index and graph a --keep run left: queries, dups and the oracle again
+            data = reused(work, args.queries, seed=1)
+            entry = {"reused": str(work)}
+        else:
+            shutil.rmtree(work.parent, ignore_errors=True)
+            work.parent.mkdir(parents=True)
+            data = build(work, args.n, args.queries, variant, seed=1, extra=args.n // 100 if variant == "photos" else 0)
+            entry = {"write_s": round(time.perf_counter() - t0, 1), "hash_s": round(data["hash_seconds"], 1)}
+            if variant == "photos":
+                print(photos_variant.PhotosVariant(1, args.n + args.n // 100, planted=data["groups"]).describe())
+            entry["graph"] = bench_graph(work)
         entry["query"] = bench_queries(work, data, args.exact_queries, baselines=not args.no_baselines)
         print_table(variant, entry)
         if data["held_back"] is not None:
@@ -431,14 +463,15 @@ def main() -> None:
             d = entry["dups"]
             print(f"scale: variant={variant} n={args.n} query_p50_ms={lsh_query['p50_ms']} query_recall={lsh_query['recall']} "
                   f"dups_wall_s={d['seconds']} dups_peak_rss_mb={d['peak_rss_mb']} dups_planted_recall={d['planted_recall']}")
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(work.parent, ignore_errors=True)
     args.json.write_text(json.dumps(figures, indent=2))
     print(f"figures written to {args.json}")
 
 
 def print_table(variant: str, entry: dict) -> None:
-    print(f"\n{variant}: index written in {entry['write_s']} s (hashing {entry['hash_s']} s)")
+    if "write_s" in entry:
+        print(f"\n{variant}: index written in {entry['write_s']} s (hashing {entry['hash_s']} s)")
     print(f"{'method':58} {'p50 ms':>8} {'p99 ms':>8} {'recall':>7}  notes")
     for method, r in entry["query"].items():
         notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("p50_ms", "p99_ms", "recall"))

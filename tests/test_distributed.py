@@ -172,31 +172,30 @@ def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, e
     target.close()
 
 
-@pytest.mark.parametrize("lsh_join", [False, True], ids=["exact-scan-task", "lsh-join-tasks"])
+@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("plain", [False, True], ids=["collection-aware", "cosine"])
-def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypatch, lsh_join, plain):
+def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypatch, low_precision, plain):
     """Ray runs the crowded files' join (the pairs no k-NN list holds: two bursts of 40 near-identical
-    vectors bridged at cosine ~0.8); the listed pairs and b come from the stored graph: the local pairs
-    and groups, which are the exact path's."""
+    vectors bridged at cosine ~0.8), one task per block of rows; the listed pairs and b come from the
+    stored graph: the local pairs and groups, which are the exact path's."""
     from test_graph import crowded, write_index
 
-    from neardup import index as index_module
+    from neardup import graph as knn
 
+    monkeypatch.setattr(knn, "bf16_matmul", lambda: low_precision)
+    monkeypatch.setattr(knn, "PAIR_BLOCK", 32)  # several tasks
     write_index(tmp_path / "idx", crowded(seed=2))
-    if lsh_join:  # more crowded files than an exact scan takes: the LSH join's tables, dealt out to tasks
-        monkeypatch.setattr(index_module, "EXACT_SCAN_MAX", 30)
-        monkeypatch.setattr(distributed, "EXACT_SCAN_MAX", 30)
     threshold = 0.67
     with Index.open(tmp_path / "idx") as index:
         snap = index.snapshot()
-        found = distributed.duplicates(index, threshold, chunk_rows=48, tables_per_task=7, collection_aware=not plain)
+        found = distributed.duplicates(index, threshold, collection_aware=not plain)
         a, b, scores = found.pairs
         local = index.graph_pairs(threshold, aware=not plain)
         assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
         assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2])
         local_scores = {(i, j): s for i, j, s in zip(*(x.tolist() for x in local))}
         assert all(local_scores[(i, j)] == s for i, j, s in zip(a.tolist(), b.tolist(), scores.tolist()))
-        assert (found.candidates > 0) == lsh_join and (found.plan is not None) == lsh_join
+        assert found.blocks >= 2
         groups = _groups(found.groups)
         assert groups == _groups(index.duplicates(threshold, collection_aware=not plain)) == _groups(
             index.duplicates(threshold, exact=True, collection_aware=not plain))

@@ -265,3 +265,27 @@ def test_a_query_finds_copies_through_its_best_matches_nearest_files(tmp_path, m
 
     with_graph, without = copies_found(2), copies_found(0)
     assert with_graph == 1.0 and without < 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 300), seed=st.integers(0, 2**16), threshold=st.floats(0.3, 0.95),
+       low_precision=st.booleans(), block=st.integers(1, 64))
+def test_pairs_above_are_the_brute_force_pairs(n, seed, threshold, low_precision, block):
+    """The crowded files' join: every pair at or above the threshold, each once, with its float32 cosine,
+    whether the products are bfloat16 (re-checked in float32) or float32, whatever the row blocks."""
+    rng = np.random.default_rng(seed)
+    vectors = unit(rng.standard_normal((n, 8))) if n else np.zeros((0, 8), np.float32)
+    if n > 10:  # near-duplicates around the threshold
+        vectors[n // 2:] = unit(vectors[: n - n // 2] + 0.5 * rng.standard_normal((n - n // 2, 8)))
+    import neardup.graph as graph_module
+
+    old = graph_module.PAIR_BLOCK
+    graph_module.PAIR_BLOCK = block
+    try:
+        a, b, s = knn.pairs_above(vectors, threshold, low_precision=low_precision)
+    finally:
+        graph_module.PAIR_BLOCK = old
+    sims = vectors @ vectors.T
+    want_a, want_b = np.nonzero(np.triu(sims >= threshold, 1))
+    assert sorted(zip(a.tolist(), b.tolist())) == sorted(zip(want_a.tolist(), want_b.tolist()))
+    np.testing.assert_allclose(s, sims[a, b], atol=1e-6)

@@ -1,30 +1,28 @@
 """Ray adapter: index and deduplicate collections larger than one machine (extra ``neardup[ray]``).
 
 This module only moves data. Decoding and hashing files (`index._prepare_file` / `_prepare_bytes`),
-the embedder (`models.load_embedder`), the all-pairs join's plan, per-table candidates and their
-verification (`lsh.plan_pairs`, `lsh.table_pairs`, `lsh.verify_pairs`: the steps of `lsh.join_pairs`)
-and grouping (`groups.group_pairs`) are the functions the local index runs; Ray Data only ships their
-inputs and outputs between machines.
+the embedder (`models.load_embedder`), the crowded files' join (`graph.block_pairs`) and grouping
+(`groups.group_pairs`) are the functions the local index runs; Ray only ships their inputs and outputs
+between machines.
 
 Indexing (``neardup index PATH --ray [ADDRESS]``)::
 
     list files (driver) -> read, sha256, decode, uint8 model pixels (CPU tasks)
         -> embed (map_batches over an actor pool: the model is loaded once per actor; a GPU each
            when the cluster has GPUs) -> Parquet shards (neardup.shards, written atomically)
-        -> Index.merge (on the driver: hashes vectors with the index's planes, commits)
+        -> Index.merge (on the driver: hashes vectors with the index's planes, commits, brings the
+           k-NN graph up to date)
 
 Duplicates (``neardup dups --ray``)::
 
-    index snapshot -> stored codes (64 bytes a vector) once, vectors in chunks, into the object store
-        -> the plan's tables dealt out to tasks: per table, keys, buckets (one sort), pairs within a
-           bucket, Hamming filter (lsh.table_pairs) -> candidates
-        -> shuffle by (chunk of a, chunk of b) (groupby) -> exact cosine, each group fetching two
-           vector chunks (lsh.verify_pairs) -> verified pairs -> driver: union-find groups
+    the stored k-NN graph (driver): listed pairs at the join cosine, every file's b
+        -> the crowded files' vectors once into the object store -> one task per block of rows:
+           exact scan against the later rows (graph.block_pairs) -> pairs no list holds
+        -> driver: scores, union-find groups
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -38,7 +36,6 @@ import numpy as np
 from . import lsh, neighbourhood, shards
 from .images import IMAGE_EXTENSIONS, discover
 from .index import (
-    EXACT_SCAN_MAX,
     DuplicateGroup,
     Index,
     NeardupError,
@@ -53,8 +50,6 @@ from .errors import RayError  # noqa: F401 (re-exported)
 
 #: Rows per Parquet shard: ~13 MB of 768-d float32 vectors.
 SHARD_ROWS = 4096
-#: Vectors per object-store chunk in the duplicate search: ~200 MB of 768-d float32 per chunk.
-CHUNK_ROWS = 1 << 16
 
 
 def _ray():
@@ -306,91 +301,38 @@ def index_to_shards(paths: Iterable[str], out: str, *, batch_size: int = 32, sha
 
 # ---- duplicates ----------------------------------------------------------------------------------
 
-def _table_candidates(batch: dict, words_ref: list, positions: np.ndarray, limit: int, chunk_rows: int,
-                      chunks: int) -> dict:
-    """Task: the candidates of a few tables of the join (over every row's 64-byte words, shared through
-    the object store), each pair once, keyed by (chunk of a, chunk of b) for the verification."""
-    import ray
-
-    words = ray.get(words_ref[0])
-    keys = []
-    for table in batch["table"]:
-        for a, b in lsh.table_pairs(words, positions[int(table)], limit):
-            keys.append(a.astype(np.int64) * len(words) + b)
-    keys = lsh.unique_rows(np.concatenate(keys)) if keys else np.empty(0, np.int64)
-    a, b = keys // len(words), keys % len(words)
-    return {"block": (a // chunk_rows) * chunks + b // chunk_rows, "a": a, "b": b}
-
-
-def _verify_block(group: dict, vector_refs: list, chunk_rows: int, chunks: int, threshold: float) -> dict:
-    """map_groups: the exact cosine of the candidates between two chunks of vectors (from the object
-    store), each pair once."""
-    import ray
-
-    block = int(group["block"][0])
-    first, second = block // chunks, block % chunks
-    vectors_a, vectors_b = ray.get([vector_refs[first], vector_refs[second]])
-    keys = lsh.unique_rows(group["a"].astype(np.int64) * (chunk_rows * chunks) + group["b"])
-    a, b = keys // (chunk_rows * chunks), keys % (chunk_rows * chunks)
-    found = [], [], []
-    step = 1 << 14
-    for start in range(0, len(a), step):
-        part_a, part_b = a[start : start + step], b[start : start + step]
-        verified = lsh.verify_pairs(part_a, part_b, vectors_a[part_a - first * chunk_rows],
-                                    vectors_b[part_b - second * chunk_rows], threshold)
-        for out, values in zip(found, verified):
-            out.append(values)
-    return {"a": np.concatenate(found[0]), "b": np.concatenate(found[1]),
-            "score": np.concatenate(found[2]).astype(np.float32)}
-
-
-@contextlib.contextmanager
-def _sort_shuffle(ray):
-    """Group with Ray Data's sort-based shuffle: the default hash shuffle starts aggregator actors
-    (about 10 s on a 2-core machine for a few thousand candidate rows, against 0.5 s sorting)."""
-    from ray.data.context import ShuffleStrategy
-
-    context = ray.data.DataContext.get_current()
-    previous = context.shuffle_strategy
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        yield
-    finally:
-        context.shuffle_strategy = previous
-
-
 @dataclass
 class DuplicateSearch:
     groups: list[DuplicateGroup]
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # snapshot positions a < b and their cosine, each pair once
-    candidates: int  # pairs that passed the Hamming filter (once per task that found them)
-    plan: lsh.PairPlan | None = None
+    blocks: int  # Ray tasks of the crowded files' join (0: no crowded files)
 
 
-def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
-               tables_per_task: int | None = None, collection_aware: bool = True) -> DuplicateSearch:
+def duplicates(index: Index, threshold: float, *, collection_aware: bool = True) -> DuplicateSearch:
     """`index.duplicates(threshold)` with the connected Ray cluster doing the one part of it that grows
-    with how crowded the collection is: the join among the "crowded" files, whose pairs no k-NN list can
-    hold (Index.graph_pairs). The listed pairs and every file's b come from the k-NN graph the index
-    keeps (neardup.graph), read by the driver as the local path reads them; the crowded join runs as the
-    local one does (an exact scan up to EXACT_SCAN_MAX files, else the LSH join with the same plan),
-    here in Ray tasks. So the pairs and groups are the local ones."""
+    with how crowded the collection is: the exact join among the "crowded" files, whose pairs no k-NN
+    list can hold (Index.graph_pairs), one task per block of rows (graph.block_pairs, the local scan's
+    own code) over their vectors, put once in the object store. The listed pairs and every file's b come
+    from the k-NN graph the index keeps (neardup.graph), read by the driver as the local path reads
+    them. So the pairs and groups are the local ones."""
+    from . import graph as knn
+
     ray = connect()
     snap = index.snapshot()
     n = len(snap)
     if n < 2:
         return DuplicateSearch([], _no_pairs(), 0)
     aware = collection_aware and neighbourhood.applies(n)
-    joined = {"candidates": 0, "plan": None}
+    tasks = {"blocks": 0}
 
     def join(positions: np.ndarray, cosine: float):
-        vectors = snap.vectors(positions, dtype=None)
-        if len(positions) <= EXACT_SCAN_MAX:
-            return ray.get(ray.remote(_exact_join).remote(ray.put(vectors), cosine))
-        plan = index.pair_plan(len(positions), cosine)
-        a, b, s, count = _ray_join(ray, snap.codes(positions), vectors, cosine, plan, chunk_rows, tables_per_task)
-        joined.update(candidates=count, plan=plan)
-        return a, b, s
+        vectors = lsh.normalise_rows(snap.vectors(positions, dtype=None))
+        ref = ray.put(vectors)
+        task = ray.remote(_block_pairs)
+        blocks = knn.pair_blocks(len(vectors))
+        tasks["blocks"] = len(blocks)
+        parts = ray.get([task.remote(ref, first, rows, cosine, knn.bf16_matmul()) for first, rows in blocks])
+        return tuple(np.concatenate(p) for p in zip(*parts)) if parts else _no_pairs()
 
     try:
         a, b, s = index.graph_pairs(threshold, aware=aware, snapshot=snap, join=join)
@@ -398,53 +340,11 @@ def duplicates(index: Index, threshold: float, *, chunk_rows: int = CHUNK_ROWS,
     except NeardupError as exc:
         raise RayError(str(exc)) from None
     groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, threshold=threshold)
-    return DuplicateSearch(groups, (a, b, s), joined["candidates"], joined["plan"])
+    return DuplicateSearch(groups, (a, b, s), tasks["blocks"])
 
 
-def _exact_join(vectors: np.ndarray, threshold: float):
-    """Task: every pair of the rows at cosine >= threshold, by exact scan (as Index._crowded_join)."""
-    from .index import _exact_pairs_of
+def _block_pairs(vectors: np.ndarray, first: int, rows: int, threshold: float, low_precision: bool):
+    """Task: graph.block_pairs on one block of the crowded files' rows."""
+    from . import graph as knn
 
-    return _exact_pairs_of(lsh.normalise_rows(vectors), threshold)
-
-
-def _ray_join(ray, codes: np.ndarray, vectors: np.ndarray, threshold: float, plan: lsh.PairPlan, chunk_rows: int,
-              tables_per_task: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """lsh.join_pairs on the cluster: the same tables of random stored bits, the same candidates per
-    table with the same Hamming filter, the same cosine check, so the same pairs (a < b, row numbers of
-    `codes`/`vectors`) and the count of candidates.
-
-    Data movement: the codes as 64-byte words go once into the object store (every worker reads them
-    zero-copy); the tables are dealt out to tasks (each sorts the keys of a table, the local join's
-    work); the candidates are shuffled by (chunk of a, chunk of b) to tasks that fetch those two vector
-    chunks and verify. Only verified pairs come back to the driver."""
-    n = len(codes)
-    starts = list(range(0, n, chunk_rows))
-    chunks = len(starts)
-    words_ref = ray.put(lsh.code_words(codes))
-    vector_refs = [ray.put(np.ascontiguousarray(vectors[s:s + chunk_rows])) for s in starts]
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    tables_per_task = tables_per_task or max(1, -(-plan.tables // (4 * cpus)))
-    found_a, found_b, found_s = [], [], []
-    with _sort_shuffle(ray):  # datasets keep the context they were made in
-        candidates = (
-            ray.data.range(plan.tables, override_num_blocks=max(1, -(-plan.tables // tables_per_task)))
-            .rename_columns({"id": "table"})
-            .map_batches(_table_candidates, batch_size=tables_per_task, batch_format="numpy",
-                         fn_kwargs={"words_ref": [words_ref], "positions": plan.positions(),
-                                    "limit": lsh.hamming_limit(threshold, plan.bits), "chunk_rows": chunk_rows,
-                                    "chunks": chunks})
-            .materialize()
-        )
-        count = candidates.count()
-        if count:
-            verified = candidates.groupby("block").map_groups(
-                _verify_block, batch_format="numpy",
-                fn_kwargs={"vector_refs": vector_refs, "chunk_rows": chunk_rows, "chunks": chunks,
-                           "threshold": threshold})
-            for batch in verified.iter_batches(batch_format="numpy", batch_size=None):
-                found_a.append(batch["a"]), found_b.append(batch["b"]), found_s.append(batch["score"])
-    if not found_a:
-        return (*_no_pairs(), count)
-    a, b, s = (np.concatenate(x) for x in (found_a, found_b, found_s))
-    return a.astype(np.int64), b.astype(np.int64), s, count
+    return knn.block_pairs(vectors, first, rows, threshold, low_precision)

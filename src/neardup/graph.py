@@ -488,3 +488,53 @@ def _rescored(queries: np.ndarray, neighbours: np.ndarray, rows: Rows, block: in
         vectors = rows(np.where(valid, part, 0).ravel()).reshape(*part.shape, -1)
         out[start:start + block] = np.where(valid, np.einsum("id,ikd->ik", queries[start:start + block], vectors), -np.inf)
     return out
+
+
+# ---- pairs above a cosine (the join among crowded files) ------------------------------------------
+
+#: bfloat16 rounds each of two unit vectors' components by at most 2^-9 relative, so their product's
+#: cosine is off by at most ~2^-8 < 0.004: a pair within this margin below the threshold is re-checked.
+BF16_MARGIN = 0.01
+PAIR_BLOCK = 4096
+
+
+def pair_blocks(n: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the row blocks `block_pairs` takes (one task each in the Ray path)."""
+    return [(first, min(PAIR_BLOCK, n - first)) for first in range(0, n, PAIR_BLOCK)]
+
+
+def block_pairs(vectors: np.ndarray, first: int, block: int, threshold: float, low_precision: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (a < b) with a in rows [first, first + block) of the normalised `vectors` and cosine
+    >= threshold, with its float32 cosine; bfloat16 products where `low_precision`, each pair found within
+    BF16_MARGIN of the threshold re-checked in float32 (so the pairs are the float32 scan's)."""
+    queries = vectors[first:first + block]
+    found_a, found_b = [], []
+    for start in range(first, len(vectors), 1 << 15):
+        columns = vectors[start:start + (1 << 15)]
+        if low_precision:
+            import torch
+
+            sims = _bf16(queries) @ _bf16(columns).T
+            hits = torch.nonzero(sims >= threshold - BF16_MARGIN).numpy()
+            i, j = hits[:, 0], hits[:, 1]
+        else:
+            i, j = np.nonzero(queries @ columns.T >= threshold)
+        a, b = first + i, start + j
+        keep = a < b
+        found_a.append(a[keep]), found_b.append(b[keep])
+    a, b = np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64)
+    cosines = np.einsum("ij,ij->i", vectors[a], vectors[b]) if len(a) else np.zeros(0, np.float32)
+    keep = cosines >= threshold
+    return a[keep], b[keep], cosines[keep].astype(np.float32)
+
+
+def pairs_above(vectors: np.ndarray, threshold: float, low_precision: bool | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (a < b) of the normalised rows with cosine >= threshold: the exact blockwise scan of
+    the upper triangle (O(n^2 d), for the few thousand to tens of thousands of crowded files)."""
+    low_precision = bf16_matmul() if low_precision is None else low_precision
+    parts = [block_pairs(vectors, first, block, threshold, low_precision) for first, block in pair_blocks(len(vectors))]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate(p) for p in zip(*parts))

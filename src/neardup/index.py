@@ -441,9 +441,9 @@ class Index:
         when each file has KEEP neighbours at least as close; such a pair links only if its cosine c
         reaches c* = the threshold (plain cosine) or max(COSINE_FLOOR, threshold + B_MAX - OFFSET) (the
         collection-aware score, whose b is then B_MAX for both), so the "crowded" files, those whose
-        KEEP-th neighbour reaches c*, are joined among themselves at c*: by `join(positions, c*)` (pairs
-        of indices into `positions`; the Ray path passes its own), else exactly, or by the LSH join above
-        EXACT_SCAN_MAX of them. In the exact regime this gives every pair `--exact` links."""
+        KEEP-th neighbour reaches c*, are joined among themselves at c* by an exact scan (graph.pairs_above;
+        `join(positions, c*)` gives pairs of indices into `positions`: the Ray path passes its own). In
+        the exact regime this gives every pair `--exact` links."""
         state = self._search_state()
         snap = snapshot or state.snap
         graph = self.graph(snap)
@@ -459,15 +459,8 @@ class Index:
         return a, b, s
 
     def _crowded_join(self, positions: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        snap = self._search_state().snap
-
-        def vectors(rows: np.ndarray) -> np.ndarray:
-            return snap.vectors(positions[rows], dtype=None)
-
-        if len(positions) <= EXACT_SCAN_MAX:
-            return _exact_pairs_of(lsh.normalise_rows(vectors(np.arange(len(positions)))), threshold)
-        found = list(lsh.join_pairs(snap.codes(positions), vectors, threshold, self.pair_plan(len(positions), threshold)))
-        return tuple(np.concatenate(p) for p in zip(*found)) if found else _no_pairs()
+        vectors = lsh.normalise_rows(self._search_state().snap.vectors(positions, dtype=None))
+        return knn.pairs_above(vectors, threshold)
 
     def pair_backgrounds(self, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, threshold: float, *,
                          exact: bool = False, snapshot: Snapshot | None = None) -> np.ndarray:
