@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from neardup import distributed, neighbourhood, shards
+from neardup import distributed, shards
 from neardup.cli import main
 from neardup.index import Index
 from neardup.store import Record
@@ -172,9 +172,8 @@ def test_bad_shards_fail_with_one_line_and_change_nothing(ray_index, tmp_path, e
     target.close()
 
 
-@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("plain", [False, True], ids=["collection-aware", "cosine"])
-def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypatch, low_precision, plain):
+def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypatch, plain):
     """Ray runs the crowded files' join (the pairs no k-NN list holds: two bursts of 40 near-identical
     vectors bridged at cosine ~0.8), one task per block of rows; the listed pairs and b come from the
     stored graph: the local pairs and groups, which are the exact path's."""
@@ -182,7 +181,6 @@ def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypat
 
     from neardup import graph as knn
 
-    monkeypatch.setattr(knn, "bf16_matmul", lambda: low_precision)
     monkeypatch.setattr(knn, "PAIR_BLOCK", 32)  # several tasks
     write_index(tmp_path / "idx", crowded(seed=2))
     threshold = 0.67

@@ -268,11 +268,10 @@ def test_a_query_finds_copies_through_its_best_matches_nearest_files(tmp_path, m
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(0, 300), seed=st.integers(0, 2**16), threshold=st.floats(0.3, 0.95),
-       low_precision=st.booleans(), block=st.integers(1, 64))
-def test_pairs_above_are_the_brute_force_pairs(n, seed, threshold, low_precision, block):
-    """The crowded files' join: every pair at or above the threshold, each once, with its float32 cosine,
-    whether the products are bfloat16 (re-checked in float32) or float32, whatever the row blocks."""
+@given(n=st.integers(0, 300), seed=st.integers(0, 2**16), threshold=st.floats(0.3, 0.95), block=st.integers(1, 64))
+def test_pairs_above_are_the_brute_force_pairs(n, seed, threshold, block):
+    """The crowded files' join: every pair at or above the threshold, each once, with its cosine,
+    whatever the row blocks."""
     rng = np.random.default_rng(seed)
     vectors = unit(rng.standard_normal((n, 8))) if n else np.zeros((0, 8), np.float32)
     if n > 10:  # near-duplicates around the threshold
@@ -282,10 +281,25 @@ def test_pairs_above_are_the_brute_force_pairs(n, seed, threshold, low_precision
     old = graph_module.PAIR_BLOCK
     graph_module.PAIR_BLOCK = block
     try:
-        a, b, s = knn.pairs_above(vectors, threshold, low_precision=low_precision)
+        a, b, s = knn.pairs_above(vectors, threshold)
     finally:
         graph_module.PAIR_BLOCK = old
     sims = vectors @ vectors.T
     want_a, want_b = np.nonzero(np.triu(sims >= threshold, 1))
     assert sorted(zip(a.tolist(), b.tolist())) == sorted(zip(want_a.tolist(), want_b.tolist()))
     np.testing.assert_allclose(s, sims[a, b], atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 120), seed=st.integers(0, 2**16), cut=st.floats(-0.5, 0.99), chunk=st.integers(1, 50))
+def test_listed_pairs_are_every_listed_pair_once(n, seed, cut, chunk):
+    vectors = unit(np.random.default_rng(seed).standard_normal((n, 5))) if n else np.zeros((0, 5), np.float32)
+    graph = knn.build(np.arange(n), np.zeros(n), lambda at: vectors[at])
+    a, b, s = graph.pairs(cut, chunk=chunk)
+    want = {}
+    for row in range(n):
+        for col, sim in zip(graph.neighbours[row], graph.similarities[row]):
+            if col >= 0 and sim >= cut:
+                want[(min(row, int(col)), max(row, int(col)))] = sim
+    assert sorted(zip(a.tolist(), b.tolist())) == sorted(want)
+    assert all(abs(want[(x, y)] - v) < 1e-6 for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()))

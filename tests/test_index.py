@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neardup.index import DEFAULT_THRESHOLD, Index, ModelMismatch, pair_bits, query_bits
+from neardup.index import DEFAULT_THRESHOLD, Index, ModelMismatch, query_bits
 from neardup.models.efficientnet_lite0 import TorchEmbedder
 from neardup.store import Store
 
@@ -82,10 +82,9 @@ def test_lsh_duplicates_equal_exact_duplicates(full_index):
             assert found.max_score <= oracle.max_score + 1e-5
 
 
-def test_bits_scale_with_collection_size_and_threshold():
+def test_query_bits_scale_with_collection_size():
     assert query_bits(16) == 8 and query_bits(1_000_000) == 20
     assert [query_bits(n) for n in (10**3, 10**4, 10**5, 10**6)] == sorted(query_bits(n) for n in (10**3, 10**4, 10**5, 10**6))
-    assert pair_bits(0.95) > pair_bits(0.85) > pair_bits(0.6)
 
 
 def test_incremental_reindex_skips_updates_and_prunes(tmp_path, photo_folder, embedder):

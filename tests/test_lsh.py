@@ -3,7 +3,6 @@
 import itertools
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -55,19 +54,6 @@ def test_hash_equals_naive_definition(n, dim, num_tables, bits, seed, centred):
         for b in range(bits):
             if clear[i, t, b]:
                 assert (int(codes[i, t]) >> b) & 1 == (int(naive[i, t]) >> b) & 1
-
-
-@given(arrays(np.uint32, st.integers(0, 200), elements=st.integers(0, 7)))
-def test_sorted_runs_emit_exactly_the_pairs_of_equal_keys(keys):
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else np.empty(0, np.int64)
-    pairs = []
-    for a, b in lsh.sorted_run_pairs(order, starts, chunk=7):
-        assert np.all(a < b) and len(a) <= 7
-        pairs += list(zip(a.tolist(), b.tolist()))
-    expected = {(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys)) if keys[i] == keys[j]}
-    assert len(pairs) == len(set(pairs)) and set(pairs) == expected
 
 
 @given(st.integers(1, 16), st.integers(0, 3))
@@ -132,59 +118,3 @@ def test_lsh_recall_against_exact_oracle_on_clusters():
         total += len(relevant)
         assert len(candidates) < n / 10, "LSH must not degenerate into a full scan"
     assert total > 0 and found / total >= 0.99
-
-
-@pytest.mark.parametrize("threshold", [0.8, 0.9])
-def test_all_pairs_join_recovers_exact_pairs(threshold):
-    rng = np.random.default_rng(11)
-    dim = 96
-    vectors = clustered(rng, 200, 2, dim, spread=0.4)
-    planes = lsh.make_planes(dim, 16, 32, seed=5)
-    codes = lsh.hash_vectors(vectors, planes, 16)
-    gram = vectors @ vectors.T
-    a, b = np.nonzero(np.triu(gram >= threshold, k=1))
-    exact = set(zip(a.tolist(), b.tolist()))
-    k = 8
-    assert lsh.collision_probability(threshold, k, 16 * (32 // k)) > 0.99
-    found = set()
-    for a, b in lsh.LSHTables(codes, k).candidate_pairs():
-        keep = lsh.row_dots(vectors[a], vectors[b]) >= threshold
-        found.update(zip(a[keep].tolist(), b[keep].tolist()))
-    assert found <= exact
-    assert len(found) / len(exact) >= 0.99
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(2, 60),
-    k=st.integers(1, 8),
-    tables=st.integers(1, 6),
-    workers=st.integers(1, 4),
-    threshold=st.sampled_from([-1.0, 0.0, 0.3, 0.6]),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_join_split_by_table_equals_join_pairs(n, k, tables, workers, threshold, seed):
-    """The distributed join's steps (tables dealt to workers in any way, candidates per table with the
-    Hamming filter, verification) give exactly the pairs and scores of `join_pairs`."""
-    rng = np.random.default_rng(seed)
-    vectors = unit_rows(rng, n, 8)
-    vectors[1::3] = vectors[0::3][: len(vectors[1::3])] + 0.05 * rng.standard_normal((len(vectors[1::3]), 8))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    codes = lsh.hash_vectors(vectors, lsh.make_planes(8, 16, 32, seed % 1000), 16)
-    plan = lsh.PairPlan(k, tables, 512, seed % 1000)
-    expected = {(int(a), int(b)): float(s) for chunk in lsh.join_pairs(codes, lambda r: vectors[r], threshold, plan)
-                for a, b, s in zip(*chunk)}
-
-    words, bits = lsh.code_words(codes), lsh.bit_rows(codes)
-    limit = lsh.hamming_limit(threshold, plan.bits)
-    positions = plan.positions()
-    worker_of = rng.integers(0, workers, size=tables)
-    found = {}
-    for worker in range(workers):
-        for t in np.flatnonzero(worker_of == worker):
-            assert np.array_equal(lsh.table_keys(words, positions[t]), lsh.subset_keys(bits, positions[t]))
-            for a, b in lsh.table_pairs(words, positions[t], limit, chunk=7):
-                assert (a < b).all()
-                va, vb, s = lsh.verify_pairs(a, b, vectors[a], vectors[b], threshold)
-                found.update(zip(zip(va.tolist(), vb.tolist()), s.tolist()))
-    assert found == expected

@@ -102,38 +102,6 @@ def test_nearest_by_hamming_keeps_the_smallest_distances(distances, count):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(2, 80), st.floats(0.5, 0.95))
-def test_join_pairs_equals_its_definition_by_brute_force(seed, n, threshold):
-    """Every pair that shares a key in some plan table, passes the Hamming limit and the cosine
-    threshold, each once; nothing else."""
-    rng = np.random.default_rng(seed)
-    dim = 16
-    vectors = unit(rng.standard_normal((n, dim)))
-    vectors[n // 2 :] = unit(vectors[: n - n // 2] + 0.3 * rng.standard_normal((n - n // 2, dim)))
-    stored = vectors.astype(np.float16)
-    planes = lsh.make_planes(dim, NUM_TABLES, STORED_BITS, seed % 1000)
-    codes = lsh.hash_vectors(vectors, planes, NUM_TABLES)
-    plan = lsh.PairPlan(k=int(rng.integers(2, 6)), tables=int(rng.integers(1, 12)), bits=512, seed=seed % 1000)
-    found = list(lsh.join_pairs(codes, lambda rows: stored[rows], threshold, plan, chunk=7))
-    pairs = [(int(a), int(b)) for part in found for a, b in zip(part[0], part[1])]
-    assert len(pairs) == len(set(pairs)) and all(a < b for a, b in pairs)
-    words = lsh.code_words(codes)
-    limit = lsh.hamming_limit(threshold, 512)
-    keys = [lsh.subset_keys(lsh.bit_rows(codes), positions) for positions in plan.positions()]
-    expected = set()
-    for a in range(n):
-        for b in range(a + 1, n):
-            shared = any(table[a] == table[b] for table in keys)
-            near = lsh.hamming(words[a : a + 1], words[b])[0] <= limit
-            close = lsh.row_cosines(stored[[a]], stored[[b]])[0] >= threshold
-            if shared and near and close:
-                expected.add((a, b))
-    assert set(pairs) == expected
-    scores = np.concatenate([part[2] for part in found]) if found else np.empty(0)
-    assert np.all(scores >= threshold)
-
-
-@settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.integers(2, 1280))
 def test_float16_scores_stay_within_1e3_of_float32_and_self_match_is_one(seed, n, dim):
     rng = np.random.default_rng(seed)
@@ -214,10 +182,8 @@ def test_duplicates_equal_exact_oracle_on_planted_data(tmp_path):
     assert len(exact_groups) >= 550
     exact_sets = {tuple(g.files) for g in exact_groups}
     lsh_sets = {tuple(g.files) for g in lsh_groups}
-    # verified pairs only: an LSH group can be an exact group or a part of one (a missed link), never more
-    assert all(any(set(group) <= set(e) for e in exact_sets) for group in lsh_sets)
-    # at least 99 % of the exact groups come out whole
-    assert len(lsh_sets & exact_sets) / len(exact_sets) >= 0.99
+    # dups reads the exact k-NN graph (6,000 files: its exact regime) plus the crowded files' exact join
+    assert lsh_sets == exact_sets
 
 
 def test_format_1_index_is_refused_with_a_rebuild_message(tmp_path):

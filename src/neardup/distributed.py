@@ -326,12 +326,12 @@ def duplicates(index: Index, threshold: float, *, collection_aware: bool = True)
     tasks = {"blocks": 0}
 
     def join(positions: np.ndarray, cosine: float):
-        vectors = lsh.normalise_rows(snap.vectors(positions, dtype=None))
+        vectors = lsh.normalise_rows(snap.read_vectors(positions))
         ref = ray.put(vectors)
         task = ray.remote(_block_pairs)
         blocks = knn.pair_blocks(len(vectors))
         tasks["blocks"] = len(blocks)
-        parts = ray.get([task.remote(ref, first, rows, cosine, knn.bf16_matmul()) for first, rows in blocks])
+        parts = ray.get([task.remote(ref, first, rows, cosine) for first, rows in blocks])
         return tuple(np.concatenate(p) for p in zip(*parts)) if parts else _no_pairs()
 
     try:
@@ -343,8 +343,8 @@ def duplicates(index: Index, threshold: float, *, collection_aware: bool = True)
     return DuplicateSearch(groups, (a, b, s), tasks["blocks"])
 
 
-def _block_pairs(vectors: np.ndarray, first: int, rows: int, threshold: float, low_precision: bool):
+def _block_pairs(vectors: np.ndarray, first: int, rows: int, threshold: float):
     """Task: graph.block_pairs on one block of the crowded files' rows."""
     from . import graph as knn
 
-    return knn.block_pairs(vectors, first, rows, threshold, low_precision)
+    return knn.block_pairs(vectors, first, rows, threshold)

@@ -81,18 +81,29 @@ class Graph:
         column = self.similarities[:, k - 1].astype(np.float64)
         return np.where(np.isfinite(column), column, 0.0)
 
-    def pairs(self, min_cosine: float, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every listed pair (a < b, row positions) with cosine >= min_cosine, each once, with its cosine;
-        only the lists of `rows` when given (a pair is still reported once if both list each other)."""
-        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
-        sims = self.similarities[rows]
-        at, col = np.nonzero(sims >= min_cosine)
-        a, b = rows[at], self.neighbours[rows[at], col].astype(np.int64)
-        s = sims[at, col]
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        key = lo * max(len(self), 1) + hi
-        key, first = np.unique(key, return_index=True)
-        return lo[first], hi[first], s[first]
+    def pairs(self, min_cosine: float, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every listed pair (a < b, row positions) with cosine >= min_cosine, each once, with its cosine.
+        A pair both rows list is taken from the lower row's list; without a sort, a chunk of rows at a
+        time (a million rows list ~14M such pairs at 0.55)."""
+        found_a, found_b, found_s = [], [], []
+        for first in range(0, len(self), chunk):
+            sims = self.similarities[first:first + chunk]
+            at, col = np.nonzero(sims >= min_cosine)
+            a = (first + at).astype(np.int32)
+            b = self.neighbours[first:first + chunk][at, col]
+            s = sims[at, col]
+            later = a < b
+            # b < a: taken here unless b lists a at the same cosine cut (then b's list gave it)
+            back = ~later
+            listed = ((self.neighbours[b[back]] == a[back, None]) & (self.similarities[b[back]] >= min_cosine)).any(axis=1)
+            keep = later.copy()
+            keep[np.flatnonzero(back)[~listed]] = True
+            a, b, s = a[keep], b[keep], s[keep]
+            found_a.append(np.minimum(a, b)), found_b.append(np.maximum(a, b)), found_s.append(s)
+        if not found_a:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return (np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64),
+                np.concatenate(found_s))
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"ids": self.ids, "stamps": self.stamps, "exact_rows": self.exact_rows, "neighbours": self.neighbours,
@@ -492,9 +503,6 @@ def _rescored(queries: np.ndarray, neighbours: np.ndarray, rows: Rows, block: in
 
 # ---- pairs above a cosine (the join among crowded files) ------------------------------------------
 
-#: bfloat16 rounds each of two unit vectors' components by at most 2^-9 relative, so their product's
-#: cosine is off by at most ~2^-8 < 0.004: a pair within this margin below the threshold is re-checked.
-BF16_MARGIN = 0.01
 PAIR_BLOCK = 4096
 
 
@@ -503,38 +511,27 @@ def pair_blocks(n: int) -> list[tuple[int, int]]:
     return [(first, min(PAIR_BLOCK, n - first)) for first in range(0, n, PAIR_BLOCK)]
 
 
-def block_pairs(vectors: np.ndarray, first: int, block: int, threshold: float, low_precision: bool
+def block_pairs(vectors: np.ndarray, first: int, block: int, threshold: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair (a < b) with a in rows [first, first + block) of the normalised `vectors` and cosine
-    >= threshold, with its float32 cosine; bfloat16 products where `low_precision`, each pair found within
-    BF16_MARGIN of the threshold re-checked in float32 (so the pairs are the float32 scan's)."""
+    """Every pair (a < b) with a in rows [first, first + block) of the normalised float32 `vectors` and
+    cosine >= threshold, with its cosine: float32 products, a block of columns at a time. (bfloat16 with
+    a float32 re-check was slower here: crowded files have millions of pairs near the threshold.)"""
     queries = vectors[first:first + block]
-    found_a, found_b = [], []
-    for start in range(first, len(vectors), 1 << 15):
-        columns = vectors[start:start + (1 << 15)]
-        if low_precision:
-            import torch
-
-            sims = _bf16(queries) @ _bf16(columns).T
-            hits = torch.nonzero(sims >= threshold - BF16_MARGIN).numpy()
-            i, j = hits[:, 0], hits[:, 1]
-        else:
-            i, j = np.nonzero(queries @ columns.T >= threshold)
-        a, b = first + i, start + j
-        keep = a < b
-        found_a.append(a[keep]), found_b.append(b[keep])
-    a, b = np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64)
-    cosines = np.einsum("ij,ij->i", vectors[a], vectors[b]) if len(a) else np.zeros(0, np.float32)
-    keep = cosines >= threshold
-    return a[keep], b[keep], cosines[keep].astype(np.float32)
+    found_a, found_b, found_s = [], [], []
+    for start in range(first, len(vectors), 1 << 14):
+        sims = queries @ vectors[start:start + (1 << 14)].T
+        i, j = np.nonzero(sims >= threshold)
+        keep = first + i < start + j
+        i, j = i[keep], j[keep]
+        found_a.append(first + i), found_b.append(start + j), found_s.append(sims[i, j])
+    return (np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64),
+            np.concatenate(found_s).astype(np.float32))
 
 
-def pairs_above(vectors: np.ndarray, threshold: float, low_precision: bool | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pairs_above(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (a < b) of the normalised rows with cosine >= threshold: the exact blockwise scan of
     the upper triangle (O(n^2 d), for the few thousand to tens of thousands of crowded files)."""
-    low_precision = bf16_matmul() if low_precision is None else low_precision
-    parts = [block_pairs(vectors, first, block, threshold, low_precision) for first, block in pair_blocks(len(vectors))]
+    parts = [block_pairs(vectors, first, block, threshold) for first, block in pair_blocks(len(vectors))]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return tuple(np.concatenate(p) for p in zip(*parts))

@@ -43,10 +43,6 @@ DEFAULT_THRESHOLD = 0.67
 NUM_TABLES = 16
 STORED_BITS = lsh.MAX_BITS
 LSH_SEED = 20240601
-#: Mean cosine between unrelated photos (EfficientNet-Lite0 GeM vectors of the 16 demo photos; 0.19 with
-#: the earlier average pooling): the vectors share a positive cone, so a random pair agrees on a bit
-#: with probability ~0.59, not 0.5.
-UNRELATED_COSINE = 0.28
 #: Buckets probed per query table (query-directed multiprobe, `lsh.directed_probes`). Measured on 200k
 #: synthetic 1280-d vectors, copies planted at cosine 0.8-0.99, k = 20 (25 tables): recall 1.000 with
 #: ~800 candidates per 1M vectors for centred data at 32 probes; for uncentred "cone" data (unrelated
@@ -62,8 +58,6 @@ SHORTLIST = 64
 QUERY_EXPAND = 2
 #: Stored vectors are kept in memory as normalised float32 for exact scans up to this many bytes.
 DENSE_CACHE_BYTES = 128 << 20
-#: Target probability that a pair at the threshold shares a bucket during `duplicates`.
-PAIR_RECALL = 0.999
 COMPACT_DEAD_FRACTION = 0.3
 COMPACT_MAX_SEGMENTS = 64
 
@@ -405,10 +399,8 @@ class Index:
         """Groups of indexed images linked by pairs scoring >= threshold, largest groups first.
         The score is collection-aware (`neighbourhood`: cosine lowered by both files' K-th neighbour
         similarity) in a collection of at least neighbourhood.MIN_FILES files, else the cosine.
-        Pairs come from LSH tables of k random stored bits each (`lsh.plan_pairs`: k ~ log2 n, tables
-        enough that a pair at the join's cosine collides with probability >= PAIR_RECALL), streamed,
-        filtered by Hamming distance, verified by exact cosine and merged with union-find;
-        `exact` compares every pair instead (the oracle; O(n²))."""
+        Pairs and b come from the k-NN graph the index keeps (`graph_pairs`, neardup.graph), merged with
+        union-find; `exact` compares every pair instead (the oracle; O(n²))."""
         state = self._search_state()
         snap = state.snap
         aware = collection_aware and neighbourhood.applies(len(snap))
@@ -459,7 +451,7 @@ class Index:
         return a, b, s
 
     def _crowded_join(self, positions: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        vectors = lsh.normalise_rows(self._search_state().snap.vectors(positions, dtype=None))
+        vectors = lsh.normalise_rows(self._search_state().snap.read_vectors(positions))
         return knn.pairs_above(vectors, threshold)
 
     def pair_backgrounds(self, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, threshold: float, *,
@@ -611,24 +603,6 @@ class Index:
                 state.tables = lsh.LSHTables(codes, query_bits(len(state.snap)))
             return state
 
-    def _unrelated_cosine(self) -> float:
-        """Cosine of unrelated vectors as the hyperplanes see them: ~0 once a center is subtracted."""
-        return UNRELATED_COSINE if (self._reader.get_meta("lsh") or {}).get("center") is None else 0.0
-
-    def pair_plan(self, n: int, threshold: float) -> lsh.PairPlan:
-        """The all-pairs join plan for n of this index's vectors (local and Ray joins use the same)."""
-        return lsh.plan_pairs(n, threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=self._unrelated_cosine(),
-                              recall=PAIR_RECALL, seed=LSH_SEED)
-
-    def _lsh_pairs(self, snap: Snapshot, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if len(snap) < 2:
-            return _no_pairs()
-        plan = self.pair_plan(len(snap), threshold)
-        found = list(lsh.join_pairs(snap.codes(), lambda rows: snap.vectors(rows, dtype=None), threshold, plan))
-        if not found:
-            return _no_pairs()
-        return tuple(np.concatenate(parts) for parts in zip(*found))
-
     def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None, lookahead: int = 0):
         """Yield a _Prepared per file, in order; reading, hashing and decoding run in worker processes or
         threads (neardup.decode), overlapping inference. `lookahead` files (at least two model batches)
@@ -707,13 +681,6 @@ def identity_difference(theirs: dict, ours: dict) -> str:
 
     keys = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
     return "; ".join(f"{k} {shown(theirs.get(k, 'absent'))} (here: {shown(ours.get(k, 'absent'))})" for k in keys)
-
-
-def pair_bits(threshold: float, n: int = 1_000_000, unrelated_cosine: float = UNRELATED_COSINE) -> int:
-    """Bits per `duplicates` table (`lsh.plan_pairs`) for n vectors at this threshold: grows with n and
-    with the threshold."""
-    return lsh.plan_pairs(n, threshold, NUM_TABLES * STORED_BITS, unrelated_cosine=unrelated_cosine,
-                          recall=PAIR_RECALL).k
 
 
 def _misnamed_record(path: str) -> Record | None:

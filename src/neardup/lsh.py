@@ -9,10 +9,8 @@ tables give 1 − (1 − p^k)^L (``collision_probability``). The same stored bit
 * queries (``LSHTables``): the bit string cut into 512 // k tables of k contiguous bits (k ~ log2 n),
   each a CSR table with direct addressing, probed at the query's likeliest buckets
   (``directed_probes``); candidates ranked by Hamming distance over all 512 bits (``hamming``,
-  ``nearest_by_hamming``) before any vector is read;
-* all pairs (``plan_pairs``, ``join_pairs``): many tables of k random stored bits each, sized from the
-  collision maths so a pair at the threshold meets with probability >= the target recall; candidate
-  pairs are streamed in chunks and filtered by Hamming distance (``hamming_limit``).
+  ``nearest_by_hamming``) before any vector is read. (`dups` needs no pair join over the codes: it
+  reads the k-NN graph the index keeps, neardup.graph.)
 
 Scores are never derived from codes: candidates are always re-ranked by the exact cosine of the stored
 vectors (``cosines``, ``row_cosines``: each row's norm divided out, so float16 storage moves a score by
@@ -23,8 +21,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -193,12 +189,6 @@ class LSHTables:
             masks = np.tile(probe_masks(self.k, radius), (self.num_tables, 1))
         return unique_rows(self.lookup(keys[:, None] ^ masks))
 
-    def candidate_pairs(self, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Pairs of rows sharing a bucket in some table; a pair may repeat across tables."""
-        for t in range(self.num_tables):
-            yield from sorted_run_pairs(self.rows[t], self.offsets[t][np.flatnonzero(np.diff(self.offsets[t]))], chunk)
-
-
 def unique_rows(rows: np.ndarray) -> np.ndarray:
     """np.unique for a 1-d integer array, without its bookkeeping (several times faster on small arrays)."""
     if len(rows) == 0:
@@ -209,29 +199,6 @@ def unique_rows(rows: np.ndarray) -> np.ndarray:
     np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
     return ordered[keep]
 
-
-def sorted_run_pairs(rows: np.ndarray, starts: np.ndarray, chunk: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All pairs inside each run rows[starts[i]:starts[i+1]] (the last run ends at len(rows)), as
-    (a, b) with a < b, in chunks of at most `chunk` pairs.
-
-    Pairs at distance d inside the sorted order are emitted together, so memory stays O(n + chunk)
-    whatever the bucket sizes; the loop runs (largest run − 1) times.
-    """
-    rows = np.asarray(rows)
-    bounds = np.r_[np.asarray(starts, dtype=np.int64), len(rows)]  # starts[0] == 0: runs cover rows
-    ends = np.repeat(bounds[1:], np.diff(bounds))
-    active = np.flatnonzero(ends - np.arange(len(ends)) > 1)
-    distance = 1
-    while len(active):
-        for start in range(0, len(active), chunk):
-            left = active[start : start + chunk]
-            a, b = rows[left], rows[left + distance]
-            yield np.minimum(a, b), np.maximum(a, b)
-        distance += 1
-        active = active[active + distance < ends[active]]
-
-
-# ---- Hamming distances on the stored codes ---------------------------------------------------------
 
 def code_words(codes: np.ndarray) -> np.ndarray:
     """The stored codes of each row as uint64 words, (n, tables) uint32 -> (n, tables / 2) uint64:
@@ -261,155 +228,6 @@ def nearest_by_hamming(distances: np.ndarray, count: int) -> np.ndarray:
     histogram = np.cumsum(np.bincount(distances))
     cut = int(np.searchsorted(histogram, count))
     return np.flatnonzero(distances <= cut)
-
-
-def hamming_limit(cosine: float, bits: int, sigmas: float = 5.0) -> int:
-    """A Hamming distance (over `bits` stored bits) that a pair at this cosine exceeds with probability
-    below ~1e-6 (`sigmas` standard deviations above the mean of Binomial(bits, θ/π))."""
-    q = math.acos(max(-1.0, min(1.0, cosine))) / math.pi
-    return min(bits, int(math.ceil(bits * q + sigmas * math.sqrt(bits * q * (1 - q)))))
-
-
-# ---- all-pairs join ----------------------------------------------------------------------------
-
-#: Candidate pairs whose vectors are read and compared at once (2 x 8192 x 768 float16 = 25 MB).
-VERIFY_CHUNK = 1 << 13
-#: Relative cost of one row in one pair table (key extraction + sort) against one emitted candidate pair
-#: (Hamming check); measured on this machine: ~30 ns per row-table, ~170 ns per candidate pair.
-_ROW_COST, _PAIR_COST = 30.0, 170.0
-
-
-@dataclass(frozen=True)
-class PairPlan:
-    """Tables for the all-pairs join: each table keys every row by `k` of the `bits` stored bits, the
-    bit positions drawn at random per table (tables may share bits), so the table count is not bounded
-    by bits / k and k can grow with the collection (~log2 n) while recall stays at target."""
-
-    k: int
-    tables: int
-    bits: int
-    seed: int = 0
-
-    def positions(self) -> np.ndarray:
-        """(tables, k) bit positions, distinct within each table."""
-        rng = np.random.default_rng(self.seed)
-        return np.stack([rng.choice(self.bits, self.k, replace=False) for _ in range(self.tables)]) if self.tables else (
-            np.empty((0, self.k), dtype=np.int64))
-
-
-def subset_collision(cosine: float, k: int, bits: int) -> np.ndarray:
-    """P(a pair at this cosine agrees on k random distinct bits out of `bits`), averaged over the
-    pair's number of disagreeing bits D ~ Binomial(bits, θ/π). Returns (weights over D, P given D)."""
-    q = math.acos(max(-1.0, min(1.0, cosine))) / math.pi
-    d = np.arange(bits + 1)
-    lg = np.vectorize(math.lgamma)
-    log_binom = lg(bits + 1) - lg(d + 1) - lg(bits - d + 1)
-    with np.errstate(divide="ignore"):
-        weights = np.exp(log_binom + d * np.log(q if q > 0 else 1e-300) + (bits - d) * np.log1p(-q if q < 1 else -1 + 1e-300))
-    agree = np.zeros(bits + 1)
-    ok = bits - d >= k
-    agree[ok] = np.exp(lg(bits - d[ok] + 1) - lg(bits - d[ok] - k + 1) - (lg(bits + 1) - lg(bits - k + 1)))
-    return weights / weights.sum(), agree
-
-
-def plan_pairs(n: int, threshold: float, bits: int, *, unrelated_cosine: float = 0.0, recall: float = 0.999,
-               max_tables: int = 4096, seed: int = 0) -> PairPlan:
-    """The cheapest PairPlan (estimated time: rows sorted per table + random candidate pairs) whose
-    recall of a pair at `threshold` is >= `recall`. Random pairs collide on one bit with probability
-    1 − acos(unrelated_cosine)/π (0.5 for centred vectors)."""
-    p_random = 1.0 - math.acos(max(-1.0, min(1.0, unrelated_cosine))) / math.pi
-    best: tuple[float, PairPlan] | None = None
-    for k in range(4, min(MAX_BITS, bits) + 1):
-        weights, agree = subset_collision(threshold, k, bits)
-
-        def recall_with(tables: int) -> float:  # P(a pair at the threshold shares some table's bucket)
-            return float(np.sum(weights * (1.0 - (1.0 - agree) ** tables)))
-
-        lo, hi = 1, max_tables
-        if recall_with(hi) < recall:
-            continue
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if recall_with(mid) >= recall:
-                hi = mid
-            else:
-                lo = mid + 1
-        cost = lo * (n * _ROW_COST + n * (n - 1) / 2 * p_random**k * _PAIR_COST)
-        if best is None or cost < best[0]:
-            best = (cost, PairPlan(k, lo, bits, seed))
-    if best is None:  # threshold too low for any plan: take every bit pattern of 4 bits
-        return PairPlan(4, max_tables, bits, seed)
-    return best[1]
-
-
-def bit_rows(codes: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Unpacked stored bits as (bits, n) uint8, row b = bit b of every vector (1 byte per bit per
-    vector: 512 MB at a million vectors), so one table's key reads k contiguous rows."""
-    words = code_words(codes)
-    n = len(words)
-    out = np.empty((words.shape[1] * 64, n), dtype=np.uint8)
-    for start in range(0, n, chunk):
-        part = np.unpackbits(words[start : start + chunk].view(np.uint8), axis=1, bitorder="little")
-        out[:, start : start + chunk] = part.T
-    return out
-
-
-def subset_keys(bits: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Key (uint32) of every vector for one table: bit j of the key = stored bit positions[j]."""
-    keys = np.zeros(bits.shape[1], dtype=CODE_DTYPE)
-    for j, position in enumerate(positions):
-        keys |= bits[position].astype(CODE_DTYPE) << CODE_DTYPE(j)
-    return keys
-
-
-def join_pairs(codes: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray], threshold: float, plan: PairPlan,
-               *, chunk: int = 1 << 20, progress: Callable[[int, int], None] | None = None
-               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every pair (a < b) of rows with cosine >= threshold that shares a bucket of some plan table,
-    each pair once, streamed as (a, b, scores) chunks.
-
-    Per table: keys of k random stored bits, one sort, pairs inside equal-key runs emitted in chunks,
-    filtered by Hamming distance over all stored bits (`hamming_limit`: a pair at the threshold passes
-    with probability ~1 − 1e-6), then verified by the exact cosine of the stored vectors
-    (`vectors(rows)`, any float dtype). Memory: the codes, one byte per stored bit per row, one sort,
-    `chunk` candidate pairs, 2 x VERIFY_CHUNK vectors and the pairs verified so far (for
-    de-duplication across tables).
-    """
-    n = len(codes)
-    if n < 2 or plan.tables == 0:
-        return
-    words = code_words(codes)
-    planes = bit_rows(codes)
-    limit = hamming_limit(threshold, plan.bits)
-    seen = np.empty(0, dtype=np.int64)  # a * n + b of every pair verified so far, sorted
-    pending: list[np.ndarray] = []
-    pending_size = 0
-
-    def verify(keys: np.ndarray):
-        nonlocal seen
-        keys = unique_rows(keys)
-        if len(seen):
-            slot = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
-            keys = keys[seen[slot] != keys]
-        seen = np.union1d(seen, keys)
-        for start in range(0, len(keys), VERIFY_CHUNK):  # 2 x VERIFY_CHUNK vectors read at a time
-            part = keys[start : start + VERIFY_CHUNK]
-            a, b = part // n, part % n
-            a, b, scores = verify_pairs(a, b, vectors(a), vectors(b), threshold)
-            if len(a):
-                yield a, b, scores
-
-    for t, positions in enumerate(plan.positions()):
-        for a, b in key_run_pairs(subset_keys(planes, positions), words, limit, chunk):
-            pending.append(a.astype(np.int64) * n + b)
-            pending_size += len(a)
-            if pending_size >= chunk:
-                yield from verify(np.concatenate(pending))
-                pending, pending_size = [], 0
-        if progress:
-            progress(t + 1, plan.tables)
-    if pending:
-        yield from verify(np.concatenate(pending))
 
 
 def cosines(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -464,44 +282,3 @@ def row_dots(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
 
 
 # ---- the all-pairs join cut into pure steps, for a join spread over many machines ------------------
-
-def table_keys(words: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Key (uint32) of every row in one table, read from the stored words (`code_words`): bit j of the
-    key = stored bit positions[j]. Equals `subset_keys(bit_rows(codes), positions)` without the
-    (bits, n) byte matrix, so a worker needs only the 64-byte words of each vector."""
-    keys = np.zeros(len(words), dtype=CODE_DTYPE)
-    for j, position in enumerate(np.asarray(positions, dtype=np.int64).tolist()):
-        bit = (words[:, position // 64] >> np.uint64(position % 64)) & np.uint64(1)
-        keys |= bit.astype(CODE_DTYPE) << CODE_DTYPE(j)
-    return keys
-
-
-def table_pairs(words: np.ndarray, positions: np.ndarray, limit: int, chunk: int = 1 << 20
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The candidates of one table of the all-pairs join: pairs (a < b) sharing a key of `positions`
-    whose Hamming distance over all stored bits is <= `limit` (`hamming_limit`), in chunks. Over every
-    table of a PairPlan and then `verify_pairs`, exactly the pairs of `join_pairs`, so the tables can be
-    split among workers in any way."""
-    yield from key_run_pairs(table_keys(words, positions), words, limit, chunk)
-
-
-def key_run_pairs(keys: np.ndarray, words: np.ndarray, limit: int, chunk: int = 1 << 20
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Pairs (a < b) of rows with equal `keys` whose Hamming distance over the stored `words` is <=
-    `limit`, in chunks (empty chunks left out): one table's step of the all-pairs join."""
-    order = np.argsort(keys)
-    ordered = keys[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else np.empty(0, np.int64)
-    del ordered
-    for a, b in sorted_run_pairs(order, starts, chunk):
-        near = hamming(words[a], words[b]) <= limit
-        if near.any():
-            yield a[near], b[near]
-
-
-def verify_pairs(a: np.ndarray, b: np.ndarray, vectors_a: np.ndarray, vectors_b: np.ndarray,
-                 threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The candidate pairs (a[i], b[i]) whose cosine (`row_cosines` of the stored vectors) is >= threshold."""
-    scores = row_cosines(vectors_a, vectors_b)
-    keep = scores >= threshold
-    return a[keep], b[keep], scores[keep]

@@ -143,6 +143,30 @@ class Snapshot:
     def codes(self, positions: np.ndarray | None = None) -> np.ndarray:
         return self._gather("codes", positions)
 
+    def read_vectors(self, positions: np.ndarray) -> np.ndarray:
+        """Stored (float16) vectors of scattered positions read from the files, not through the mappings:
+        touching a few percent of the rows of a mapping maps nearly all of it (the kernel maps the pages
+        around each fault), which a process's peak RSS then counts (`dups` reads its crowded files so)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        template = next(iter(self._segments.values()), None)
+        if template is None or len(positions) == 0:
+            return self.vectors(positions, dtype=None)
+        dim, dtype = template.vectors.shape[1], template.vectors.dtype
+        width = dim * dtype.itemsize
+        out = np.empty((len(positions), dim), dtype=dtype)
+        view = out.view(np.uint8).reshape(len(positions), width)
+        segment_ids, rows = self._segment_ids[positions], self._rows[positions]
+        for seg_id in np.unique(segment_ids).tolist():
+            segment = self._segments[seg_id]
+            here = np.flatnonzero(segment_ids == seg_id)
+            fd = os.open(segment.vectors_path, os.O_RDONLY)
+            try:
+                for i, row in zip(here.tolist(), rows[here].tolist()):
+                    view[i] = np.frombuffer(os.pread(fd, width, segment.vectors_offset + row * width), np.uint8)
+            finally:
+                os.close(fd)
+        return out
+
     def _gather(self, kind: str, positions: np.ndarray | None) -> np.ndarray:
         positions = np.arange(len(self.ids)) if positions is None else np.asarray(positions, dtype=np.int64)
         segment_ids, rows = self._segment_ids[positions], self._rows[positions]
@@ -173,6 +197,8 @@ class _Segment:
     rows: int
     vectors: np.ndarray
     codes: np.ndarray
+    vectors_path: str = ""
+    vectors_offset: int = 0  # where the rows start in the .npy file (after its header)
 
 
 class Store:
@@ -377,13 +403,15 @@ class Store:
             base = self.root / SEGMENTS / name
             try:
                 # plain ndarray views of the mappings: indexing a np.memmap costs ~0.25 ms of bookkeeping
-                vectors = np.asarray(np.load(f"{base}.vectors.npy", mmap_mode="r"))
+                mapped = np.load(f"{base}.vectors.npy", mmap_mode="r")
+                vectors = np.asarray(mapped)
                 codes = np.asarray(np.load(f"{base}.codes.npy", mmap_mode="r"))
             except (OSError, ValueError) as exc:
                 raise StoreError(f"segment {name} of the index at {self.root} is unreadable: {exc}") from exc
             if len(vectors) != rows or len(codes) != rows:
                 raise StoreError(f"segment {name} has {len(vectors)} rows, the catalog says {rows}")
-            cached = self._segment_cache[name] = _Segment(seg_id, name, rows, vectors, codes)
+            cached = self._segment_cache[name] = _Segment(seg_id, name, rows, vectors, codes,
+                                                          f"{base}.vectors.npy", int(mapped.offset))
         return cached
 
     def load_graph(self) -> dict[str, np.ndarray] | None:
