@@ -55,7 +55,7 @@ EXACT_SCAN_MAX = 10_000
 SHORTLIST = 64
 #: The nearest files (k-NN graph) of this many best LSH matches are re-ranked too: a copy missed by the
 #: tables is found through its original (benchmarks/RESULTS.md, "Scale").
-QUERY_EXPAND = 2
+QUERY_EXPAND = 1
 #: Stored vectors are kept in memory as normalised float32 for exact scans up to this many bytes.
 DENSE_CACHE_BYTES = 128 << 20
 COMPACT_DEAD_FRACTION = 0.3
@@ -374,10 +374,10 @@ class Index:
             graph = self._query_graph(state)
             if graph is not None and len(candidates):  # the best matches' nearest files join the candidates
                 near = graph.neighbours[candidates[lsh.top_k(scores, QUERY_EXPAND)]].ravel()
-                near = np.setdiff1d(near[near >= 0], candidates)
-                if len(near):
-                    candidates = np.r_[candidates, near]
-                    scores = np.r_[scores, lsh.cosines(state.vectors(near), vector)]
+                near = near[near >= 0]
+                if len(near):  # each position once (the lists overlap each other and the candidates)
+                    candidates, first = np.unique(np.r_[candidates, near], return_index=True)
+                    scores = np.r_[scores, lsh.cosines(state.vectors(near), vector)][first]
             best = lsh.top_k(scores, k)
             positions, scores = candidates[best], scores[best]
         matches = [Match(snap.paths[p], float(s), int(snap.ids[p])) for p, s in zip(positions, scores)]
@@ -818,9 +818,11 @@ class _SearchState:
     graph: knn.Graph | None = None
     graph_checked: bool = False
     _dense: np.ndarray | None = None
+    _dense_checked: bool = False
 
     def dense(self) -> np.ndarray | None:
-        if self._dense is None and len(self.snap):
+        if self._dense is None and not self._dense_checked and len(self.snap):
+            self._dense_checked = True  # decided once: a large index keeps reading its mapped segments
             dim = self.snap.vectors(np.arange(1), dtype=None).shape[1]
             if len(self.snap) * dim * 4 <= DENSE_CACHE_BYTES:
                 self._dense = lsh.normalise_rows(self.snap.vectors())
