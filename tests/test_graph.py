@@ -185,7 +185,7 @@ def test_dups_over_the_graph_links_what_the_exact_path_links(tmp_path, threshold
         assert not ((a < 40) & (b >= 40) & (b < 80)).any()
 
 
-def test_index_keeps_the_graph_current_and_a_new_process_reads_it(tmp_path):
+def test_index_keeps_the_graph_current_and_a_new_process_reads_it(tmp_path, monkeypatch):
     root = tmp_path / "idx"
     vectors = planted(400, 16, seed=3)
     write_index(root, vectors[:300])
@@ -212,6 +212,14 @@ def test_index_keeps_the_graph_current_and_a_new_process_reads_it(tmp_path):
         assert len(snap) == 398 and knn.current(stored_graph(store), snap.ids, snap.stamps)
     with Index.open(root) as index:
         assert index.duplicates(0.7) == index.duplicates(0.7, exact=True)
+
+    def computed(*args, **kwargs):
+        raise AssertionError("dups computed a neighbourhood the index keeps")
+
+    for name in ("_scan", "_clustered_rows", "build"):  # a fresh reader of a current graph only reads it
+        monkeypatch.setattr(knn, name, computed)
+    with Index.open(root) as index:
+        assert len(index.duplicates()) > 0 and len(index.duplicates(0.7)) > 0
 
 
 def test_only_its_own_graph_files_are_swept(tmp_path):

@@ -377,7 +377,9 @@ def test_a_target_leading_into_the_index_folder_is_refused(library, client, tmp_
     later.symlink_to(index.root, target_is_directory=True)
     assert "inside the index folder" in assert_error(apply(client, planned["plan_id"]), 422)
     assert tree_hashes(photos) == before
-    assert not [n for n in os.listdir(index.root / "segments") if not n.endswith(".npy")]
+    from neardup.store import _SEGMENT_FILE
+
+    assert all(_SEGMENT_FILE.fullmatch(n) for n in os.listdir(index.root / "segments"))  # only the store's own files
 
 
 # ---- issue 19: two tabs, and plans that say why -------------------------------------------------------------
