@@ -60,13 +60,7 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def copies_of(rng, originals: np.ndarray) -> np.ndarray:
-    """One copy of each original at cosine U(0.8, 0.99): c * v + sqrt(1 - c^2) * (unit noise orthogonal to v)."""
-    cos = rng.uniform(0.8, 0.99, len(originals)).astype(np.float32)
-    noise = rng.standard_normal(originals.shape, dtype=np.float32)
-    noise -= np.sum(noise * originals, axis=1, keepdims=True) * originals
-    noise = unit(noise)
-    return unit(cos[:, None] * originals + np.sqrt(1 - cos**2)[:, None] * noise)
+copies_of = photos_variant.copies_of  # one copy of each original at cosine U(0.8, 0.99)
 
 
 def base_chunk(rng, rows: int, variant: str, mu: np.ndarray) -> np.ndarray:

@@ -81,6 +81,25 @@ def _candidates(root: Path, patterns):
                 yield str(path.relative_to(root)), path.read_bytes()
 
 
+def usable_rgb(root: Path, patterns, min_colours: int):
+    """(name, RGB image as the default model sees it) of every usable photo below `root`: Pillow reads it,
+    its short side is >= MIN_SIDE, its aspect <= MAX_ASPECT, and (with `min_colours`) it has at least that
+    many colours (fewer: a drawing, not a photo)."""
+    for name, data in _candidates(root, patterns):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                rgb = default_model_rgb(image)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # not an image Pillow reads: not a training photo
+        width, height = rgb.size
+        if min(width, height) < MIN_SIDE or max(width, height) / min(width, height) > MAX_ASPECT:
+            continue
+        if min_colours and (rgb.getcolors(min_colours) is not None):
+            continue
+        yield name, rgb
+
+
 def training_photos(seed: int) -> tuple[list[Image.Image], dict]:
     """Photos from SOURCES (each capped, sampled with `seed`) and a summary of what was used."""
     evaluated = {source.package for source in benchmark_set.DEB_SOURCES}
@@ -92,20 +111,7 @@ def training_photos(seed: int) -> tuple[list[Image.Image], dict]:
         root, why = benchmark_set.deb_root(benchmark_set.DebSource(package, short, licence, ()), download=True)
         if root is None:
             raise SystemExit(f"{package}: {why}")
-        usable = []
-        for name, data in _candidates(root, patterns):
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    rgb = default_model_rgb(image)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                continue  # not an image Pillow reads: not a training photo
-            width, height = rgb.size
-            if min(width, height) < MIN_SIDE or max(width, height) / min(width, height) > MAX_ASPECT:
-                continue
-            if min_colours and (rgb.getcolors(min_colours) is not None):  # few colours: a drawing, not a photo
-                continue
-            usable.append((name, rgb))
+        usable = list(usable_rgb(root, patterns, min_colours))
         rng.shuffle(usable)
         chosen = usable[:cap]
         photos += [rgb for _, rgb in chosen]

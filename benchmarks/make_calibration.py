@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import random
 import sys
@@ -48,20 +47,7 @@ def usable_photos(package: str) -> tuple[list[tuple[str, Image.Image]], dict]:
     root, why = benchmark_set.deb_root(benchmark_set.DebSource(package, short, licence, ()), download=True)
     if root is None:
         raise SystemExit(f"{package}: {why}")
-    usable = []
-    for name, data in fit_whitening._candidates(root, patterns):
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                rgb = fit_whitening.default_model_rgb(image)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-        width, height = rgb.size
-        if min(width, height) < fit_whitening.MIN_SIDE or max(width, height) / min(width, height) > fit_whitening.MAX_ASPECT:
-            continue
-        if min_colours and rgb.getcolors(min_colours) is not None:
-            continue
-        usable.append((name, rgb))
+    usable = list(fit_whitening.usable_rgb(root, patterns, min_colours))
     return usable, {"deb": (root / ".complete").read_text().strip(), "licence": licence, "cap": cap}
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -125,18 +124,7 @@ def collect_photos(sources=None, download: bool = True) -> tuple[list[str], list
             summary[package] = {"skipped": why}
             continue
         used = 0
-        for name, data in fit_whitening._candidates(root, patterns):
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    rgb = fit_whitening.default_model_rgb(image)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                continue
-            width, height = rgb.size
-            if min(width, height) < fit_whitening.MIN_SIDE or max(width, height) / min(width, height) > fit_whitening.MAX_ASPECT:
-                continue
-            if min_colours and rgb.getcolors(min_colours) is not None:
-                continue
+        for name, rgb in fit_whitening.usable_rgb(root, patterns, min_colours):
             names.append(f"{package}:{name}")
             photos.append(_shrunk(rgb))
             used += 1
