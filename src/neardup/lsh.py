@@ -120,7 +120,7 @@ def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int
     m = min(flippable, k)
     weakest = np.argpartition(weight, m - 1, axis=1)[:, :m] if m < k else np.tile(np.arange(k), (num_tables, 1))
     subsets = _subsets(m)  # (2^m, m) 0/1
-    cost = np.take_along_axis(weight, weakest, axis=1) @ subsets.T.astype(np.float32)  # (tables, 2^m)
+    cost = np.take_along_axis(weight, weakest, axis=1) @ _subsets_t32(m)  # (tables, 2^m)
     probes = min(probes, 1 << m)
     # the set of probes matters, not their order; mask 0 (cost 0) is always among the cheapest
     best = np.argpartition(cost, probes - 1, axis=1)[:, :probes] if probes < (1 << m) else np.tile(np.arange(1 << m), (num_tables, 1))
@@ -129,6 +129,13 @@ def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int
 
 
 _SUBSETS: dict[int, np.ndarray] = {}
+_SUBSETS_T32: dict[int, np.ndarray] = {}
+
+
+def _subsets_t32(m: int) -> np.ndarray:
+    if m not in _SUBSETS_T32:
+        _SUBSETS_T32[m] = np.ascontiguousarray(_subsets(m).T.astype(np.float32))
+    return _SUBSETS_T32[m]
 
 
 def _subsets(m: int) -> np.ndarray:
@@ -165,15 +172,15 @@ class LSHTables:
             np.cumsum(np.bincount(keys, minlength=1 << k), out=self.offsets[t, 1:])
         self._flat_rows = self.rows.reshape(-1)
         self._flat_offsets = self.offsets.reshape(-1)
+        tables = np.arange(self.num_tables, dtype=np.int64)[:, None]
+        self._slot_base, self._row_base = tables * ((1 << k) + 1), tables * n  # per table, in the flat arrays
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Rows of the buckets `keys[t, j]` of table t, for every table t and probe j, concatenated
         (a row appears once per bucket it sits in). keys: (num_tables, probes) integer array."""
-        keys = np.asarray(keys, dtype=np.int64)
-        slots = keys + (np.arange(self.num_tables, dtype=np.int64) * ((1 << self.k) + 1))[:, None]
-        base = (np.arange(self.num_tables, dtype=np.int64) * self.size)[:, None]
-        starts = (self._flat_offsets[slots] + base).ravel()
-        ends = (self._flat_offsets[slots + 1] + base).ravel()
+        slots = np.asarray(keys, dtype=np.int64) + self._slot_base
+        starts = (self._flat_offsets[slots] + self._row_base).ravel()
+        ends = (self._flat_offsets[slots + 1] + self._row_base).ravel()
         return self._flat_rows[_concat_ranges(starts, ends)]
 
     def candidates(self, query_codes: np.ndarray, multiprobe: bool = True, radius: int | None = None,
@@ -188,6 +195,7 @@ class LSHTables:
             radius = (1 if multiprobe else 0) if radius is None else radius
             masks = np.tile(probe_masks(self.k, radius), (self.num_tables, 1))
         return unique_rows(self.lookup(keys[:, None] ^ masks))
+
 
 def unique_rows(rows: np.ndarray) -> np.ndarray:
     """np.unique for a 1-d integer array, without its bookkeeping (several times faster on small arrays)."""
