@@ -401,12 +401,12 @@ class Index:
         similarity) in a collection of at least neighbourhood.MIN_FILES files, else the cosine.
         Pairs and b come from the k-NN graph the index keeps (`graph_pairs`, neardup.graph), merged with
         union-find; `exact` compares every pair instead (the oracle; O(n²))."""
-        state = self._search_state()
+        state = self._search_state()  # one committed state throughout, whatever a writer commits meanwhile
         snap = state.snap
         aware = collection_aware and neighbourhood.applies(len(snap))
         if not exact:
-            a, b, scores = self.graph_pairs(threshold, aware=aware, snapshot=snap)
-            backgrounds = neighbourhood.backgrounds(self.graph(snap).kth()) if aware else None
+            a, b, scores = self._graph_pairs(state, threshold, aware)
+            backgrounds = neighbourhood.backgrounds(self._graph_of(state).kth()) if aware else None
             return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
         join = neighbourhood.join_threshold(threshold) if aware else threshold
         a, b, scores = _exact_pairs(snap, join)
@@ -417,9 +417,16 @@ class Index:
         """The k-NN graph (neardup.graph) of the current images: the one `index` stored, brought up to date
         in memory if a writer was interrupted before saving it. `snapshot`, when given, must be current
         (else NeardupError: the index changed meanwhile)."""
+        return self._graph_of(self._current_state(snapshot))
+
+    def _current_state(self, snapshot: Snapshot | None) -> "_SearchState":
+        """The search state, which must be the one of `snapshot` when one is given."""
         state = self._search_state()
         if snapshot is not None and snapshot is not state.snap and not np.array_equal(snapshot.ids, state.snap.ids):
             raise NeardupError("the index changed while dups ran; run it again")
+        return state
+
+    def _graph_of(self, state: "_SearchState") -> knn.Graph:
         with self._search_lock:
             if state.graph is None:
                 state.graph = current_graph(state.snap, stored_graph(self._reader))
@@ -435,24 +442,24 @@ class Index:
         collection-aware score, whose b is then B_MAX for both), so the "crowded" files, those whose
         KEEP-th neighbour reaches c*, are joined among themselves at c* by an exact scan (graph.pairs_above;
         `join(positions, c*)` gives pairs of indices into `positions`: the Ray path passes its own). In
-        the exact regime this gives every pair `--exact` links."""
-        state = self._search_state()
-        snap = snapshot or state.snap
-        graph = self.graph(snap)
+        the exact regime this gives every pair `--exact` links. `snapshot`, when given, must be current."""
+        return self._graph_pairs(self._current_state(snapshot), threshold, aware, join)
+
+    def _graph_pairs(self, state: "_SearchState", threshold: float, aware: bool, join=None):
+        snap, graph = state.snap, self._graph_of(state)
         listed = neighbourhood.join_threshold(threshold) if aware else threshold
         hidden = max(neighbourhood.COSINE_FLOOR, threshold + neighbourhood.B_MAX - neighbourhood.OFFSET) if aware else threshold
         a, b, s = graph.pairs(listed)
         crowded = np.flatnonzero(graph.similarities[:, knn.KEEP - 1] >= hidden) if len(graph) else np.empty(0, np.int64)
         if len(crowded) >= 2:
-            ca, cb, cs = (join or self._crowded_join)(crowded, hidden)
+            if join is None:
+                ca, cb, cs = knn.pairs_above(lsh.normalise_rows(snap.read_vectors(crowded)), hidden)
+            else:
+                ca, cb, cs = join(crowded, hidden)
             a, b, s = np.r_[a, crowded[ca]], np.r_[b, crowded[cb]], np.r_[s, cs.astype(np.float32)]
             key, first = np.unique(a * max(len(snap), 1) + b, return_index=True)
             a, b, s = a[first], b[first], s[first]
         return a, b, s
-
-    def _crowded_join(self, positions: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        vectors = lsh.normalise_rows(self._search_state().snap.read_vectors(positions))
-        return knn.pairs_above(vectors, threshold)
 
     def pair_backgrounds(self, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, threshold: float, *,
                          exact: bool = False, snapshot: Snapshot | None = None) -> np.ndarray:
@@ -487,8 +494,8 @@ class Index:
     def _backgrounds(self, positions: np.ndarray | None, *, exact: bool,
                      snapshot: Snapshot | None) -> tuple[np.ndarray, np.ndarray]:
         """(b over every position, NaN where unknown; which of them are exact)."""
-        state = self._search_state()
-        graph = self.graph(snapshot)  # checks that `snapshot` is current
+        state = self._current_state(snapshot)
+        graph = self._graph_of(state)
         snap = state.snap
         positions = np.arange(len(snap)) if positions is None else np.asarray(positions, dtype=np.int64)
         with self._search_lock:
