@@ -1,11 +1,13 @@
-"""Scale benchmark (not a test): query and all-pairs duplicate search over N synthetic unit vectors
-(default 1,000,000 x 1280-d) with planted near-duplicates, against exact search and FAISS, in one run.
+"""Scale benchmark (not a test): query and the default `dups` over N synthetic unit vectors (default
+1,000,000) with planted near-duplicates, against exact search and FAISS, in one run.
 
-Data, per variant (`--variants random,cone`):
-  * random: base vectors uniform on the sphere (unrelated cosine ~0);
+Data, per variant (`--variants random,cone,photos`):
+  * random: base vectors uniform on the sphere (unrelated cosine ~0), 1280-d;
   * cone:   base vectors normalise(0.5 * mu + g), g ~ N(0, I/d): unrelated cosine ~0.2, like the
             EfficientNet GAP vectors users have (the index is not centred, as for real photos);
-  * cone-centred: the same data hashed after subtracting a center estimated from 10,000 vectors.
+  * cone-centred: the same data hashed after subtracting a center estimated from 10,000 vectors;
+  * photos: 768-d vectors whose neighbourhoods look like real photos' descriptors (photos_variant.py,
+            PHOTOS_VARIANT.md), 1 % more held back for the k-NN graph's incremental update.
   Planted: G = min(10,000, N / 20) originals, each with 2 indexed copies at cosine U(0.8, 0.99) to it;
   queries are fresh copies (not indexed) of random originals at cosine U(0.8, 0.99).
 
@@ -13,11 +15,15 @@ The vectors go chunk by chunk (float32, 50,000 rows) through the real index form
 float16 segments + codes), so the queries run `Index.query_vector` on memory-mapped segments. The
 exact oracle is computed on the float32 vectors during generation (blocked brute force), never all
 in memory. Recall of a query = share of the vectors with exact cosine >= 0.8 in its exact top 10 that
-the method returns in its top 10. All-pairs (`Index.duplicates` at 0.8) runs in a subprocess that
-reports its wall time, CPU time and peak RSS (VmHWM, mapped file pages included); its oracle is every planted pair plus every pair >= 0.8 between
-1,000 sampled rows and the whole collection (exact all-pairs on 1M rows is O(N^2), out of reach here).
+the method returns in its top 10. The k-NN graph is built as `neardup index` builds it (timed), then
+updated for the held-back rows (timed). `dups` (`Index.duplicates` at the default threshold) runs in a
+subprocess that reports its wall time, CPU time and peak RSS (VmHWM, mapped file pages included); its
+oracles: every planted pair, every pair >= 0.8 between 1,000 sampled rows and the whole collection, and
+(`--oracle-rows`) the links of sampled rows against exact b by brute force. The run ends with one
+`scale:` line per variant.
 
-    python benchmarks/bench_scale.py [--n 1000000] [--queries 200] [--variants random,cone] [--json out.json]
+    python benchmarks/bench_scale.py [--n 1000000] [--queries 200] [--variants random,cone,photos]
+        [--no-baselines] [--oracle-rows 100] [--keep | --reuse] [--json out.json]
 """
 
 from __future__ import annotations
@@ -386,9 +392,10 @@ def link_oracle(work: Path, threshold: float, sample: int, seed: int = 3) -> dic
     oracle = {(int(x), int(y)) for x, y in zip(pa[truly], pb[truly])}
     in_sample = np.isin(a, rows) | np.isin(b, rows)
     made = set()
+    sampled = set(rows.tolist())
     for x, y in zip(a[in_sample].tolist(), b[in_sample].tolist()):
         for r, other in ((x, y), (y, x)):
-            if r in set(rows.tolist()):
+            if r in sampled:
                 made.add((r, other))
     groups = {}
     for g, members in enumerate(index.duplicates(threshold)):

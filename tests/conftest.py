@@ -7,10 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from neardup.demo import EDITS, build_collection
-from neardup.index import Index
+from neardup import lsh
+from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index
+from neardup.store import Record, Store
 from neardup.models import default_embedder
 
 
@@ -115,3 +118,15 @@ def restored_library(base: Path, embedder):
     index = Index.open(work / "idx", embedder=embedder)
     yield work / "photos", index
     index.close()
+
+
+def write_index(root, vectors: np.ndarray, start: int = 0) -> None:
+    """Commit synthetic unit vectors (paths /v/<row>) straight through Store, with the index's LSH planes."""
+    planes = lsh.make_planes(vectors.shape[1], NUM_TABLES, STORED_BITS, LSH_SEED)
+    with Store.open(root, create=True, write=True) as store:
+        if store.get_meta("model") is None:
+            store.save_planes(planes)
+            store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED, "center": None})
+            store.set_meta("model", {"name": "synthetic", "dim": vectors.shape[1]})
+        store.commit(vectors=vectors, codes=lsh.hash_vectors(vectors, store.load_planes(), NUM_TABLES),
+                     indexed=[Record(f"/v/{i}", 1, 1) for i in range(start, start + len(vectors))])

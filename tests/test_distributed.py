@@ -177,7 +177,8 @@ def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypat
     """Ray runs the crowded files' join (the pairs no k-NN list holds: two bursts of 40 near-identical
     vectors bridged at cosine ~0.8), one task per block of rows; the listed pairs and b come from the
     stored graph: the local pairs and groups, which are the exact path's."""
-    from test_graph import crowded, write_index
+    from conftest import write_index
+    from test_graph import crowded
 
     from neardup import graph as knn
 

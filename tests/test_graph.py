@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import write_index
 
 from neardup import graph as knn
 from neardup import lsh, neighbourhood
-from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index, stored_graph
-from neardup.store import Record, Store
+from neardup.index import Index, stored_graph
+from neardup.store import Store
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -143,17 +144,6 @@ def test_clustered_graph_keeps_its_promises_through_an_update(monkeypatch, low_p
     updated = knn.update(graph, ids, stamps, lambda at: matrix[at])
     assert not updated.exact and updated.fitted == graph.fitted
     check(updated, matrix)
-
-
-def write_index(root, vectors: np.ndarray, start: int = 0) -> None:
-    planes = lsh.make_planes(vectors.shape[1], NUM_TABLES, STORED_BITS, LSH_SEED)
-    with Store.open(root, create=True, write=True) as store:
-        if store.get_meta("model") is None:
-            store.save_planes(planes)
-            store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED, "center": None})
-            store.set_meta("model", {"name": "synthetic", "dim": vectors.shape[1]})
-        store.commit(vectors=vectors, codes=lsh.hash_vectors(vectors, store.load_planes(), NUM_TABLES),
-                     indexed=[Record(f"/v/{i}", 1, 1) for i in range(start, start + len(vectors))])
 
 
 def crowded(seed: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from conftest import write_index
 
 from neardup import lsh
 from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index
@@ -137,15 +138,7 @@ def planted_index(tmp_path, n: int, dim: int, groups: int, seed: int, cone: bool
     vectors[groups : 2 * groups] = copies(vectors[:groups])
     vectors[2 * groups : 3 * groups] = copies(vectors[:groups])
     queries = copies(vectors[rng.integers(0, groups, 200)])
-    planes = lsh.make_planes(dim, NUM_TABLES, STORED_BITS, LSH_SEED)
-    with Store.open(tmp_path / "idx", create=True, write=True) as store:
-        store.save_planes(planes)
-        store.set_meta("lsh", {"tables": NUM_TABLES, "bits": STORED_BITS, "seed": LSH_SEED, "center": None})
-        store.set_meta("model", {"name": "synthetic", "dim": dim})
-        for start in range(0, n, 25_000):
-            part = vectors[start : start + 25_000]
-            store.commit(vectors=part, codes=lsh.hash_vectors(part, planes, NUM_TABLES),
-                         indexed=[Record(f"/v/{i}", 1, 1) for i in range(start, start + len(part))])
+    write_index(tmp_path / "idx", vectors)
     return Index.open(tmp_path / "idx"), vectors, queries
 
 

@@ -9,10 +9,12 @@ Two regimes, chosen by the collection's size:
   work per added row is one scan of n rows (bounded by EXACT_MAX).
 * clustered (IVF, above EXACT_MAX): rows are assigned to the nearest of ~n / CLUSTER_ROWS centroids
   (spherical k-means on a sample); a row's candidates are the members of the PROBES clusters whose
-  centroids are nearest its own cluster's centroid. Similarities are computed in bfloat16 where the CPU
-  has bf16 units (float32 elsewhere) and the kept entries re-scored in float32. The work per added row
-  is PROBES x CLUSTER_ROWS comparisons whatever n. A list may then miss a true neighbour: its
-  similarities are true ones, so its K-th similarity is a lower bound of the true one (measured in
+  centroids are nearest the row itself. Similarities are computed in bfloat16 where the CPU has bf16
+  units (float32 elsewhere) and the kept entries re-scored in float32. A list may then miss a true
+  neighbour: its similarities are true ones, so its K-th similarity is a lower bound of the true one.
+  So every row whose b can matter (`_refine`) gets a true list by a full scan, and every new row is
+  compared with those rows too, so they stay true. An added row costs PROBES x CLUSTER_ROWS comparisons,
+  one per true-list row, and a full scan if it needs a true list itself (measured in
   benchmarks/RESULTS.md, "Scale").
 
 Removals drop the removed rows from every list. A list is always a true prefix in the exact regime (the
@@ -154,9 +156,8 @@ def update(graph: Graph, ids: np.ndarray, stamps: np.ndarray, rows: Rows, *,
            progress: Progress | None = None) -> Graph:
     """The graph brought to the collection `ids` (ascending catalog ids, written at `stamps`, rows read
     by `rows`): rows no longer there (or re-written since) leave every list, new ones get their lists and
-    enter the old rows' lists. The work is bounded per added or removed row, except when the regime changes (the collection crosses
-    EXACT_MAX, or has grown or shrunk REFIT_FACTOR times since the centroids were fitted): then it is
-    rebuilt."""
+    enter the old rows' lists. When the regime changes (the collection crosses EXACT_MAX, or has grown or
+    shrunk REFIT_FACTOR times since the centroids were fitted) it is rebuilt instead."""
     ids, stamps = np.asarray(ids, dtype=np.int64), np.asarray(stamps, dtype=np.float64)
     n = len(ids)
     if current(graph, ids, stamps):
@@ -377,11 +378,7 @@ def bf16_matmul() -> bool:
 def _similarities(queries: np.ndarray, columns: np.ndarray, low_precision: bool) -> np.ndarray:
     if not low_precision:
         return queries @ columns.T
-    import torch
-
-    q = torch.from_numpy(np.ascontiguousarray(queries)).to(torch.bfloat16)
-    c = torch.from_numpy(np.ascontiguousarray(columns)).to(torch.bfloat16)
-    return (q @ c.T).float().numpy()
+    return (_bf16(queries) @ _bf16(columns).T).float().numpy()
 
 
 def _fit_centroids(rows: Rows, n: int, clusters: int, low_precision: bool) -> np.ndarray:
@@ -411,7 +408,7 @@ def _assign(vectors: np.ndarray, centroids: np.ndarray, low_precision: bool | No
 
 
 def _probe_lists(vectors: np.ndarray, centroids: np.ndarray, low_precision: bool) -> np.ndarray:
-    """Each row's PROBES nearest centroids, nearest first (per row: a row near a cluster's edge also
+    """Each row's PROBES nearest centroids, in no order (per row: a row near a cluster's edge also
     searches the clusters across it)."""
     sims = _similarities(vectors, centroids, low_precision)
     probes = min(PROBES, len(centroids))

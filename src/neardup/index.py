@@ -410,7 +410,7 @@ class Index:
             return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
         join = neighbourhood.join_threshold(threshold) if aware else threshold
         a, b, scores = _exact_pairs(snap, join)
-        backgrounds = self.pair_backgrounds(a, b, scores, threshold, exact=True, snapshot=snap) if aware else None
+        backgrounds = self.backgrounds(np.union1d(a, b), exact=True, snapshot=snap) if aware else None
         return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
 
     def graph(self, snapshot: Snapshot | None = None) -> knn.Graph:
@@ -457,29 +457,9 @@ class Index:
             else:
                 ca, cb, cs = join(crowded, hidden)
             a, b, s = np.r_[a, crowded[ca]], np.r_[b, crowded[cb]], np.r_[s, cs.astype(np.float32)]
-            key, first = np.unique(a * max(len(snap), 1) + b, return_index=True)
+            _, first = np.unique(a * max(len(snap), 1) + b, return_index=True)
             a, b, s = a[first], b[first], s[first]
         return a, b, s
-
-    def pair_backgrounds(self, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, threshold: float, *,
-                         exact: bool = False, snapshot: Snapshot | None = None) -> np.ndarray:
-        """b of every file in the pairs (a, b), as `backgrounds`, such that the links they give are the
-        links exact backgrounds give: an approximate K-th neighbour (the graph's clustered regime, above
-        graph.EXACT_MAX files) is never nearer than the true one, so its b is a lower bound and a pair failing with it
-        fails with the true b too; every pair that passes with it and whose cosine does not pass whatever
-        b is gets the exact b of both files before it links. The exact scans follow the few borderline
-        pairs, not the candidates."""
-        files = np.union1d(a, b)
-        values, is_exact = self._backgrounds(files, exact=exact, snapshot=snapshot)
-        if is_exact[files].all():
-            return values
-        passing = neighbourhood.normalised(cosines, values[a], values[b]) >= threshold - 1e-6  # float slack
-        doubtful = passing & ~neighbourhood.links_whatever_b(cosines, threshold)
-        doubtful &= ~(is_exact[a] & is_exact[b])
-        if doubtful.any():
-            self._backgrounds(np.union1d(a[doubtful], b[doubtful]), exact=True, snapshot=snapshot)
-            values, _ = self._backgrounds(files, exact=False, snapshot=snapshot)  # exact where known now
-        return values
 
     def backgrounds(self, positions: np.ndarray | None = None, *, exact: bool = False,
                     snapshot: Snapshot | None = None) -> np.ndarray:
@@ -858,19 +838,16 @@ def _exact_top_k(state: _SearchState, vector: np.ndarray, k: int, block: int = 1
 
 def _exact_pairs(snap: Snapshot, threshold: float, block: int = 2048):
     """Every pair (a < b) of the snapshot with cosine >= threshold, by blockwise scan (the O(n²) oracle)."""
-    return _scan_pairs(len(snap), lambda at: lsh.normalise_rows(snap.vectors(at, dtype=None)), threshold, block)
-
-
-def _exact_pairs_of(vectors: np.ndarray, threshold: float, block: int = 2048):
-    return _scan_pairs(len(vectors), lambda at: vectors[at], threshold, block)
-
-
-def _scan_pairs(n: int, normalised: Callable[[np.ndarray], np.ndarray], threshold: float, block: int):
     found_a, found_b, found_s = [], [], []
+    n = len(snap)
+
+    def normalised(first: int) -> np.ndarray:
+        return lsh.normalise_rows(snap.vectors(np.arange(first, min(first + block, n)), dtype=None))
+
     for start in range(0, n, block):
-        rows = normalised(np.arange(start, min(start + block, n)))
+        rows = normalised(start)
         for other in range(start, n, block):
-            cols = normalised(np.arange(other, min(other + block, n)))
+            cols = normalised(other)
             scores = rows @ cols.T
             a, b = np.nonzero(scores >= threshold)
             a, b = a + start, b + other

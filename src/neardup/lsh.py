@@ -160,7 +160,6 @@ class LSHTables:
         self.k = k
         sliced = range_keys(codes, k)
         n, self.num_tables = sliced.shape
-        self.size = n
         ids = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         index_dtype = np.int32 if max(n, int(ids.max(initial=0)) + 1) < 2**31 else np.int64
         self.rows = np.empty((self.num_tables, n), dtype=index_dtype)

@@ -438,18 +438,7 @@ class Store:
         rename), then named in one transaction, the commit point; the replaced file goes with the orphans."""
         self._require_write()
         name = _new_segment_name()
-        path = self.root / SEGMENTS / f"{name}.graph.npz"
-        tmp = path.with_name(f".tmp-{path.name}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _write_durably(self.root / SEGMENTS / f"{name}.graph.npz", lambda f: np.savez(f, **arrays))
         fsync_dir(self.root / SEGMENTS)
         self.set_meta(GRAPH_META, name)
         self._remove_orphans()
@@ -641,10 +630,15 @@ def _acquire_lock(root: Path, wait: bool, on_wait: Callable[[], None] | None):
 
 def _write_array(path: Path, array: np.ndarray) -> None:
     """Write a .npy durably under its final name: temp file, fsync, atomic rename."""
+    _write_durably(path, lambda f: np.save(f, array))
+
+
+def _write_durably(path: Path, write: Callable) -> None:
+    """`write(file)` into a temporary file beside `path`, fsync, atomic rename to `path`."""
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
