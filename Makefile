@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench weights clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/neardup bench -n 1000
+
+# Reproduces the shipped copy-trained weights and whitening (benchmarks/TRAINING.md): about 50 min of
+# training on 2 cores, then the whitening refit. Resumable: run it again after any stop.
+COPY_RUN := lite0-cut8-e20-s0
+weights: $(BIN)/.installed
+	$(BIN)/python benchmarks/train_copy_descriptor.py train --run $(COPY_RUN) --cut 8 --epochs 20 --seed 0
+	$(BIN)/python benchmarks/train_copy_descriptor.py ship --weights training-runs/$(COPY_RUN)/weights-epoch020.pt
 
 clean:
 	rm -rf $(VENV) demo-out

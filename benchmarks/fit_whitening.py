@@ -239,18 +239,20 @@ def edited_copy(img: Image.Image, rng: random.Random) -> Image.Image:
 
 # ---- embedding and fit ---------------------------------------------------------------------------
 
-def pooled_vectors(images: list[Image.Image], batch: int = 32) -> np.ndarray:
-    """L2-normalised GeM vectors [n, 1280] of the default model: the whitening's input."""
+def pooled_vectors(images: list[Image.Image], batch: int = 4) -> np.ndarray:
+    """L2-normalised GeM vectors [n, 1280] of the default model: the whitening's input. Small channels_last
+    batches, as the embedder runs (efficientnet_lite0.MICRO_BATCH: 4-5x faster on CPU than NCHW batches of 32)."""
     import torch
 
     from neardup.models.efficientnet_lite0 import gem, load_pretrained
 
-    model = load_pretrained(whitened=False)
+    model = load_pretrained(whitened=False).to(memory_format=torch.channels_last)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             pixels = torch.from_numpy(np.stack([default_model.preprocess(i) for i in images[start:start + batch]]))
-            out.append(torch.nn.functional.normalize(gem(model.forward_features(pixels)), dim=1).numpy())
+            features = model.forward_features(pixels.contiguous(memory_format=torch.channels_last))
+            out.append(torch.nn.functional.normalize(gem(features), dim=1).numpy())
     return np.concatenate(out)
 
 

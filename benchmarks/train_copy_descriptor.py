@@ -82,6 +82,10 @@ EXTRA_SOURCES = (
      ("usr/share/kstars/textures/*", "usr/share/kstars/skycultures/**/*.png", "usr/share/kstars/*.jpg",
       "usr/share/kstars/*.png"), 8000),
 )
+#: The whitening the ImageNet model shipped with before the copy-trained blocks (the same file as
+#: src/neardup/models/efficientnet_lite0_whitening.npz then): training centres its vectors by its mean and
+#: drops near-duplicate training photos by its descriptor, so a run reproduces whatever ships later.
+IMAGENET_WHITENING = Path(__file__).with_name("imagenet_lite0_whitening.npz")
 PHOTO_SIDE = 512
 DEDUP_COSINE = 0.85
 INPUT = default_model.INPUT_SIZE
@@ -142,7 +146,7 @@ def photos_for_training(cache: Path) -> tuple[list[str], list[Image.Image], dict
             photos = [Image.fromarray(data[f"p{i}"]) for i in range(len(meta["names"]))]
         return meta["names"], photos, meta
     names, photos, summary = collect_photos()
-    vectors = shipped_vectors(photos)
+    vectors = imagenet_vectors(photos)
     keep = []
     for i in range(len(photos)):
         if not keep or float(np.max(vectors[keep] @ vectors[i])) < DEDUP_COSINE:
@@ -157,11 +161,34 @@ def photos_for_training(cache: Path) -> tuple[list[str], list[Image.Image], dict
     return names, photos, meta
 
 
-def shipped_vectors(photos: list[Image.Image]) -> np.ndarray:
-    """The shipped default model's descriptors (torch, fp32) of PIL photos."""
-    from neardup.models.efficientnet_lite0 import TorchEmbedder
+def imagenet_whitening() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(IMAGENET_WHITENING) as data:
+        return data["mean"].astype(np.float32), data["projection"].astype(np.float32)
+
+
+def imagenet_embedder():
+    """A neardup Embedder of the descriptor before copy training (ImageNet weights, their whitening): the
+    near-duplicate filter of the training photos and the baseline `eval` compares with."""
+    torch = _torch()
+    from neardup.models.efficientnet_lite0 import TorchEmbedder, load_pretrained
 
     embedder = TorchEmbedder()
+    model = load_pretrained(whitened=False, copy_trained=False)
+    mean, projection = imagenet_whitening()
+    model.whitening_mean.copy_(torch.from_numpy(mean))
+    model.whitening_projection.copy_(torch.from_numpy(projection))
+    embedder._model = model.to(memory_format=torch.channels_last)
+    embedder.name = "efficientnet-lite0"
+    embedder.identity = {"name": embedder.name, "weights_sha256": default_model.imagenet_weights_sha256(),
+                         "preprocessing": default_model.PREPROCESSING,
+                         "whitening_sha256": hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest(),
+                         "dim": default_model.DIM}
+    return embedder
+
+
+def imagenet_vectors(photos: list[Image.Image]) -> np.ndarray:
+    """imagenet_embedder's descriptors (torch, fp32) of PIL photos."""
+    embedder = imagenet_embedder()
     out = [embedder.embed(np.stack([default_model.model_pixels(p) for p in photos[s:s + 64]]))
            for s in range(0, len(photos), 64)]
     return np.concatenate(out)
@@ -217,10 +244,10 @@ class Split:
         from neardup.models.efficientnet_lite0 import load_pretrained
 
         self.cut = cut
-        self.model = load_pretrained(whitened=False)
+        self.model = load_pretrained(whitened=False, copy_trained=False)
         if not 0 <= cut <= len(self.model._blocks):
             raise SystemExit(f"--cut must be in 0..{len(self.model._blocks)}")
-        mean, _ = default_model.whitening()
+        mean, _ = imagenet_whitening()
         self.center = torch.from_numpy(mean)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -563,7 +590,6 @@ def evaluate(args) -> None:
     torch = _torch()
     torch.set_num_threads(args.threads)
     from neardup import evaluation
-    from neardup.models.efficientnet_lite0 import TorchEmbedder
 
     run_dir = Path(args.runs_dir) / args.run
     weights = Path(args.weights) if args.weights else max(run_dir.glob("weights-epoch*.pt"), default=None)
@@ -585,7 +611,7 @@ def evaluate(args) -> None:
         if baseline_path.is_file():
             base = json.loads(baseline_path.read_text())
         else:
-            base = figures(evaluation.run(set_path, baselines=False, embedder=TorchEmbedder()))
+            base = figures(evaluation.run(set_path, baselines=False, embedder=imagenet_embedder()))
             baseline_path.write_text(json.dumps(base, indent=1))
         ours = figures(evaluation.run(set_path, baselines=False, embedder=trained))
         rows.append({"set": name, "shipped": base, "trained": ours})
@@ -599,6 +625,47 @@ def _fmt(f: dict) -> str:
     cal = "none" if f["calibrated_threshold"] is None else f"{f['calibrated_threshold']:.3f}"
     return (f"top-1 {f['top1']:.4f}  micro-AP {f['micro_AP']:.4f}  mAP {f['mAP']:.4f}  dups at {f['dups_threshold']}: "
             f"P {f['dups_precision']:.4f} R {f['dups_recall']:.4f}  P>=0.99 from {cal}: R {f['recall_at_p99']:.4f}")
+
+
+# ---- ship ----------------------------------------------------------------------------------------
+
+def ship(args) -> None:
+    """Make a run's trained weights the default model's: write the tensors training changed as float16 to
+    default_model.COPY_WEIGHTS_FILE, then refit the shipped whitening on them (benchmarks/fit_whitening.py,
+    its defaults). The model identity changes with both, so an index of earlier vectors is refused."""
+    torch = _torch()
+    torch.set_num_threads(args.threads)
+    state = torch.load(args.weights, map_location="cpu", weights_only=False)
+    imagenet = torch.load(default_model.weights_path(), map_location="cpu", weights_only=True)
+    arrays = {}
+    for name, value in sorted(state["trained"].items()):
+        if torch.equal(value, imagenet[name]):
+            continue  # BatchNorm running statistics: frozen in training
+        if value.abs().max() > np.finfo(np.float16).max:
+            raise SystemExit(f"{name} does not fit float16")
+        arrays[name] = value.float().numpy().astype(np.float16)
+    # what storing float16 costs: descriptors (before whitening) of fit_whitening's photos, fp32 vs fp16 weights
+    exact, rounded = Split(state["config"]["cut"]), Split(state["config"]["cut"])
+    exact.load_trained_state(state["trained"])
+    rounded.load_trained_state({name: torch.from_numpy(value.astype(np.float32)) for name, value in arrays.items()})
+    pixels = whitening_pixels(RUNS / "_data")[0][:256]
+    agreement = np.sum(pooled_of_pixels(exact, pixels) * pooled_of_pixels(rounded, pixels), axis=1)
+    source = Path(args.weights).resolve()
+    meta = {"from": str(source.relative_to(REPO) if source.is_relative_to(REPO) else source),
+            "step": state["step"], "epoch": state.get("epoch"), "config": state["config"],
+            "tensors": len(arrays), "parameters": int(sum(a.size for a in arrays.values())),
+            "fp16_vs_fp32_min_cosine": round(float(agreement.min()), 6),
+            "script": "benchmarks/train_copy_descriptor.py ship"}
+    out = default_model.COPY_WEIGHTS_FILE
+    temp = out.with_name(out.stem + ".tmp.npz")
+    np.savez_compressed(temp, **arrays, meta=np.array(json.dumps(meta)))
+    os.replace(temp, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {meta['parameters']:,} parameters; float16 against "
+          f"float32: lowest cosine {meta['fp16_vs_fp32_min_cosine']} over {len(pixels)} photos); refitting the whitening",
+          file=sys.stderr)
+    import subprocess
+
+    subprocess.run([sys.executable, str(Path(__file__).with_name("fit_whitening.py"))], check=True)
 
 
 # ---- speed ---------------------------------------------------------------------------------------
@@ -668,6 +735,9 @@ def main() -> None:
     e.add_argument("--sets", nargs="+", default=["/tmp/evalsets/seed1", "/tmp/evalsets/seed2"])
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--runs-dir", default=str(RUNS))
+    h = commands.add_parser("ship", help="make a run's weights the default model's (copy weights + whitening)")
+    h.add_argument("--weights", required=True, help="a weights-epochNNN.pt file of a finished run")
+    h.add_argument("--threads", type=int, default=2)
     s = commands.add_parser("speed", help="measure views/s of augmentation, the frozen part and training per cut")
     s.add_argument("--cuts", type=int, nargs="+", default=[0, 8, 11, 13])
     s.add_argument("--batch", type=int, default=128)
@@ -675,7 +745,7 @@ def main() -> None:
     s.add_argument("--fp32", action="store_true", help="also measure without bf16 autocast")
     s.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    {"train": train, "eval": evaluate, "speed": speed}[args.command](args)
+    {"train": train, "eval": evaluate, "ship": ship, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":

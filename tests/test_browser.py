@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 
 from webserver import serve_in_thread
 
-from neardup.index import Index
+from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.web.app import create_app
 
 TOKEN = "browser-test-token"
@@ -73,12 +73,12 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             # issue 19 #2: where the copies stop (the dups threshold), and what is below reads "not a copy"
             cutoff = page.locator("#results li.cutoff")
             expect(cutoff).to_have_count(1)
-            expect(cutoff).to_contain_text("Copies stop here (cosine 0.67, the dups threshold): below, not a copy")
+            expect(cutoff).to_contain_text(f"Copies stop here (cosine {DEFAULT_THRESHOLD}, the dups threshold): below, not a copy")
             below = page.locator("#results li.cutoff ~ li.card")
             assert below.count() > 0
             for i in range(below.count()):
                 expect(below.nth(i).locator(".verdict")).to_have_text("Not a copy")
-                assert float(below.nth(i).locator(".score").get_attribute("data-cosine")) < 0.67
+                assert float(below.nth(i).locator(".score").get_attribute("data-cosine")) < DEFAULT_THRESHOLD
             expect(results.first.locator(".verdict")).to_have_text("A copy")
             page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
 
@@ -100,7 +100,7 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             expect(results.first.locator(".path")).to_have_text(top_path)
             results.first.locator("button").click()
             expect(page.locator("#view-compare")).to_be_visible()
-            expect(page.locator("#compare-score")).to_contain_text(f"Cosine {top_score:.3f}: a copy at the dups threshold 0.67")
+            expect(page.locator("#compare-score")).to_contain_text(f"Cosine {top_score:.3f}: a copy at the dups threshold {DEFAULT_THRESHOLD}")
             page.click("#compare-back")
             expect(page.locator("#view-search")).to_be_visible()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -13,11 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
+import numpy as np
 import pytest
 
-from neardup.index import DEFAULT_THRESHOLD
+from neardup.index import DEFAULT_THRESHOLD, Index
 from neardup.schemas import DUPS, QUERY
 from neardup.store import Store
 
@@ -213,7 +216,31 @@ def test_dups_names_the_score_it_thresholds_as_the_page_does(full_index):
     aware = CliRunner().invoke(main, ["dups", "--index", str(full_index.root)])
     assert aware.exit_code == 0, aware.output
     assert "collection-aware score" in aware.output.splitlines()[0] and ", cosine " in aware.output.splitlines()[0]
-    assert "(collection-aware score >= 0.67)" in aware.output
+    assert f"(collection-aware score >= {DEFAULT_THRESHOLD})" in aware.output
     plain = CliRunner().invoke(main, ["dups", "--index", str(full_index.root), "--cosine"])
     assert plain.exit_code == 0 and "collection-aware" not in plain.output
     assert plain.output.splitlines()[0].split(", ")[1].startswith("cosine ")
+
+
+def test_an_index_of_the_imagenet_descriptor_is_refused_with_a_rebuild_line(tmp_path, collection, embedder):
+    # the identity every index stored before the copy-trained weights shipped
+    from neardup.models import default_model
+
+    with np.load(Path(__file__).resolve().parents[1] / "benchmarks" / "imagenet_lite0_whitening.npz") as data:
+        mean, projection = data["mean"].astype(np.float32), data["projection"].astype(np.float32)
+    earlier = {"name": "efficientnet-lite0", "weights_sha256": default_model.imagenet_weights_sha256(),
+               "preprocessing": default_model.PREPROCESSING,
+               "whitening_sha256": hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest(), "dim": 768}
+    imagenet = SimpleNamespace(name="efficientnet-lite0", dim=768, input_size=embedder.input_size,
+                               preprocess=embedder.preprocess, identity=earlier,
+                               embed=lambda batch: np.full((len(batch), 768), 768 ** -0.5, np.float32))
+    photo = collection["originals"]["coffee"]
+    with Index.open(tmp_path / "old", create=True, embedder=imagenet) as index:
+        index.add([photo])
+    for command in (["query", photo], ["dups"], ["index", photo]):
+        result = neardup(*command, index=tmp_path / "old", check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        line, = [line for line in result.stderr.splitlines() if "Rebuild it" in line]
+        assert "name efficientnet-lite0 (here: efficientnet-lite0-copy)" in line
+    with Index.open(tmp_path / "old", embedder=imagenet) as index:
+        assert index.stats()["images"] == 1  # refused, never touched

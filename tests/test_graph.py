@@ -160,7 +160,7 @@ def crowded(seed: int) -> np.ndarray:
     return vectors
 
 
-@pytest.mark.parametrize("threshold", [0.6, 0.67, 0.8])
+@pytest.mark.parametrize("threshold", [0.5, 0.58, 0.8])
 @pytest.mark.parametrize("plain", [False, True], ids=["collection-aware", "cosine"])
 def test_dups_over_the_graph_links_what_the_exact_path_links(tmp_path, threshold, plain):
     write_index(tmp_path / "idx", crowded(seed=2))
@@ -168,8 +168,9 @@ def test_dups_over_the_graph_links_what_the_exact_path_links(tmp_path, threshold
         over_graph = index.duplicates(threshold, collection_aware=not plain)
         exact = index.duplicates(threshold, exact=True, collection_aware=not plain)
         assert {tuple(g.files) for g in over_graph} == {tuple(g.files) for g in exact}
-        # the two crowded bursts are one group through pairs at cosine ~0.8 that no list holds
-        if threshold < 0.7:
+        # the two crowded bursts are one group through pairs at cosine ~0.8 that no list holds (the
+        # collection-aware score of such a pair: 0.8 - B_MAX + OFFSET = 0.60)
+        if threshold < 0.6:
             assert max(len(g.files) for g in exact) >= 80
         a, b, _ = index.graph().pairs(0.5)
         assert not ((a < 40) & (b >= 40) & (b < 80)).any()

@@ -16,6 +16,7 @@ from neardup.models.efficientnet_lite0 import (
     Conv2dSame,
     EfficientNetLite0,
     load_pretrained,
+    preprocess,
     weights_path,
     weights_sha256,
 )
@@ -54,8 +55,9 @@ def test_state_dict_matches_definition_exactly():
 
 def test_classifier_recognises_photos(embedder, chelsea, coffee):
     # Right ImageNet classes with high confidence show that the architecture, TF SAME padding
-    # and BN epsilon all match how the weights were trained.
-    model = load_pretrained()
+    # and BN epsilon all match how the weights were trained. The copy-trained blocks no longer feed the
+    # ImageNet classifier, so this checks the weights they were trained from.
+    model = load_pretrained(copy_trained=False)
     assert not model.training
     batch = torch.from_numpy(np.stack([embedder.preprocess(chelsea), embedder.preprocess(coffee)]))
     with torch.inference_mode():
@@ -128,9 +130,27 @@ def test_identity(embedder):
     assert re.fullmatch(r"[0-9a-f]{64}", identity["weights_sha256"])
     assert re.fullmatch(r"[0-9a-f]{64}", identity["whitening_sha256"])
     assert identity["weights_sha256"] == weights_sha256()
-    assert identity["name"] == embedder.name == "efficientnet-lite0"
+    assert identity["name"] == embedder.name == "efficientnet-lite0-copy"
     assert identity["dim"] == embedder.dim == DIM
     assert embedder.input_size == 224
+
+
+def test_copy_trained_weights_ship_in_the_package_and_change_the_descriptor(chelsea):
+    from neardup.models import default_model
+
+    trained = default_model.copy_weights()
+    assert default_model.COPY_WEIGHTS_FILE.stat().st_size <= 20e6
+    imagenet = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    assert trained and set(trained) <= set(imagenet)
+    assert any(name.startswith("_blocks.15.") for name in trained) and "_conv_head.weight" in trained
+    assert not any(name.startswith(("_conv_stem", "_blocks.0.", "_fc")) for name in trained)
+    # the identity hashes both files: neither the ImageNet weights alone nor the copy weights alone
+    assert weights_sha256() != default_model.imagenet_weights_sha256()
+    pixels = torch.from_numpy(np.stack([preprocess(chelsea)]))
+    with torch.inference_mode():
+        ours = load_pretrained(whitened=False).forward_features(pixels)
+        theirs = load_pretrained(whitened=False, copy_trained=False).forward_features(pixels)
+    assert not torch.allclose(ours, theirs)
 
 
 def test_default_embedder_is_cached(embedder):

@@ -169,8 +169,8 @@ def test_query_recall_of_planted_copies_against_exact_oracle(tmp_path, cone):
 
 def test_duplicates_equal_exact_oracle_on_planted_data(tmp_path):
     index, vectors, _ = planted_index(tmp_path, 6_000, 128, 600, seed=9, cone=True)
-    lsh_groups = index.duplicates(0.8)
-    exact_groups = index.duplicates(0.8, exact=True)
+    lsh_groups = index.duplicates(0.68)
+    exact_groups = index.duplicates(0.68, exact=True)
     index.close()
     assert len(exact_groups) >= 550
     exact_sets = {tuple(g.files) for g in exact_groups}
@@ -242,7 +242,7 @@ def test_collection_aware_dups_agree_with_the_brute_force_oracle_in_both_graph_r
         monkeypatch.setattr(knn, "EXACT_MAX", 5_000)
     n = 12_000
     index, vectors, _ = planted_index(tmp_path, n, 128, n // 10, seed=9, cone=True)
-    threshold = 0.85
+    threshold = 0.73
     oracle = brute_force_groups(vectors, threshold)
     graph_sets = {tuple(sorted(g.files)) for g in index.duplicates(threshold)}
     assert index.graph().exact != clustered

@@ -570,7 +570,7 @@ def test_query_plot_writes_the_figure(full_index, collection, tmp_path):
 
 def test_search_and_duplicates_say_which_score_links_and_where_copies_stop(client, collection, full_index):
     """Issue 19 #2: every match carries the score `dups` would link it by and whether that makes it a copy
-    at the dups threshold; the duplicates page names its score and the slider's whole range (up to 1.22)."""
+    at the dups threshold; the duplicates page names its score and the slider's whole range (up to 1.10)."""
     query = copy_of(collection, "coffee", "flip")
     body = client.post("/api/search", params={"k": 30}, files={"file": (query.name, query.read_bytes(), "image/jpeg")}).json()
     jsonschema.validate(body, QUERY)
@@ -582,7 +582,7 @@ def test_search_and_duplicates_say_which_score_links_and_where_copies_stop(clien
     copies = [m for m in matches if m["copy"]]
     group = next(g for g in full_index.duplicates() if matches[0]["id"] in g.ids)
     assert {m["id"] for m in copies} <= set(group.ids) | {matches[0]["id"]}
-    page = client.get("/api/duplicates", params={"threshold": 1.2}).json()
+    page = client.get("/api/duplicates", params={"threshold": 1.08}).json()
     jsonschema.validate(page, DUPS_PAGE)
-    assert page["score_name"] == "collection-aware score" and page["max_threshold"] == pytest.approx(1.22)
-    assert client.get("/api/duplicates", params={"threshold": 1.23}).status_code == 422
+    assert page["score_name"] == "collection-aware score" and page["max_threshold"] == pytest.approx(1.10)
+    assert client.get("/api/duplicates", params={"threshold": 1.11}).status_code == 422

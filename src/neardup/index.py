@@ -39,7 +39,9 @@ DEFAULT_BATCH = 32
 #: precision >= 0.99 is 0.625 on the set built with seed 1, 0.636 on seed 2, 0.628 on seed 3 and 0.663 on
 #: seed 4; seeds 1 and 2 alone gave 0.64, which the held-out seed 4 refused (precision 0.988), so the default
 #: is the value that holds on all four. Re-calibrate if the descriptor, backend or score changes.
-DEFAULT_THRESHOLD = 0.67
+DEFAULT_THRESHOLD = 0.52
+#: Names of the built-in model's identities, earlier ones included (neardup.models.default_model.NAME).
+DEFAULT_MODEL_FAMILY = "efficientnet-lite0"
 NUM_TABLES = 16
 STORED_BITS = lsh.MAX_BITS
 LSH_SEED = 20240601
@@ -401,6 +403,7 @@ class Index:
         similarity) in a collection of at least neighbourhood.MIN_FILES files, else the cosine.
         Pairs and b come from the k-NN graph the index keeps (`graph_pairs`, neardup.graph), merged with
         union-find; `exact` compares every pair instead (the oracle; O(n²))."""
+        self._check_threshold_model()
         state = self._search_state()  # one committed state throughout, whatever a writer commits meanwhile
         snap = state.snap
         aware = collection_aware and neighbourhood.applies(len(snap))
@@ -551,9 +554,21 @@ class Index:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _check_model(self, store: Store, *, initialise: bool) -> None:
+    def _check_threshold_model(self) -> None:
+        """The default threshold and every score's meaning belong to one model: `dups` on an index of the
+        default model's earlier weights is refused as a query is, without loading the model. (An index
+        of a custom model is checked against its embedder where one is given.)"""
+        stored = self._reader.get_meta("model") or {}
+        if self._embedder is not None:
+            self._check_model(self._reader, initialise=False)
+        elif str(stored.get("name", "")).startswith(DEFAULT_MODEL_FAMILY):
+            from .models import default_model
+
+            self._check_model(self._reader, initialise=False, identity=default_model.identity())
+
+    def _check_model(self, store: Store, *, initialise: bool, identity: dict | None = None) -> None:
         stored = store.get_meta("model")
-        identity = self.embedder.identity
+        identity = identity or self.embedder.identity
         if stored is None:
             if initialise:
                 planes = lsh.make_planes(identity["dim"], NUM_TABLES, STORED_BITS, LSH_SEED)
@@ -566,7 +581,8 @@ class Index:
         if stored != identity:
             raise ModelMismatch(
                 f"the index at {self.root} was built with another model than this run uses: "
-                f"{identity_difference(stored, identity)}. Use a new --index folder for a different model."
+                f"{identity_difference(stored, identity)}. Rebuild it: run `neardup index` with a new --index "
+                f"folder (or delete {self.root} first); vectors of two models are never mixed."
             )
 
     def _lsh_state(self, store: Store) -> tuple[np.ndarray, np.ndarray | None]:

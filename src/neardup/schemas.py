@@ -6,8 +6,8 @@ Scores are cosine similarities of unit vectors, in [-1, 1]; 1.0 means identical 
 _SCORE = {"type": "number", "minimum": -1.0001, "maximum": 1.0001}
 _THRESHOLD = {"type": ["number", "null"]}
 #: A `dups` link's score: cosine, or collection-aware (neardup.neighbourhood: cosine - mean of the two
-#: files' backgrounds + OFFSET), which lies within [-1 - 0.45 + 0.37, 1 - 0.15 + 0.37]
-_PAIR_SCORE = {"type": "number", "minimum": -1.1001, "maximum": 1.2201}
+#: files' backgrounds + OFFSET), which lies within [-1 - 0.45 + 0.25, 1 - 0.15 + 0.25]
+_PAIR_SCORE = {"type": "number", "minimum": -1.2001, "maximum": 1.1001}
 
 QUERY = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -196,7 +196,7 @@ COMPARE = {
     "required": ["score", "images"],
     "additionalProperties": False,
     "properties": {
-        "score": {"type": ["number", "null"], "minimum": -1.1001, "maximum": 1.2201,
+        "score": {"type": ["number", "null"], "minimum": -1.2001, "maximum": 1.1001,
                   "description": "the score `dups` would link the two by (score_name); null under the cosine floor"},
         "cosine": {**_SCORE, "description": "cosine of the two stored vectors"},
         "score_name": {"enum": ["collection-aware score", "cosine"]},
@@ -434,9 +434,9 @@ ACTION_PLAN_REQUEST = {
     "properties": {
         "action": _ACTIONS,
         "to": {"type": ["string", "null"], "description": "move only: the folder to move into (absolute)"},
-        "threshold": {"type": ["number", "null"], "minimum": 0.5, "maximum": 1.22,
+        "threshold": {"type": ["number", "null"], "minimum": 0.4, "maximum": 1.1,
                       "description": "groups at this threshold on the score `dups` uses (default: the index "
-                                     "default, 0.67)"},
+                                     "default, 0.52)"},
         "keep": {"type": "string", "description": "survivor criteria in order, comma-separated (GET /api/actions "
                                                   "lists them and the default)"},
         "keep_in": {"type": "array", "items": {"type": "string"},

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .default_model import DIM, INPUT_SIZE, PIXEL_MEAN, PIXEL_SCALE, checked_batch, identity, lsh_center, model_pixels
+from .default_model import DIM, INPUT_SIZE, NAME, PIXEL_MEAN, PIXEL_SCALE, checked_batch, identity, lsh_center, model_pixels
 from .default_model import preprocess as lite0_preprocess
 from ..errors import BackendError
 
@@ -39,7 +39,7 @@ def device_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class CudaEmbedder:
     """The neardup.models.Embedder of EfficientNet-Lite0 on a GPU (see the module notes)."""
 
-    name = "efficientnet-lite0"
+    name = NAME
     dim = DIM
     input_size = INPUT_SIZE
 

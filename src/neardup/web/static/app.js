@@ -7,7 +7,7 @@ const state = {
   threshold: null, page: 1, perPage: 25, pages: 1, request: 0, timer: null, loaded: false,
   queryFile: null, queryUrl: null, compareFrom: "search", compared: false, groups: [], lastMatches: null,
   actionsEnabled: false, plan: null, planId: null, planRequest: 0, exclude: new Set(), busy: false,
-  scoreName: null, dupsThreshold: 0.67, storeKey: null, saved: {},
+  scoreName: null, dupsThreshold: 0.52, storeKey: null, saved: {},
 };
 const LEFT_OUT = "left out on request (unchecked on the page)"; // the reason actions_api gives excluded files
 // what each survivor criterion (actions.KEEP_CRITERIA) means, in the page's words
