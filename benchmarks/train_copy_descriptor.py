@@ -169,18 +169,23 @@ def imagenet_whitening() -> tuple[np.ndarray, np.ndarray]:
 def imagenet_embedder():
     """A neardup Embedder of the descriptor before copy training (ImageNet weights, their whitening): the
     near-duplicate filter of the training photos and the baseline `eval` compares with."""
-    torch = _torch()
-    from neardup.models.efficientnet_lite0 import TorchEmbedder, load_pretrained
+    from neardup.models.efficientnet_lite0 import load_pretrained
 
-    embedder = TorchEmbedder()
-    model = load_pretrained(whitened=False, copy_trained=False)
-    mean, projection = imagenet_whitening()
+    return embedder_of(load_pretrained(whitened=False, copy_trained=False), *imagenet_whitening(),
+                       "efficientnet-lite0", default_model.imagenet_weights_sha256())
+
+
+def embedder_of(model, mean: np.ndarray, projection: np.ndarray, name: str, weights_sha256: str):
+    """A neardup TorchEmbedder running `model` (unwhitened) with this whitening, under its own identity."""
+    torch = _torch()
+    from neardup.models.efficientnet_lite0 import TorchEmbedder
+
     model.whitening_mean.copy_(torch.from_numpy(mean))
     model.whitening_projection.copy_(torch.from_numpy(projection))
-    embedder._model = model.to(memory_format=torch.channels_last)
-    embedder.name = "efficientnet-lite0"
-    embedder.identity = {"name": embedder.name, "weights_sha256": default_model.imagenet_weights_sha256(),
-                         "preprocessing": default_model.PREPROCESSING,
+    embedder = TorchEmbedder()
+    embedder._model = model.eval().to(memory_format=torch.channels_last)
+    embedder.name = name
+    embedder.identity = {"name": name, "weights_sha256": weights_sha256, "preprocessing": default_model.PREPROCESSING,
                          "whitening_sha256": hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest(),
                          "dim": default_model.DIM}
     return embedder
@@ -551,8 +556,6 @@ def trained_embedder(weights: Path | None, whitening_seed: int = 0):
     """A neardup Embedder of the default model with the trained blocks of `weights` (None: the ImageNet
     weights) and a whitening refitted on its features; its own identity."""
     torch = _torch()
-    from neardup.models.efficientnet_lite0 import TorchEmbedder
-
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=False)
         split = Split(state["cut"] if "cut" in state else state["config"]["cut"])
@@ -560,21 +563,10 @@ def trained_embedder(weights: Path | None, whitening_seed: int = 0):
     else:
         split, state = Split(len(Split(0).model._blocks)), {"trained": {}}
     mean, projection = refit_whitening(split, whitening_seed)
-    embedder = TorchEmbedder()
-    full = embedder._model.state_dict()
-    full.update({k: v for k, v in split.model.state_dict().items() if not k.startswith("whitening_")})
-    embedder._model.load_state_dict(full, strict=True)
-    embedder._model.whitening_mean.copy_(torch.from_numpy(mean))
-    embedder._model.whitening_projection.copy_(torch.from_numpy(projection))
     digest = hashlib.sha256()
     for key in sorted(state["trained"]):
         digest.update(key.encode()), digest.update(state["trained"][key].float().numpy().tobytes())
-    embedder.name = "efficientnet-lite0-copytrained"
-    embedder.identity = {"name": embedder.name, "weights_sha256": digest.hexdigest(),
-                         "preprocessing": default_model.PREPROCESSING,
-                         "whitening_sha256": hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest(),
-                         "dim": default_model.DIM}
-    return embedder
+    return embedder_of(split.model, mean, projection, "efficientnet-lite0-copytrained", digest.hexdigest())
 
 
 def figures(result: dict) -> dict:
