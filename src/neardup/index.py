@@ -34,11 +34,11 @@ DEFAULT_INDEX_DIR = ".neardup"
 #: Images per model call on a CPU (an embedder with a `batch` attribute, the GPU one, brings its own).
 DEFAULT_BATCH = 32
 #: Default `duplicates` threshold, on the collection-aware score (neighbourhood; plain cosine below
-#: neighbourhood.MIN_FILES files), calibrated with `neardup eval` (docs/SCORES.md) for the
-#: default descriptor and the default CPU backend (int8): the lowest threshold whose groups keep pairwise
-#: precision >= 0.99 is 0.625 on the set built with seed 1, 0.636 on seed 2, 0.628 on seed 3 and 0.663 on
-#: seed 4; seeds 1 and 2 alone gave 0.64, which the held-out seed 4 refused (precision 0.988), so the default
-#: is the value that holds on all four. Re-calibrate if the descriptor, backend or score changes.
+#: neighbourhood.MIN_FILES files), calibrated with `neardup eval` (docs/SCORES.md) for the copy-trained
+#: descriptor: the lowest threshold whose groups keep pairwise precision >= 0.99 is 0.520 / 0.465 on the sets
+#: built with seeds 1 / 2 (plain cosine: 0.517 / 0.497), rounded up; checked on seeds 3-6 through int8 and
+#: torch fp32, precision >= 0.999 on every one (benchmarks/tune_scores.py). Re-calibrate if the
+#: descriptor, backend or score changes.
 DEFAULT_THRESHOLD = 0.52
 #: Names of the built-in model's identities, earlier ones included (neardup.models.default_model.NAME).
 DEFAULT_MODEL_FAMILY = "efficientnet-lite0"
