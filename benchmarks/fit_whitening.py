@@ -239,11 +239,12 @@ def edited_copy(img: Image.Image, rng: random.Random) -> Image.Image:
 
 # ---- embedding and fit ---------------------------------------------------------------------------
 
-def pooled_vectors(images: list[Image.Image], batch: int = 4) -> np.ndarray:
+def pooled_vectors(images: list[Image.Image]) -> np.ndarray:
     """L2-normalised GeM vectors [n, 1280] of the default model: the whitening's input. Small channels_last
     batches, as the embedder runs (efficientnet_lite0.MICRO_BATCH: 4-5x faster on CPU than NCHW batches of 32)."""
     import torch
 
+    from neardup.models.efficientnet_lite0 import MICRO_BATCH as batch
     from neardup.models.efficientnet_lite0 import gem, load_pretrained
 
     model = load_pretrained(whitened=False).to(memory_format=torch.channels_last)

@@ -649,15 +649,29 @@ def ship(args) -> None:
             "fp16_vs_fp32_min_cosine": round(float(agreement.min()), 6),
             "script": "benchmarks/train_copy_descriptor.py ship"}
     out = default_model.COPY_WEIGHTS_FILE
-    temp = out.with_name(out.stem + ".tmp.npz")
-    np.savez_compressed(temp, **arrays, meta=np.array(json.dumps(meta)))
-    os.replace(temp, out)
+    write_reproducible_npz(out, {**arrays, "meta": np.array(json.dumps(meta))})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {meta['parameters']:,} parameters; float16 against "
           f"float32: lowest cosine {meta['fp16_vs_fp32_min_cosine']} over {len(pixels)} photos); refitting the whitening",
           file=sys.stderr)
     import subprocess
 
     subprocess.run([sys.executable, str(Path(__file__).with_name("fit_whitening.py"))], check=True)
+
+
+def write_reproducible_npz(path: Path, arrays: dict) -> None:
+    """np.savez_compressed's format, but with fixed member times: the same numbers give the same bytes, so
+    the model identity (default_model.weights_sha256 hashes the file) changes only with the numbers."""
+    import io
+    import zipfile
+
+    temp = path.with_name(path.stem + ".tmp.npz")
+    with zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            buffer = io.BytesIO()
+            np.save(buffer, arrays[name], allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue(),
+                             compress_type=zipfile.ZIP_DEFLATED)
+    os.replace(temp, path)
 
 
 # ---- speed ---------------------------------------------------------------------------------------

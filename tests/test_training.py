@@ -103,3 +103,17 @@ def test_tiny_training_runs_and_resumes_to_the_same_state(tmp_path, photos):
     assert (tmp_path / "straight" / "weights-epoch002.pt").is_file()
     with pytest.raises(SystemExit, match="settings differ"):
         tcd.train(_args(tmp_path, "straight", lr=5e-4), data)
+
+
+def test_shipped_weights_file_is_the_same_bytes_for_the_same_numbers(tmp_path):
+    # the model identity hashes that file: re-shipping identical weights must not change it
+    arrays = {"_conv_head.weight": np.random.default_rng(0).standard_normal((4, 3)).astype(np.float16),
+              "meta": np.array(json.dumps({"step": 1}))}
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    tcd.write_reproducible_npz(first, arrays)
+    tcd.write_reproducible_npz(second, dict(reversed(list(arrays.items()))))
+    assert first.read_bytes() == second.read_bytes()
+    with np.load(first) as data:
+        assert set(data.files) == set(arrays)
+        assert np.array_equal(data["_conv_head.weight"], arrays["_conv_head.weight"]) and data["_conv_head.weight"].dtype == np.float16
+        assert json.loads(str(data["meta"])) == {"step": 1}

@@ -19,6 +19,7 @@ at most ~1e-3 and leaves a self-match at 1.0), which is the score neardup report
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -128,20 +129,14 @@ def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int
     return (chosen.astype(CODE_DTYPE) << weakest[:, None, :].astype(CODE_DTYPE)).sum(axis=2, dtype=CODE_DTYPE)
 
 
-_SUBSETS: dict[int, np.ndarray] = {}
-_SUBSETS_T32: dict[int, np.ndarray] = {}
-
-
+@functools.cache
 def _subsets_t32(m: int) -> np.ndarray:
-    if m not in _SUBSETS_T32:
-        _SUBSETS_T32[m] = np.ascontiguousarray(_subsets(m).T.astype(np.float32))
-    return _SUBSETS_T32[m]
+    return np.ascontiguousarray(_subsets(m).T.astype(np.float32))
 
 
+@functools.cache
 def _subsets(m: int) -> np.ndarray:
-    if m not in _SUBSETS:
-        _SUBSETS[m] = ((np.arange(1 << m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.uint8)
-    return _SUBSETS[m]
+    return ((np.arange(1 << m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.uint8)
 
 
 class LSHTables:
