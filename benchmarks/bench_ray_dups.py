@@ -16,7 +16,7 @@ It also times the driver's side of distributed indexing, `Index.merge`, on --mer
 rows in shards of `distributed.SHARD_ROWS` (the real model's identity on synthetic unit vectors):
 first merge, and a second merge of the same shards (which must add nothing).
 
-    python benchmarks/bench_ray_dups.py [--n 100000 | --index DIR] [--threshold 0.67] [--cpus 2] [--merge-rows 100000]
+    python benchmarks/bench_ray_dups.py [--n 100000 | --index DIR] [--threshold 0.97] [--cpus 2] [--merge-rows 100000]
         [--json out.json]
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neardup import lsh
+from neardup import calibration, lsh
 from neardup.index import DEFAULT_THRESHOLD, LSH_SEED, NUM_TABLES, STORED_BITS, Index, update_graph
 from neardup.store import Record, Store
 
@@ -117,7 +117,8 @@ def child(mode: str, work: str, threshold: float, out: str, cpus: int) -> None:
         t0 = time.perf_counter()
         groups = index.duplicates(threshold)
         seconds = time.perf_counter() - t0
-        a, b, _ = index.graph_pairs(threshold, aware=True)  # the pairs behind those groups (timed above, not here)
+        raw = calibration.raw_threshold(threshold, aware=True)  # `threshold` is dups' copy probability
+        a, b, _ = index.graph_pairs(raw, aware=True)  # the pairs behind those groups (timed above, not here)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         memory = {"peak_rss_mb": round(peak / 2**20)}
     else:

@@ -345,15 +345,16 @@ def link_oracle(work: Path, threshold: float, sample: int, seed: int = 3) -> dic
     scan: bfloat16 product, top 40 re-scored in float32, independent of neardup.graph)."""
     import torch
 
-    from neardup import neighbourhood
+    from neardup import calibration, neighbourhood
 
     index = Index.open(work)
     snap = index.snapshot()
     n = len(snap)
     graph = index.graph()
     b_graph = neighbourhood.backgrounds(graph.kth())
-    a, b, s = index.graph_pairs(threshold, aware=True)
-    linked = neighbourhood.normalised(s, b_graph[a], b_graph[b]) >= threshold
+    raw = calibration.raw_threshold(threshold, aware=True)  # `threshold` is dups' copy probability
+    a, b, s = index.graph_pairs(raw, aware=True)
+    linked = neighbourhood.normalised(s, b_graph[a], b_graph[b]) >= raw
     a, b = a[linked], b[linked]
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, sample, replace=False))
@@ -383,12 +384,12 @@ def link_oracle(work: Path, threshold: float, sample: int, seed: int = 3) -> dic
         keep = rows[i] != at[j]
         partners.append((rows[i[keep]], at[j[keep]], sims[i[keep], j[keep]]))
     pa, pb, ps = (np.concatenate(x) for x in zip(*partners))
-    whatever = neighbourhood.links_whatever_b(ps, threshold)
+    whatever = neighbourhood.links_whatever_b(ps, raw)
     need = np.union1d(rows, pb[~whatever])
     b_true = np.full(n, np.nan)
     b_true[need] = neighbourhood.backgrounds(exact_kth(need))
     truly = whatever.copy()
-    truly[~whatever] = neighbourhood.normalised(ps[~whatever], b_true[pa[~whatever]], b_true[pb[~whatever]]) >= threshold
+    truly[~whatever] = neighbourhood.normalised(ps[~whatever], b_true[pa[~whatever]], b_true[pb[~whatever]]) >= raw
     oracle = {(int(x), int(y)) for x, y in zip(pa[truly], pb[truly])}
     in_sample = np.isin(a, rows) | np.isin(b, rows)
     made = set()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from neardup.demo import EDITS, build_collection
-from neardup import lsh
+from neardup import calibration, lsh
 from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index
 from neardup.store import Record, Store
 from neardup.models import default_embedder
@@ -118,6 +118,12 @@ def restored_library(base: Path, embedder):
     index = Index.open(work / "idx", embedder=embedder)
     yield work / "photos", index
     index.close()
+
+
+def copy_probability(raw: float, aware: bool) -> float:
+    """The `dups` threshold (a copy probability, neardup.calibration) of the raw score `raw`: it links
+    the pairs whose raw score reaches `raw` (up to where the curve stops rising)."""
+    return float(calibration.probability(raw, aware))
 
 
 def write_index(root, vectors: np.ndarray, start: int = 0) -> None:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import build_library, restored_library, tree_hashes
+from conftest import build_library, copy_probability, restored_library, tree_hashes
+
+#: A strict `dups` threshold: the copy probability of collection-aware score 0.8.
+STRICT = round(copy_probability(0.8, aware=True), 4)
 from PIL import Image
 
 from neardup import actions
@@ -42,7 +45,7 @@ def library(pristine_library, embedder):
 
 def plan_for(index: Index, action: str, keep=("pixels", "oldest"), **options) -> actions.Plan:
     """Keep the full-size originals (photos/a): most pixels, then the oldest."""
-    return actions.make_plan(index.root, index.duplicates(0.8), action, threshold=0.8, keep=keep, **options)
+    return actions.make_plan(index.root, index.duplicates(STRICT), action, threshold=STRICT, keep=keep, **options)
 
 
 def check_index(index: Index) -> Store:
@@ -110,7 +113,7 @@ def test_move_apply_updates_index_and_undo_restores_everything(library, tmp_path
     catalog = records(index)
     check_index(index)
     assert set(moved.values()) <= set(catalog) and not set(moved) & set(catalog) and len(catalog) == 7
-    grouped = {p for g in index.duplicates(0.8) for p in g.files}
+    grouped = {p for g in index.duplicates(STRICT) for p in g.files}
     assert set(moved.values()) <= grouped  # the moved files keep their vectors under their new paths
     assert plan_for(index, "move", to=tmp_path / "moved").entries == []  # a second run leaves --to alone
 
@@ -163,12 +166,12 @@ def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
         return subprocess.run([sys.executable, "-m", "neardup.cli", *args], capture_output=True, text=True, check=False, env=env,
                               timeout=300)
 
-    refused = cli("dups", "--threshold", "0.8", "--action", "delete", "--apply")
+    refused = cli("dups", "--threshold", str(STRICT), "--action", "delete", "--apply")
     assert refused.returncode == 2 and "--yes" in refused.stderr and tree_hashes(photos) == before
-    dry = cli("dups", "--threshold", "0.8", "--action", "delete", "--json")
+    dry = cli("dups", "--threshold", str(STRICT), "--action", "delete", "--json")
     assert dry.returncode == 0 and "would delete 4 files" in dry.stderr
     jsonschema.validate(json.loads(dry.stdout), MANIFEST)
-    applied = cli("dups", "--threshold", "0.8", "--action", "delete", "--apply", "--yes")
+    applied = cli("dups", "--threshold", str(STRICT), "--action", "delete", "--apply", "--yes")
     assert applied.returncode == 0, applied.stderr
     manifest = next((index.root / "actions").glob("*.json"))
     plan = actions.load_manifest(manifest)
@@ -180,7 +183,7 @@ def test_delete_needs_yes_goes_to_trash_and_undo_restores_via_cli(library):
     assert undone.returncode == 0, undone.stderr
     assert tree_hashes(photos) == before
     assert len(records(index)) == 7 and check_index(index)
-    assert {p for g in index.duplicates(0.8) for p in g.files} >= gone  # re-embedded, found again
+    assert {p for g in index.duplicates(STRICT) for p in g.files} >= gone  # re-embedded, found again
 
 
 def test_keep_in_folder_is_preferred_and_never_touched(library, tmp_path):
@@ -317,9 +320,9 @@ def test_an_action_compacts_by_the_index_rule_too_many_segments(library, tmp_pat
     index.add([photos / "c"], commit_every=1)  # one segment per file, up to the limit but not past it
     with Store.open(index.root) as store:
         assert store.counts()["segments"] == COMPACT_MAX_SEGMENTS and store.dead_fraction() == 0
-    groups = [g for g in index.duplicates(0.8) if not any(f.startswith(str(photos / "c")) for f in g.files)]
+    groups = [g for g in index.duplicates(STRICT) if not any(f.startswith(str(photos / "c")) for f in g.files)]
     plan = actions.apply_plan(actions.make_plan(index.root, groups, "move", to=tmp_path / "moved",
-                                                keep=("pixels", "oldest"), threshold=0.8))
+                                                keep=("pixels", "oldest"), threshold=STRICT))
     assert sum(e.status == "done" for e in plan.entries) == 4
     check_index(index)
     with Store.open(index.root) as store:
@@ -337,7 +340,7 @@ def test_purge_trash_removes_only_what_old_runs_put_in_the_trash(library, tmp_pa
     from neardup.cli import main
 
     _, index = library
-    chelsea, coffee = sorted(index.duplicates(0.8), key=lambda g: "coffee" in g.files[0])
+    chelsea, coffee = sorted(index.duplicates(STRICT), key=lambda g: "coffee" in g.files[0])
     old = actions.apply_plan(actions.make_plan(index.root, [chelsea], "delete", keep=("pixels", "oldest")))
     new = actions.apply_plan(actions.make_plan(index.root, [coffee], "delete", keep=("pixels", "oldest")))
     assert [e.status for e in old.entries] == ["done", "done"] and len(new.entries) == 2
@@ -644,7 +647,7 @@ def test_a_move_target_inside_the_index_folder_is_refused(library, tmp_path, whe
     before = tree_hashes(photos)
     with pytest.raises(actions.ActionError, match="inside the index folder"):
         plan_for(index, "move", to=target)
-    result = CliRunner().invoke(main, ["dups", "--index", str(index.root), "--threshold", "0.8", "--action", "move",
+    result = CliRunner().invoke(main, ["dups", "--index", str(index.root), "--threshold", str(STRICT), "--action", "move",
                                        "--to", str(target), "--apply"])
     assert result.exit_code == 1 and "inside the index folder" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

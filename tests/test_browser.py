@@ -73,12 +73,13 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             # issue 19 #2: where the copies stop (the dups threshold), and what is below reads "not a copy"
             cutoff = page.locator("#results li.cutoff")
             expect(cutoff).to_have_count(1)
-            expect(cutoff).to_contain_text(f"Copies stop here (cosine {DEFAULT_THRESHOLD}, the dups threshold): below, not a copy")
+            expect(cutoff).to_contain_text(
+                f"Copies stop here (copy probability {DEFAULT_THRESHOLD:.3f}, the dups threshold): below, not a copy")
             below = page.locator("#results li.cutoff ~ li.card")
             assert below.count() > 0
             for i in range(below.count()):
                 expect(below.nth(i).locator(".verdict")).to_have_text("Not a copy")
-                assert float(below.nth(i).locator(".score").get_attribute("data-cosine")) < DEFAULT_THRESHOLD
+                assert float(below.nth(i).locator(".score").get_attribute("data-probability")) < DEFAULT_THRESHOLD
             expect(results.first.locator(".verdict")).to_have_text("A copy")
             page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
 
@@ -93,35 +94,41 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
             expect(page.locator("#query-caption")).to_contain_text("dropped.jpg")
             expect(results.first.locator(".path")).to_have_text(rocket.path)
-            expect(results.first.locator(".score")).to_have_text("cosine 1.000")
+            expect(results.first.locator(".score")).to_have_text("copy probability 1.000")
+            expect(results.first.locator(".cosine")).to_have_text("cosine 1.000")
 
             # back to chelsea, then compare the query with its best match
             page.set_input_files("#file", collection["originals"]["chelsea"])
             expect(results.first.locator(".path")).to_have_text(top_path)
             results.first.locator("button").click()
             expect(page.locator("#view-compare")).to_be_visible()
-            expect(page.locator("#compare-score")).to_contain_text(f"Cosine {top_score:.3f}: a copy at the dups threshold {DEFAULT_THRESHOLD}")
+            top_probability = float(results.first.locator(".score").get_attribute("data-probability"))
+            expect(page.locator("#compare-score")).to_contain_text(
+                f"Copy probability {top_probability:.3f} (cosine {top_score:.3f}): a copy at the dups threshold {DEFAULT_THRESHOLD:.3f}")
             page.click("#compare-back")
             expect(page.locator("#view-search")).to_be_visible()
 
             # duplicates: the groups the API computes, in order
             page.click("#tab-duplicates")
-            expected = gallery.duplicates(0.65)
+            expected = gallery.duplicates(DEFAULT_THRESHOLD)
+            strict = gallery.duplicates(1.0)  # pairs at cosine >= 0.7725 here (a small index: the plain cosine)
+            assert sum(len(g.files) for g in strict) < sum(len(g.files) for g in expected)
             status = page.locator("#dups-status")
             expect(status).to_contain_text(f"{len(expected)} groups")
             groups = page.locator("#groups section.group")
             expect(groups).to_have_count(len(expected))
-            # the group's score is named as the CLI names it (this index is small: the plain cosine)
+            # the group's scores are named as the CLI names them
             expect(groups.first.locator("h3")).to_contain_text(
+                f"copy probability {expected[0].min_score:.3f}–{expected[0].max_score:.3f}, "
                 f"cosine {expected[0].min_cosine:.3f}–{expected[0].max_cosine:.3f}")
             expect(page.locator("#threshold")).to_have_attribute("max", "1")
             loaded_images(page, "#groups img")
             page.screenshot(path=str(ARTIFACTS / "duplicates.png"), full_page=True)
 
-            # the threshold slider re-queries: at 1.00 nothing is a duplicate any more, back at 0.65 all return
+            # the threshold slider re-queries: at 1 only the closest copies stay, back at the default all return
             page.locator("#threshold").fill("1")
-            expect(status).to_contain_text("No duplicates at threshold 1")
-            page.locator("#threshold").fill("0.65")
+            expect(status).to_contain_text(f"{len(strict)} groups, {sum(len(g.files) for g in strict)} files at threshold 1")
+            page.locator("#threshold").fill(str(DEFAULT_THRESHOLD))
             expect(status).to_contain_text(f"{len(expected)} groups")
 
             # compare two members of the first group, chosen with the keyboard
@@ -134,7 +141,7 @@ def test_upload_duplicates_and_compare_in_chromium(gallery, collection, tmp_path
             first.locator("button.compare-button").click()
             compare = page.locator("#view-compare")
             expect(compare).to_be_visible()
-            expect(page.locator("#compare-score")).to_contain_text("Cosine")
+            expect(page.locator("#compare-score")).to_contain_text("Copy probability")
             expect(compare.locator("dd").first).to_contain_text(" px")
             loaded_images(page, "#view-compare img")
             score = float(page.locator("#compare-score").get_attribute("data-cosine"))

@@ -75,7 +75,7 @@ def watch(page) -> list[str]:
 @contextlib.contextmanager
 def duplicates_page(index: Index, tmp_path: Path):
     """A served index with actions allowed, and one Chromium page (1280 x 1000) on its Duplicates view at
-    threshold 0.8, once the library's two groups are shown: yields (url, page, problems seen so far)."""
+    threshold 0.999 (a strict copy probability), once the library's two groups are shown: yields (url, page, problems seen so far)."""
     sync_api.expect.set_options(timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)
     app = create_app(index, token=TOKEN, allow_actions=True, thumbs_dir=tmp_path / "thumbs")
@@ -85,8 +85,8 @@ def duplicates_page(index: Index, tmp_path: Path):
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             problems = watch(page)
             page.goto(f"{url}/?token={TOKEN}#duplicates")
-            page.locator("#threshold").fill("0.8")
-            sync_api.expect(page.locator("#dups-status")).to_contain_text("2 groups, 5 files at threshold 0.8")
+            page.locator("#threshold").fill("0.999")
+            sync_api.expect(page.locator("#dups-status")).to_contain_text("2 groups, 5 files at threshold 0.999")
             yield url, page, problems
         finally:
             browser.close()
@@ -99,7 +99,7 @@ def test_preview_leave_one_out_apply_and_undo_a_move_in_chromium(library, tmp_pa
     before = tree_hashes(photos)
     with duplicates_page(index, tmp_path) as (url, page, problems):
         status = page.locator("#dups-status")
-        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.999")
         expect(page.locator("#cleanup")).to_be_visible()
 
         # the settings, with the keyboard where a user would use it
@@ -261,7 +261,7 @@ def test_a_page_on_another_origin_cannot_start_an_action(library, tmp_path):
             page.goto(f"{api}/?token={TOKEN}")
             plan = page.evaluate("""async to => (await (await fetch("/api/actions/plan", {method: "POST",
                 headers: {"Content-Type": "application/json"},
-                body: JSON.stringify({action: "move", to, threshold: 0.8, keep: "pixels,oldest"})})).json())""",
+                body: JSON.stringify({action: "move", to, threshold: 0.999, keep: "pixels,oldest"})})).json())""",
                                  str(target))
             assert len(plan["manifest"]["entries"]) == 3, plan
             before = tree_hashes(photos)
@@ -314,7 +314,7 @@ def test_no_horizontal_scroll_and_labels_inside_their_cards_at_1024_1400_1920(tm
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 problems = watch(page)
                 page.goto(f"{url}/?token={TOKEN}#duplicates")
-                page.locator("#threshold").fill("0.8")
+                page.locator("#threshold").fill("0.999")
                 expect(page.locator("#dups-status")).to_contain_text("2 groups, 5 files")
                 page.get_by_label("Folder to move into").fill(str(photos / "duplicates-to-check-later"))
                 page.get_by_role("button", name="Preview").click()
@@ -363,7 +363,7 @@ def test_apply_reloads_groups_unticks_persist_refresh_keeps_undo_and_undo_is_dis
     kept_back = photos / "b" / "coffee_jpeg30.jpg"
     with duplicates_page(index, tmp_path) as (url, page, problems):
         status, plan_status = page.locator("#dups-status"), page.locator("#plan-status")
-        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.999")
         page.get_by_label("Folder to move into").fill(str(target))
         page.get_by_label("Keep in each group").select_option("pixels,oldest")
         left_out = page.get_by_label("Include coffee_jpeg30.jpg in the clean-up")
@@ -373,7 +373,7 @@ def test_apply_reloads_groups_unticks_persist_refresh_keeps_undo_and_undo_is_dis
 
         # a refresh keeps the form: folder, policy, threshold and the untick
         page.reload()
-        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.999")
         expect(page.get_by_label("Folder to move into")).to_have_value(str(target))
         expect(page.get_by_label("Keep in each group")).to_have_value("pixels,oldest")
         expect(left_out).not_to_be_checked()
@@ -389,7 +389,7 @@ def test_apply_reloads_groups_unticks_persist_refresh_keeps_undo_and_undo_is_dis
         run_id = Path(result.locator(".manifest-path").inner_text()).stem
 
         # the groups reload from the index: chelsea's copies left, its group with them; the counts follow
-        expect(status).to_contain_text("1 groups, 2 files at threshold 0.8")
+        expect(status).to_contain_text("1 groups, 2 files at threshold 0.999")
         expect(status).to_contain_text("2 files that earlier runs moved or linked are left out")
         expect(page.locator(f'li[data-path="{photos / "b" / "chelsea_half.jpg"}"]')).to_have_count(0)
         expect(left_out).not_to_be_checked()  # still left out after apply
@@ -401,7 +401,7 @@ def test_apply_reloads_groups_unticks_persist_refresh_keeps_undo_and_undo_is_dis
 
         # a refresh after apply: the last run and its Undo are still here, the untick too
         page.reload()
-        expect(status).to_contain_text("1 groups, 2 files at threshold 0.8")
+        expect(status).to_contain_text("1 groups, 2 files at threshold 0.999")
         expect(result).to_contain_text(f"Last run {run_id}: Moved 2 files, skipped 1")
         undo = result.get_by_role("button", name=f"Undo run {run_id}")
         expect(undo).to_be_enabled()
@@ -421,7 +421,7 @@ def test_apply_reloads_groups_unticks_persist_refresh_keeps_undo_and_undo_is_dis
         expect(result).to_contain_text(f"Run {run_id} undone: 2 files are back in place")
         assert seen == [[True, "Undoing…"]]  # one request: the second click found the button disabled
         assert tree_hashes(photos) == before and tree_hashes(target) == {}
-        expect(status).to_contain_text("2 groups, 5 files at threshold 0.8")
+        expect(status).to_contain_text("2 groups, 5 files at threshold 0.999")
         expect(left_out).not_to_be_checked()  # undo does not forget what the user left out
         assert problems == []
 
@@ -441,8 +441,8 @@ def test_a_plan_applied_in_another_tab_is_reported_as_applied_there(library, tmp
             tabs = [context.new_page(), context.new_page()]
             for tab in tabs:
                 tab.goto(f"{url}/?token={TOKEN}#duplicates")
-                tab.locator("#threshold").fill("0.8")
-                expect(tab.locator("#dups-status")).to_contain_text("2 groups, 5 files at threshold 0.8")
+                tab.locator("#threshold").fill("0.999")
+                expect(tab.locator("#dups-status")).to_contain_text("2 groups, 5 files at threshold 0.999")
                 tab.get_by_label("Folder to move into").fill(str(target))
                 tab.get_by_label("Keep in each group").select_option("pixels,oldest")
                 tab.get_by_role("button", name="Preview").click()

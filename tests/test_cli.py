@@ -68,14 +68,16 @@ def test_dups_json_and_csv(cli_index):
     assert list(rows[0]) == ["group", "path", "min_score", "max_score"]
     assert len(rows) == sum(len(g["files"]) for g in payload["groups"])
     text = neardup("dups", "--threshold", "0.9", index=cli_index)
-    assert text.stdout.startswith("group 1:") and "score >= 0.9)" in text.stderr
+    assert text.stdout.startswith("group 1:") and "(copy probability >= 0.9, from the" in text.stderr
+    assert all(0 < g["min_score"] <= g["max_score"] <= 1 for g in payload["groups"])
 
 
 def test_exit_codes_and_one_line_errors(tmp_path, cli_index, collection):
     missing = neardup("query", tmp_path / "nope.jpg", index=cli_index, check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
-    bad_option = neardup("dups", "--threshold", "7", index=cli_index, check=False)
-    assert bad_option.returncode == 2
+    for bad in ("7", "0", "-0.5"):  # a copy probability lies in (0, 1]
+        bad_option = neardup("dups", "--threshold", bad, index=cli_index, check=False)
+        assert bad_option.returncode == 2 and "Traceback" not in bad_option.stderr
     no_index = neardup("dups", "--index", tmp_path / "empty", check=False)
     assert no_index.returncode == 1 and no_index.stderr.startswith("neardup: error: no index at")
     assert "Traceback" not in no_index.stderr and len(no_index.stderr.strip().splitlines()) == 1
@@ -207,19 +209,19 @@ def test_a_folder_indexed_again_through_a_symlink_is_not_a_copy_of_itself(tmp_pa
 
 
 def test_dups_names_the_score_it_thresholds_as_the_page_does(full_index):
-    """Issue 19 #2: one score, one name everywhere: groups read 'collection-aware score a–b, cosine c–d' in
-    an index large enough for collection-aware scores, and only 'cosine' under --cosine."""
+    """Issue 19 #2 and issue 22 part 4: one score, one name everywhere: groups read 'copy probability a–b,
+    cosine c–d', and the summary names the raw score the probability is of."""
     from click.testing import CliRunner
 
     from neardup.cli import main
 
     aware = CliRunner().invoke(main, ["dups", "--index", str(full_index.root)])
     assert aware.exit_code == 0, aware.output
-    assert "collection-aware score" in aware.output.splitlines()[0] and ", cosine " in aware.output.splitlines()[0]
-    assert f"(collection-aware score >= {DEFAULT_THRESHOLD})" in aware.output
+    first = aware.output.splitlines()[0]
+    assert ", copy probability " in first and ", cosine " in first
+    assert f"(copy probability >= {DEFAULT_THRESHOLD}, from the collection-aware score)" in aware.output
     plain = CliRunner().invoke(main, ["dups", "--index", str(full_index.root), "--cosine"])
-    assert plain.exit_code == 0 and "collection-aware" not in plain.output
-    assert plain.output.splitlines()[0].split(", ")[1].startswith("cosine ")
+    assert plain.exit_code == 0 and f"(copy probability >= {DEFAULT_THRESHOLD}, from the cosine)" in plain.output
 
 
 def test_an_index_of_the_imagenet_descriptor_is_refused_with_a_rebuild_line(tmp_path, collection, embedder):

@@ -177,19 +177,22 @@ def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypat
     """Ray runs the crowded files' join (the pairs no k-NN list holds: two bursts of 40 near-identical
     vectors bridged at cosine ~0.8), one task per block of rows; the listed pairs and b come from the
     stored graph: the local pairs and groups, which are the exact path's."""
-    from conftest import write_index
+    from conftest import copy_probability, write_index
     from test_graph import crowded
 
     from neardup import graph as knn
 
     monkeypatch.setattr(knn, "PAIR_BLOCK", 32)  # several tasks
     write_index(tmp_path / "idx", crowded(seed=2))
-    threshold = 0.58  # the bridge's score: cosine 0.8 - B_MAX + OFFSET = 0.60
+    from neardup import calibration
+
+    raw = 0.58  # under the bridge's score: cosine 0.8 - B_MAX + OFFSET = 0.60
+    threshold = copy_probability(raw, aware=not plain)
     with Index.open(tmp_path / "idx") as index:
         snap = index.snapshot()
         found = distributed.duplicates(index, threshold, collection_aware=not plain)
         a, b, scores = found.pairs
-        local = index.graph_pairs(threshold, aware=not plain)
+        local = index.graph_pairs(calibration.raw_threshold(threshold, not plain), aware=not plain)
         assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
         assert _pair_set(snap, a, b) == _pair_set(snap, *local[:2])
         local_scores = {(i, j): s for i, j, s in zip(*(x.tolist() for x in local))}

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import write_index
+from conftest import copy_probability, write_index
 
 from neardup import graph as knn
 from neardup import lsh, neighbourhood
 from neardup.index import Index, stored_graph
 from neardup.store import Store
+
+#: The copy probability `dups` links pairs of collection-aware score 0.7 at.
+SCORE_07 = copy_probability(0.7, aware=True)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -165,8 +168,9 @@ def crowded(seed: int) -> np.ndarray:
 def test_dups_over_the_graph_links_what_the_exact_path_links(tmp_path, threshold, plain):
     write_index(tmp_path / "idx", crowded(seed=2))
     with Index.open(tmp_path / "idx") as index:
-        over_graph = index.duplicates(threshold, collection_aware=not plain)
-        exact = index.duplicates(threshold, exact=True, collection_aware=not plain)
+        probability = copy_probability(threshold, aware=not plain)
+        over_graph = index.duplicates(probability, collection_aware=not plain)
+        exact = index.duplicates(probability, exact=True, collection_aware=not plain)
         assert {tuple(g.files) for g in over_graph} == {tuple(g.files) for g in exact}
         # the two crowded bursts are one group through pairs at cosine ~0.8 that no list holds (the
         # collection-aware score of such a pair: 0.8 - B_MAX + OFFSET = 0.60)
@@ -196,13 +200,13 @@ def test_index_keeps_the_graph_current_and_a_new_process_reads_it(tmp_path, monk
         graph = index.graph()
         assert knn.current(graph, snap.ids, snap.stamps)
         assert_true_lists(graph, lsh.normalise_rows(snap.vectors(dtype=None)))
-        assert index.duplicates(0.7) == index.duplicates(0.7, exact=True)
+        assert index.duplicates(SCORE_07) == index.duplicates(SCORE_07, exact=True)
         index.remove(["/v/0", "/v/1"])  # the next writer saves it
     with Store.open(root) as store:
         snap = store.snapshot()
         assert len(snap) == 398 and knn.current(stored_graph(store), snap.ids, snap.stamps)
     with Index.open(root) as index:
-        assert index.duplicates(0.7) == index.duplicates(0.7, exact=True)
+        assert index.duplicates(SCORE_07) == index.duplicates(SCORE_07, exact=True)
 
     def computed(*args, **kwargs):
         raise AssertionError("dups computed a neighbourhood the index keeps")
@@ -210,7 +214,7 @@ def test_index_keeps_the_graph_current_and_a_new_process_reads_it(tmp_path, monk
     for name in ("_scan", "_clustered_rows", "build"):  # a fresh reader of a current graph only reads it
         monkeypatch.setattr(knn, name, computed)
     with Index.open(root) as index:
-        assert len(index.duplicates()) > 0 and len(index.duplicates(0.7)) > 0
+        assert len(index.duplicates()) > 0 and len(index.duplicates(SCORE_07)) > 0
 
 
 def test_only_its_own_graph_files_are_swept(tmp_path):

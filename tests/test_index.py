@@ -15,7 +15,7 @@ from neardup.index import DEFAULT_THRESHOLD, Index, ModelMismatch, query_bits
 from neardup.models.efficientnet_lite0 import TorchEmbedder
 from neardup.store import Store
 
-from conftest import PEER_DATA, needs_peer_data
+from conftest import PEER_DATA, copy_probability, needs_peer_data
 
 #: A fine texture rotated with black corners is the known weak spot of the descriptor (docs/LIMITS.md,
 #: "Known limits": gravel__rotate5 scores 0.50 against its original); every other copy must group.
@@ -59,8 +59,8 @@ def test_dups_groups_each_copy_with_its_original_and_never_merges_photos(collect
     groups = full_index.duplicates(DEFAULT_THRESHOLD)
     for group in groups:
         assert len({name_of[f] for f in group.files}) == 1, f"different photos merged: {group.files}"
-        # scores are collection-aware here (128 files): they may exceed 1; the cosines may not
-        assert DEFAULT_THRESHOLD <= group.min_score <= group.max_score
+        # scores are copy probabilities (of the collection-aware score here: 128 files)
+        assert DEFAULT_THRESHOLD <= group.min_score <= group.max_score <= 1.0
         assert group.min_cosine <= group.max_cosine <= 1.0001
     group_of = {f: i for i, g in enumerate(groups) for f in g.files}
     for copy in collection["copies"]:
@@ -71,7 +71,7 @@ def test_dups_groups_each_copy_with_its_original_and_never_merges_photos(collect
 
 
 def test_lsh_duplicates_equal_exact_duplicates(full_index):
-    for threshold in (0.6, DEFAULT_THRESHOLD, 0.9):
+    for threshold in (copy_probability(0.45, aware=True), DEFAULT_THRESHOLD, copy_probability(0.7, aware=True)):
         lsh = full_index.duplicates(threshold)
         exact = full_index.duplicates(threshold, exact=True)
         assert [g.files for g in lsh] == [g.files for g in exact]

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from neardup import neighbourhood
+from neardup import calibration, neighbourhood
 from neardup.index import DEFAULT_THRESHOLD, Index
 
 from conftest import PEER_DATA, needs_peer_data
@@ -54,9 +54,9 @@ def test_dups_with_backgrounds_of_paired_files_only_equals_the_brute_force_oracl
     a, c = np.triu_indices(len(v), 1)
     cosines = np.einsum("ij,ij->i", v[a], v[c])
     scores = neighbourhood.normalised(cosines, b[a], b[c])
-    keep = scores >= DEFAULT_THRESHOLD
+    keep = scores >= calibration.raw_threshold(DEFAULT_THRESHOLD, aware=True)
     oracle = sorted(sorted(snap.paths[m] for m in g.members)
-                    for g in group_pairs(a[keep], c[keep], scores[keep], cosines[keep]))
+                    for g in group_pairs(a[keep], c[keep], calibration.probability(scores[keep], True), cosines[keep]))
     assert len(oracle) >= 10
     for exact in (True, False):
         found = sorted(sorted(g.files) for g in full_index.duplicates(DEFAULT_THRESHOLD, exact=exact))
@@ -80,8 +80,9 @@ def test_small_collections_keep_plain_cosine(tmp_path, photo_folder, embedder):
         index.add([photo_folder])
         n = len(index.snapshot())
         assert not neighbourhood.applies(n)
-        for group in index.duplicates():
-            assert group.min_score == group.min_cosine and group.max_score == group.max_cosine
+        for group in index.duplicates():  # the copy probability of the plain cosine
+            assert group.min_score == pytest.approx(float(calibration.probability(group.min_cosine, False)))
+            assert group.max_score == pytest.approx(float(calibration.probability(group.max_cosine, False)))
 
 
 @needs_peer_data
@@ -108,7 +109,10 @@ def test_dups_cosine_flag_thresholds_the_plain_cosine(full_index):
         return json.loads(result.output)["groups"]
 
     aware, plain = groups(), groups("--cosine")
-    assert plain and all(g["min_score"] == g["min_cosine"] for g in plain)
-    assert any(g["min_score"] != g["min_cosine"] for g in aware)
+    def of_cosine(g) -> bool:
+        return g["min_score"] == pytest.approx(float(calibration.probability(g["min_cosine"], False)), abs=1e-6)
+
+    assert plain and all(of_cosine(g) for g in plain)
+    assert not all(of_cosine(g) for g in aware)
     expected = sorted(sorted(g.files) for g in full_index.duplicates(DEFAULT_THRESHOLD, collection_aware=False))
     assert sorted(sorted(g["files"]) for g in plain) == expected

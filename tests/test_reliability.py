@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tree_hashes
+from conftest import copy_probability, tree_hashes
+
+#: A strict `dups` threshold: the copy probability of collection-aware score 0.8.
+STRICT = round(copy_probability(0.8, aware=True), 4)
 
 from neardup import actions
 from neardup import graph as knn
@@ -207,12 +210,12 @@ def test_sigkill_at_20_points_across_index_remove_compact_and_an_applied_action(
         return case / "photos", case / "idx", case / "moved"
 
     user, root, moved = action_case()
-    move = ["dups", "--index", root, "--threshold", "0.8", "--action", "move", "--to", moved, "--apply"]
+    move = ["dups", "--index", root, "--threshold", str(STRICT), "--action", "move", "--to", moved, "--apply"]
     total = io_calls(run_child(move))
     for kill_at in sorted(rng.sample(range(1, total + 1), 7)):
         user, root, moved = action_case()
         before = tree_hashes(user)
-        move = ["dups", "--index", root, "--threshold", "0.8", "--action", "move", "--to", moved, "--apply"]
+        move = ["dups", "--index", root, "--threshold", str(STRICT), "--action", "move", "--to", moved, "--apply"]
         result = run_child(move, kill_at)
         outcomes.append(("move", kill_at, total, killed(result)))
         check_store(root)
@@ -232,8 +235,8 @@ def test_sigkill_at_20_points_across_index_remove_compact_and_an_applied_action(
         state = check_store(root, write=True)
         assert all(os.path.exists(p) for p in state["paths"])  # the index points only at real files
         with Index.open(root, embedder=embedder) as index:
-            assert index.duplicates(0.8) == [] or all(
-                sum(not p.startswith(str(moved)) for p in g.files) == 1 for g in index.duplicates(0.8))
+            assert index.duplicates(STRICT) == [] or all(
+                sum(not p.startswith(str(moved)) for p in g.files) == 1 for g in index.duplicates(STRICT))
         for manifest in sorted((root / "actions").glob("*.json"), reverse=True):
             actions.undo(manifest)
         assert tree_hashes(user) == before and not [f for _, _, f in os.walk(moved) if f]
@@ -337,7 +340,7 @@ def test_real_full_disk_during_index_and_action(small_disk, tmp_path, photos, em
     photos = subset
     before = tree_hashes(photos)
     with Index.open(index_root) as index:
-        plan = actions.make_plan(index_root, index.duplicates(0.8), "move", to=small_disk / "moved", threshold=0.8)
+        plan = actions.make_plan(index_root, index.duplicates(STRICT), "move", to=small_disk / "moved", threshold=STRICT)
     plan = actions.apply_plan(plan)
     failed = [e for e in plan.entries if e.status == "skipped"]
     assert failed and all("No space left on device" in e.reason for e in failed)
@@ -450,7 +453,7 @@ def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, photos, embe
                         seen.setdefault(path, vector)
                     for match in index.query_vector(probe, k=5):
                         seen.setdefault(match.path, None)
-                    index.duplicates(0.8)
+                    index.duplicates(STRICT)
                 except Exception as exc:  # noqa: BLE001 (any failure of a reader is the finding)
                     problems.append(repr(exc))
 

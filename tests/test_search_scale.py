@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from conftest import write_index
+from conftest import copy_probability, write_index
 
-from neardup import lsh
+from neardup import calibration, lsh
 from neardup.index import LSH_SEED, NUM_TABLES, STORED_BITS, Index
 from neardup.store import Record, Store, StoreError
 
@@ -169,8 +169,8 @@ def test_query_recall_of_planted_copies_against_exact_oracle(tmp_path, cone):
 
 def test_duplicates_equal_exact_oracle_on_planted_data(tmp_path):
     index, vectors, _ = planted_index(tmp_path, 6_000, 128, 600, seed=9, cone=True)
-    lsh_groups = index.duplicates(0.68)
-    exact_groups = index.duplicates(0.68, exact=True)
+    lsh_groups = index.duplicates(copy_probability(0.68, aware=True))
+    exact_groups = index.duplicates(copy_probability(0.68, aware=True), exact=True)
     index.close()
     assert len(exact_groups) >= 550
     exact_sets = {tuple(g.files) for g in exact_groups}
@@ -202,12 +202,14 @@ def test_segments_store_float16_and_scores_stay_exact_for_identical_vectors(tmp_
             top = index.query_vector(vectors[0], k=2, exact=exact)
             assert {m.path for m in top} == {"/v/0", "/v/50"}
             assert all(m.score == pytest.approx(1.0, abs=1e-6) for m in top)
-        groups = index.duplicates(0.99)
-        assert [g.files for g in groups] == [["/v/0", "/v/50"]] and groups[0].max_score <= 1.0 + 1e-6
+        groups = index.duplicates(1.0)
+        assert [g.files for g in groups] == [["/v/0", "/v/50"]] and groups[0].max_score == 1.0
+        assert groups[0].max_cosine == pytest.approx(1.0, abs=1e-6)
 
 
 def brute_force_groups(vectors: np.ndarray, threshold: float) -> set[tuple[str, ...]]:
-    """Every pair scored as `dups` scores it, with every file's exact b: the oracle, independent of Index."""
+    """Every pair scored as `dups` scores it, with every file's exact b, linked at the raw score
+    `threshold`: the oracle, independent of Index."""
     from neardup import neighbourhood
     from neardup.groups import group_pairs
 
@@ -242,8 +244,8 @@ def test_collection_aware_dups_agree_with_the_brute_force_oracle_in_both_graph_r
         monkeypatch.setattr(knn, "EXACT_MAX", 5_000)
     n = 12_000
     index, vectors, _ = planted_index(tmp_path, n, 128, n // 10, seed=9, cone=True)
-    threshold = 0.73
-    oracle = brute_force_groups(vectors, threshold)
+    threshold = copy_probability(0.73, aware=True)
+    oracle = brute_force_groups(vectors, calibration.raw_threshold(threshold, aware=True))
     graph_sets = {tuple(sorted(g.files)) for g in index.duplicates(threshold)}
     assert index.graph().exact != clustered
     exact_after = {tuple(sorted(g.files)) for g in index.duplicates(threshold, exact=True)}  # same Index: its cache

@@ -24,6 +24,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
+from conftest import copy_probability
 from webserver import serve_in_thread
 
 from neardup.cli import main
@@ -36,6 +37,9 @@ from neardup.web.thumbnails import ThumbnailCache
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "correct-horse-battery"
+
+#: A `dups` threshold: the copy probability of collection-aware score 0.65 (0.995, stricter than the default).
+AT_065 = round(copy_probability(0.65, aware=True), 4)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +148,8 @@ def test_upload_size_is_capped_whatever_content_length_says(full_index, tmp_path
 # ---- duplicates, images, compare, stats -----------------------------------------------------------------
 
 def test_duplicates_pages_cover_every_group_once(client, full_index):
-    expected = full_index.duplicates(0.65)
-    first = client.get("/api/duplicates", params={"threshold": 0.65, "per_page": 5})
+    expected = full_index.duplicates(AT_065)
+    first = client.get("/api/duplicates", params={"threshold": AT_065, "per_page": 5})
     assert first.status_code == 200, first.text
     jsonschema.validate(first.json(), DUPS_PAGE)
     assert first.json()["total_groups"] == len(expected) >= 10
@@ -153,14 +157,14 @@ def test_duplicates_pages_cover_every_group_once(client, full_index):
     assert first.json()["total_files"] == sum(len(g.ids) for g in expected)
     seen = []
     for page in range(1, first.json()["pages"] + 1):
-        body = client.get("/api/duplicates", params={"threshold": 0.65, "per_page": 5, "page": page}).json()
+        body = client.get("/api/duplicates", params={"threshold": AT_065, "per_page": 5, "page": page}).json()
         jsonschema.validate(body, DUPS_PAGE)
         seen += [(g["number"], [i["id"] for i in g["images"]]) for g in body["groups"]]
     assert seen == [(n, g.ids) for n, g in enumerate(expected, 1)]
-    beyond = client.get("/api/duplicates", params={"threshold": 0.65, "per_page": 5, "page": 999}).json()
+    beyond = client.get("/api/duplicates", params={"threshold": AT_065, "per_page": 5, "page": 999}).json()
     assert beyond["groups"] == [] and beyond["total_groups"] == len(expected)
-    strict = client.get("/api/duplicates", params={"threshold": 0.99}).json()
-    assert strict["total_files"] < first.json()["total_files"]  # only the near-identical copies remain
+    strict = client.get("/api/duplicates", params={"threshold": 1.0}).json()
+    assert strict["total_files"] < first.json()["total_files"]  # only the closest copies remain
     default = client.get("/api/duplicates").json()
     assert default["threshold"] == DEFAULT_THRESHOLD and default["page"] == 1
 
@@ -250,12 +254,14 @@ def test_compare_gives_the_cosine_of_two_images(client, full_index, collection):
     # issue 19 #2: the score `dups` links by, named as `dups` names it (this index is collection-aware)
     from neardup import neighbourhood
 
-    assert body["score_name"] == "collection-aware score" and neighbourhood.applies(full_index.stats()["images"])
+    from neardup import calibration
+
+    assert body["score_name"] == "copy probability" and neighbourhood.applies(full_index.stats()["images"])
     snap = full_index.snapshot()
     positions = np.searchsorted(snap.ids, [a.id, b.id])
     backgrounds = full_index.backgrounds(positions, exact=True)[positions]
-    expected = body["cosine"] - backgrounds.mean() + neighbourhood.OFFSET
-    assert body["score"] == pytest.approx(expected, abs=1e-4)
+    raw = body["cosine"] - backgrounds.mean() + neighbourhood.OFFSET
+    assert body["score"] == pytest.approx(float(calibration.probability(raw, True)), abs=1e-3)
     group = next(g for g in full_index.duplicates() if a.id in g.ids)  # the pair is one of coffee's group's links
     assert b.id in group.ids and group.min_score - 1e-4 <= body["score"] <= group.max_score + 1e-4
     assert [i["id"] for i in body["images"]] == [a.id, b.id]
@@ -532,8 +538,8 @@ def test_concurrent_searches_complete_without_error(app, collection):
 def test_html_report_is_self_contained(full_index, tmp_path):
     out = tmp_path / "mail" / "report.html"
     out.parent.mkdir()
-    summary = html_report(full_index, out, 0.65, thumb_size=96)
-    groups = full_index.duplicates(0.65)
+    summary = html_report(full_index, out, AT_065, thumb_size=96)
+    groups = full_index.duplicates(AT_065)
     assert (summary.groups, summary.files, summary.unreadable) == (len(groups), sum(len(g.ids) for g in groups), 0)
     text = out.read_text()
     assert list(out.parent.iterdir()) == [out]  # one file: it can be mailed
@@ -570,19 +576,20 @@ def test_query_plot_writes_the_figure(full_index, collection, tmp_path):
 
 def test_search_and_duplicates_say_which_score_links_and_where_copies_stop(client, collection, full_index):
     """Issue 19 #2: every match carries the score `dups` would link it by and whether that makes it a copy
-    at the dups threshold; the duplicates page names its score and the slider's whole range (up to 1.10)."""
+    at the dups threshold; the duplicates page names its score (a copy probability) and its whole range."""
     query = copy_of(collection, "coffee", "flip")
     body = client.post("/api/search", params={"k": 30}, files={"file": (query.name, query.read_bytes(), "image/jpeg")}).json()
     jsonschema.validate(body, QUERY)
-    assert body["score_name"] == "collection-aware score" and body["dups_threshold"] == DEFAULT_THRESHOLD
+    assert body["score_name"] == "copy probability" and body["dups_threshold"] == DEFAULT_THRESHOLD
     matches = body["results"][0]["matches"]
     assert matches[0]["copy"] and not matches[-1]["copy"]
     for match in matches:
-        assert match["copy"] == (match["dups_score"] is not None and match["dups_score"] >= DEFAULT_THRESHOLD)
+        assert match["copy"] == (match["dups_score"] >= DEFAULT_THRESHOLD) and 0 <= match["dups_score"] <= 1
     copies = [m for m in matches if m["copy"]]
     group = next(g for g in full_index.duplicates() if matches[0]["id"] in g.ids)
     assert {m["id"] for m in copies} <= set(group.ids) | {matches[0]["id"]}
-    page = client.get("/api/duplicates", params={"threshold": 1.08}).json()
+    page = client.get("/api/duplicates", params={"threshold": 1.0}).json()
     jsonschema.validate(page, DUPS_PAGE)
-    assert page["score_name"] == "collection-aware score" and page["max_threshold"] == pytest.approx(1.10)
-    assert client.get("/api/duplicates", params={"threshold": 1.11}).status_code == 422
+    assert page["score_name"] == "copy probability" and page["max_threshold"] == 1.0
+    assert all(g["min_score"] == 1.0 for g in page["groups"])
+    assert client.get("/api/duplicates", params={"threshold": 1.01}).status_code == 422

@@ -20,7 +20,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from conftest import build_library, restored_library, tree_hashes
+from conftest import build_library, copy_probability, restored_library, tree_hashes
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
@@ -32,7 +32,7 @@ from neardup.schemas import ACTION_PLAN, ACTION_RUN, ACTION_RUNS, ERROR
 from neardup.store import Store
 from neardup.web.app import create_app
 
-THRESHOLD = 0.8
+THRESHOLD = round(copy_probability(0.8, aware=True), 4)  # a strict copy probability
 KEEP = "pixels,oldest"  # the full-size originals in photos/a survive
 TOKEN = "actions-test-token"
 

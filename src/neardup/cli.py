@@ -53,6 +53,9 @@ index_option = click.option(
     show_default=True, help="Index folder (env NEARDUP_INDEX).",
 )
 threshold_help = "Keep only matches with cosine similarity >= T (1.0 = identical pixels)."
+dups_threshold_help = ("Link pairs whose copy probability is >= T, in (0, 1]: the share of true copies among pairs "
+                       "scoring as high in neardup's evaluation sets (docs/SCORES.md). The score behind it is "
+                       f"collection-aware in an index of {neighbourhood.MIN_FILES} files or more, else the cosine.")
 
 
 def embedder_options(command):
@@ -230,9 +233,8 @@ def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend
 
 @main.command("dups")
 @index_option
-@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1.5),
-              help="Link pairs whose score is >= T: the collection-aware score in an index of "
-                   f"{neighbourhood.MIN_FILES} files or more (docs/SCORES.md), else the cosine.")
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help=dups_threshold_help)
 @click.option("--cosine", "plain_cosine", is_flag=True, help="Threshold the plain cosine, whatever the index's size.")
 @click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: neardup.schemas.DUPS).")
@@ -287,14 +289,15 @@ def dups_command(index_dir, threshold, plain_cosine, exact, as_json, as_csv, act
             for path in g.files:
                 writer.writerow([number, path, f"{g.min_score:.6f}", f"{g.max_score:.6f}"])
     else:
-        # the words the page uses: the score the threshold applies to, named for what it is
+        # the words the page uses: the copy probability the threshold applies to, and the score it reads
         for number, g in enumerate(groups, 1):
-            scores = f"collection-aware score {g.min_score:.3f}–{g.max_score:.3f}, " if aware else ""
-            click.echo(f"group {number}: {len(g.files)} files, {scores}cosine {g.min_cosine:.3f}–{g.max_cosine:.3f}")
+            click.echo(f"group {number}: {len(g.files)} files, copy probability {g.min_score:.3f}–{g.max_score:.3f}, "
+                       f"cosine {g.min_cosine:.3f}–{g.max_cosine:.3f}")
             for path in g.files:
                 click.echo(f"  {path}")
-        name = "collection-aware score" if aware else "cosine"
-        click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files ({name} >= {threshold})", err=True)
+        basis = "collection-aware score" if aware else "cosine"
+        click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files "
+                   f"(copy probability >= {threshold}, from the {basis})", err=True)
 
 
 def _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv) -> None:
@@ -490,7 +493,8 @@ def serve_command(index_dir, host, port, token, max_upload_mb, upload_timeout, a
 @main.command("report")
 @index_option
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
-@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1), help=threshold_help)
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help=dups_threshold_help)
 @click.option("--exact", is_flag=True, help="Compare every pair (slow, O(n²)) instead of LSH candidate pairs.")
 @click.option("--thumb-size", default=200, show_default=True, type=click.IntRange(32, 1024), help="Thumbnail side in pixels.")
 @click.option("--thumbs-beside", is_flag=True,
@@ -643,7 +647,8 @@ def eval_build_command(out, seed, sources, no_download, max_originals) -> None:
 @eval_group.command("run")
 @click.argument("set_path", metavar="SET", type=click.Path(exists=True))
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Results kept per query.")
-@click.option("--threshold", type=click.FloatRange(-1, 1), help="dups threshold to score (default: the default).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True),
+              help="dups threshold (copy probability) to score (default: the default).")
 @click.option("--no-baselines", is_flag=True, help="Skip the seed recipe and pHash.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result (schema neardup.schemas.EVAL_RESULT).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write precision-recall curves (PNG).")

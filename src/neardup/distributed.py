@@ -44,6 +44,7 @@ from .index import (
     _prepare_bytes,
     _prepare_file,
     duplicate_groups,
+    raw_threshold,
 )
 from .store import Record
 from .errors import RayError  # noqa: F401 (re-exported)
@@ -334,12 +335,13 @@ def duplicates(index: Index, threshold: float, *, collection_aware: bool = True)
         parts = ray.get([task.remote(ref, first, rows, cosine) for first, rows in blocks])
         return tuple(np.concatenate(p) for p in zip(*parts)) if parts else _no_pairs()
 
+    raw = raw_threshold(threshold, aware)
     try:
-        a, b, s = index.graph_pairs(threshold, aware=aware, snapshot=snap, join=join)
+        a, b, s = index.graph_pairs(raw, aware=aware, snapshot=snap, join=join)
         backgrounds = neighbourhood.backgrounds(index.graph(snap).kth()) if aware else None
     except NeardupError as exc:
         raise RayError(str(exc)) from None
-    groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, threshold=threshold)
+    groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, raw=raw)
     return DuplicateSearch(groups, (a, b, s), tasks["blocks"])
 
 

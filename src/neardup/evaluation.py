@@ -13,7 +13,8 @@ JSON file itself. The run indexes the gallery with the public Index API, searche
   precision/recall (a predicted pair is two files in one group; a true pair is an original and its copy,
   or two copies of one original; two distractors with the same `source`, tiles of one image, are a pair
   counted neither way), and per edit kind the fraction of copies grouped with their original; pairs are
-  scored as `dups` scores them (collection-aware, neardup.neighbourhood, in a set of MIN_FILES or more);
+  scored as `dups` scores them (the copy probability, neardup.calibration, of the collection-aware
+  score, neardup.neighbourhood, in a set of MIN_FILES or more, else of the cosine);
 * the threshold, per method, that keeps group-pair precision >= TARGET_PRECISION on this set.
 
 Baselines, scored identically: the seed's published recipe (8-bit codes x 10 tables from random
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import neighbourhood
+from . import calibration, neighbourhood
 from .benchmark_set import TRUTH_FILE
 
 from .errors import EvalSetError, NeardupError  # noqa: F401 (re-exported)
@@ -413,9 +414,11 @@ def run(set_path: str | os.PathLike, *, k: int = 10, baselines: bool = True, thr
     # neardup: exact search ranks and cosine pairs
     allvec = np.concatenate([gvec, qvec])
     a, b, s = pairs_above(_masked(allvec, all_ok), PAIR_FLOOR["neardup"])
-    if neighbourhood.applies(int(all_ok.sum())):  # the score `dups` thresholds (see neighbourhood)
+    aware = neighbourhood.applies(int(all_ok.sum()))
+    if aware:  # the raw score `dups` reads (see neighbourhood), then its copy probability (calibration)
         backgrounds = neighbourhood.backgrounds(neighbourhood.kth_exact(_masked(allvec, all_ok)))
         s = neighbourhood.normalised(s, backgrounds[a], backgrounds[b])
+    s = calibration.probability(s, aware)
     curve = group_pair_curve(a, b, s, labels, parts)
     methods["neardup"] = _method_result(ranked["exact"], truths, edits, k, curve, threshold)
     methods["neardup"]["lsh_search"] = ranking_metrics(ranked["lsh"], truths, k)

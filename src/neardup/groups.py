@@ -13,7 +13,7 @@ class Group:
 
     Every member has at least one partner in the group with score >= min_score; members are not
     guaranteed to be that close to *every* other member (groups are connected components). The score is
-    the one the threshold applied to (cosine, or the collection-aware score of neardup.neighbourhood);
+    the one the threshold applied to (`Index.duplicates` gives copy probabilities, neardup.calibration);
     min_cosine / max_cosine are the plain cosines of the same links.
     """
 

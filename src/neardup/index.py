@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import graph as knn, lsh, neighbourhood
+from . import calibration, graph as knn, lsh, neighbourhood
 from .files import FileCheckError, open_regular, same_file
 from .groups import group_pairs
 from .images import NOT_UTF8, ImageError, discover, load_image, printable_path
@@ -33,13 +33,13 @@ from .errors import ModelMismatch, NeardupError  # noqa: F401 (re-exported)
 DEFAULT_INDEX_DIR = ".neardup"
 #: Images per model call on a CPU (an embedder with a `batch` attribute, the GPU one, brings its own).
 DEFAULT_BATCH = 32
-#: Default `duplicates` threshold, on the collection-aware score (neighbourhood; plain cosine below
-#: neighbourhood.MIN_FILES files), calibrated with `neardup eval` (docs/SCORES.md) for the copy-trained
-#: descriptor: the lowest threshold whose groups keep pairwise precision >= 0.99 is 0.520 / 0.465 on the sets
-#: built with seeds 1 / 2 (plain cosine: 0.517 / 0.497), rounded up; checked on seeds 3-6 through int8 and
-#: torch fp32, precision >= 0.999 on every one (benchmarks/tune_scores.py). Re-calibrate if the
-#: descriptor, backend or score changes.
-DEFAULT_THRESHOLD = 0.52
+#: Default `duplicates` threshold: a copy probability (neardup.calibration: the share of true copies among
+#: the pairs whose raw score, collection-aware or plain cosine, is as high). 0.97 is the collection-aware
+#: score 0.523 and the plain cosine 0.514, where the lowest raw thresholds whose groups keep pairwise
+#: precision >= 0.99 on the `neardup eval` sets of seeds 1 / 2 are 0.520 / 0.465 (plain cosine:
+#: 0.517 / 0.497). Checked on seeds 3-6: precision >= 0.999 on every one (benchmarks/calibrate_scores.py,
+#: docs/SCORES.md). Re-calibrate if the descriptor, backend or score changes.
+DEFAULT_THRESHOLD = 0.97
 #: Names of the built-in model's identities, earlier ones included (neardup.models.default_model.NAME).
 DEFAULT_MODEL_FAMILY = "efficientnet-lite0"
 NUM_TABLES = 16
@@ -75,8 +75,8 @@ class Match:
 class DuplicateGroup:
     files: list[str]
     ids: list[int]
-    # the score the threshold applied to: collection-aware (neardup.neighbourhood) in a collection of
-    # at least neighbourhood.MIN_FILES files, else cosine; min/max_cosine are the same links' cosines
+    # the weakest and strongest link's copy probability (neardup.calibration), what the threshold applied
+    # to; min/max_cosine are the same links' plain cosines
     min_score: float
     max_score: float
     min_cosine: float
@@ -398,23 +398,24 @@ class Index:
 
     def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False,
                    collection_aware: bool = True) -> list[DuplicateGroup]:
-        """Groups of indexed images linked by pairs scoring >= threshold, largest groups first.
-        The score is collection-aware (`neighbourhood`: cosine lowered by both files' K-th neighbour
-        similarity) in a collection of at least neighbourhood.MIN_FILES files, else the cosine.
+        """Groups of indexed images linked by pairs whose copy probability (neardup.calibration) is >=
+        threshold, in (0, 1]; largest groups first. The probability is that of the raw score: collection-
+        aware (`neighbourhood`: cosine lowered by both files' K-th neighbour similarity) in a collection of
+        at least neighbourhood.MIN_FILES files, else the cosine (also with `collection_aware=False`).
         Pairs and b come from the k-NN graph the index keeps (`graph_pairs`, neardup.graph), merged with
         union-find; `exact` compares every pair instead (the oracle; O(n²))."""
         self._check_threshold_model()
         state = self._search_state()  # one committed state throughout, whatever a writer commits meanwhile
         snap = state.snap
         aware = collection_aware and neighbourhood.applies(len(snap))
+        raw = raw_threshold(threshold, aware)
         if not exact:
-            a, b, scores = self._graph_pairs(state, threshold, aware)
+            a, b, cosines = self._graph_pairs(state, raw, aware)
             backgrounds = neighbourhood.backgrounds(self._graph_of(state).kth()) if aware else None
-            return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
-        join = neighbourhood.join_threshold(threshold) if aware else threshold
-        a, b, scores = _exact_pairs(snap, join)
+            return duplicate_groups(snap, a, b, cosines, backgrounds=backgrounds, raw=raw)
+        a, b, cosines = _exact_pairs(snap, neighbourhood.join_threshold(raw) if aware else raw)
         backgrounds = self.backgrounds(np.union1d(a, b), exact=True, snapshot=snap) if aware else None
-        return duplicate_groups(snap, a, b, scores, backgrounds=backgrounds, threshold=threshold)
+        return duplicate_groups(snap, a, b, cosines, backgrounds=backgrounds, raw=raw)
 
     def graph(self, snapshot: Snapshot | None = None) -> knn.Graph:
         """The k-NN graph (neardup.graph) of the current images: the one `index` stored, brought up to date
@@ -438,7 +439,8 @@ class Index:
     def graph_pairs(self, threshold: float, *, aware: bool, snapshot: Snapshot | None = None,
                     join: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every pair (snapshot positions a < b, cosine) that can link at `threshold`: the pairs the graph
+        """Every pair (snapshot positions a < b, cosine) that can link at the raw score `threshold` (see
+        raw_threshold; a probability is `duplicates`' threshold, not this one): the pairs the graph
         lists at the join cosine, plus the pairs no list can hold. A pair is missing from both lists only
         when each file has KEEP neighbours at least as close; such a pair links only if its cosine c
         reaches c* = the threshold (plain cosine) or max(COSINE_FLOOR, threshold + B_MAX - OFFSET) (the
@@ -660,19 +662,31 @@ def query_bits(n: int) -> int:
     return min(lsh.MAX_TABLE_BITS, max(8, math.ceil(math.log2(max(n, 2)))))
 
 
-def duplicate_groups(snap: Snapshot, a: np.ndarray, b: np.ndarray, scores: np.ndarray, *,
-                     backgrounds: np.ndarray | None = None, threshold: float | None = None) -> list[DuplicateGroup]:
+def raw_threshold(probability: float, aware: bool) -> float:
+    """The raw score (collection-aware, or plain cosine) a pair needs to reach copy probability
+    `probability`; NeardupError outside (0, 1]."""
+    try:
+        return calibration.raw_threshold(probability, aware)
+    except ValueError as exc:
+        raise NeardupError(str(exc)) from None
+
+
+def duplicate_groups(snap: Snapshot, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, *,
+                     backgrounds: np.ndarray | None = None, raw: float | None = None) -> list[DuplicateGroup]:
     """Verified pairs (snapshot positions, cosines) merged into groups of paths and catalog ids, largest
-    first. With `backgrounds` the pairs are scored collection-aware and those under `threshold` dropped."""
-    cosines = scores
-    if backgrounds is not None:
+    first, each link scored by its copy probability. With `backgrounds` the pairs are scored
+    collection-aware and those under the raw score `raw` dropped; without, they are plain-cosine pairs
+    already at the threshold."""
+    aware = backgrounds is not None
+    scores = cosines
+    if aware:
         scores = neighbourhood.normalised(cosines, backgrounds[a], backgrounds[b])
-        keep = scores >= threshold
+        keep = scores >= raw
         a, b, scores, cosines = a[keep], b[keep], scores[keep], cosines[keep]
     return [
         DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members],
                        g.min_score, g.max_score, g.min_cosine, g.max_cosine)
-        for g in group_pairs(a, b, scores, cosines)
+        for g in group_pairs(a, b, calibration.probability(scores, aware), cosines)
     ]
 
 

@@ -22,9 +22,10 @@ a lower cosine without letting look-alikes through. Measured on the `neardup eva
   precision is >= 0.999 on every seed and backend (recall 0.923-0.948). At 0.45 scikit-image's grass and
   gravel textures (cosine 0.473 in fp32, 0.439 in int8) link and merge two groups of 16 (precision 0.951);
   0.48 left a margin of 0.007. 0.55 (the ImageNet descriptor's floor) capped recall at 0.89-0.93.
-* OFFSET fixes the scale only (it changes no ranking): chosen so that the calibrated default threshold is
-  the same number as for plain cosine, so one `--threshold` reads the same in both regimes. For the
-  copy-trained descriptor both calibrate to 0.52 on seeds 1-2 (0.37 was the ImageNet descriptor's, at 0.67).
+* OFFSET fixes the scale only (it changes no ranking): chosen so that the raw thresholds calibrated for
+  both regimes are about the same number (0.52 on seeds 1-2 for the copy-trained descriptor; 0.37 was the
+  ImageNet descriptor's, at 0.67). Users never see it: `dups` thresholds the copy probability of the raw
+  score (neardup.calibration), fitted per regime.
 * Collections of fewer than MIN_FILES files have no meaningful K-th neighbour: plain cosine is used there
   (`applies`).
 

@@ -96,14 +96,14 @@ def html_report(index: Index, out: str | os.PathLike, threshold: float = DEFAULT
             if progress:
                 progress(done, total)
         sections.append(
-            f'<section id="group-{number}"><h2>Group {number}: {len(group.ids)} files, score '
-            f'{group.min_score:.3f}–{group.max_score:.3f}</h2><div class="grid">{"".join(figures)}</div></section>')
+            f'<section id="group-{number}"><h2>Group {number}: {len(group.ids)} files, copy probability '
+            f'{group.min_score:.3f}–{group.max_score:.3f}, cosine {group.min_cosine:.3f}–{group.max_cosine:.3f}</h2><div class="grid">{"".join(figures)}</div></section>')
     shown = f"the first {len(groups)} of {total_groups}" if len(groups) < total_groups else f"{total_groups}"
     stats = index.stats()
     document = _REPORT_TEMPLATE.format(
         title=escape(f"neardup report: {total_groups} duplicate groups"),
         summary=escape(f"{shown} groups of near-duplicate images ({total} files) among {stats['images']} indexed "
-                       f"images, threshold {threshold} (cosine similarity), index {stats['index']}, "
+                       f"images, copy probability >= {threshold}, index {stats['index']}, "
                        f"written {time.strftime('%Y-%m-%d %H:%M %Z')}."),
         body="\n".join(sections) or "<p>No duplicates at this threshold.</p>")
     out.write_text(document, encoding="utf-8")

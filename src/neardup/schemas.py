@@ -1,13 +1,15 @@
 """JSON Schemas of neardup's machine-readable outputs (`query --json`, `dups --json`, the HTTP API).
 
-Scores are cosine similarities of unit vectors, in [-1, 1]; 1.0 means identical model input.
+`query` scores are cosine similarities of unit vectors, in [-1, 1]; 1.0 means identical model input.
+`dups` scores and thresholds are copy probabilities, in [0, 1] (neardup.calibration).
 """
 
 _SCORE = {"type": "number", "minimum": -1.0001, "maximum": 1.0001}
 _THRESHOLD = {"type": ["number", "null"]}
-#: A `dups` link's score: cosine, or collection-aware (neardup.neighbourhood: cosine - mean of the two
-#: files' backgrounds + OFFSET), which lies within [-1 - 0.45 + 0.25, 1 - 0.15 + 0.25]
-_PAIR_SCORE = {"type": "number", "minimum": -1.2001, "maximum": 1.1001}
+#: A `dups` link's score: the copy probability of its raw score (neardup.calibration)
+_PAIR_SCORE = {"type": "number", "minimum": 0, "maximum": 1}
+_DUPS_THRESHOLD = {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                   "description": "copy probability a pair needs to be linked (neardup.calibration)"}
 
 QUERY = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -17,8 +19,8 @@ QUERY = {
     "additionalProperties": False,
     "properties": {
         "threshold": _THRESHOLD,
-        "score_name": {"enum": ["collection-aware score", "cosine"],
-                       "description": "the HTTP API only: the score `dups` thresholds in this index"},
+        "score_name": {"enum": ["copy probability"],
+                       "description": "the HTTP API only: what dups_score is"},
         "dups_threshold": {"type": "number", "description": "the HTTP API only: the default `dups` threshold"},
         "results": {
             "type": "array",
@@ -40,8 +42,8 @@ QUERY = {
                                 "score": _SCORE,
                                 "id": {"type": "integer", "description": "catalog id (GET /api/images/{id})"},
                                 "dups_score": {"type": ["number", "null"], "description": "the HTTP API only: the "
-                                               "score `dups` would link this pair by (see score_name); null under "
-                                               "the cosine floor (never linked)"},
+                                               "copy probability `dups` would link this pair by (0 under the "
+                                               "cosine floor: never linked)"},
                                 "copy": {"type": "boolean", "description": "the HTTP API only: dups_score reaches "
                                          "dups_threshold (`dups` would group the two)"},
                             },
@@ -60,7 +62,7 @@ DUPS = {
     "required": ["threshold", "groups"],
     "additionalProperties": False,
     "properties": {
-        "threshold": _THRESHOLD,
+        "threshold": _DUPS_THRESHOLD,
         "groups": {
             "type": "array",
             "items": {
@@ -69,9 +71,9 @@ DUPS = {
                 "additionalProperties": False,
                 "properties": {
                     "files": {"type": "array", "minItems": 2, "items": {"type": "string", "description": "absolute path"}},
-                    "min_score": {**_PAIR_SCORE, "description": "weakest verified link joining the group, in the "
-                                  "score the threshold applies to (collection-aware from 80 files, else cosine)"},
-                    "max_score": {**_PAIR_SCORE, "description": "strongest verified link in the group, same score"},
+                    "min_score": {**_PAIR_SCORE, "description": "copy probability of the weakest verified "
+                                  "link joining the group (what the threshold applies to)"},
+                    "max_score": {**_PAIR_SCORE, "description": "copy probability of the strongest link in the group"},
                     "min_cosine": {**_SCORE, "description": "lowest plain cosine among the group's links"},
                     "max_cosine": {**_SCORE, "description": "highest plain cosine among the group's links"},
                 },
@@ -157,15 +159,15 @@ DUPS_PAGE = {
     "required": ["threshold", "page", "per_page", "pages", "total_groups", "total_files", "groups"],
     "additionalProperties": False,
     "properties": {
-        "threshold": {"type": "number"},
+        "threshold": _DUPS_THRESHOLD,
         "page": {"type": "integer", "minimum": 1, "description": "1-based"},
         "per_page": {"type": "integer", "minimum": 1},
         "pages": {"type": "integer", "minimum": 0},
         "total_groups": {"type": "integer", "minimum": 0},
         "total_files": {"type": "integer", "minimum": 0, "description": "files in all groups"},
-        "score_name": {"enum": ["collection-aware score", "cosine"],
-                       "description": "what min_score/max_score (and the threshold) are in this index"},
-        "max_threshold": {"type": "number", "description": "the highest score a pair can have (1 for cosine)"},
+        "score_name": {"enum": ["copy probability"],
+                       "description": "what min_score/max_score and the threshold are"},
+        "max_threshold": {"type": "number", "description": "the highest threshold (1)"},
         "handled_hidden": {"type": "integer", "minimum": 0,
                            "description": "files left out because an applied run is done with them (handled=hide)"},
         "groups": {
@@ -177,9 +179,9 @@ DUPS_PAGE = {
                 "additionalProperties": False,
                 "properties": {
                     "number": {"type": "integer", "minimum": 1, "description": "position in the whole list"},
-                    "min_score": {**_PAIR_SCORE, "description": "weakest verified link joining the group, in the "
-                                  "score the threshold applies to (as `dups --json`)"},
-                    "max_score": {**_PAIR_SCORE, "description": "strongest verified link in the group, same score"},
+                    "min_score": {**_PAIR_SCORE, "description": "copy probability of the weakest verified "
+                                  "link joining the group (as `dups --json`)"},
+                    "max_score": {**_PAIR_SCORE, "description": "copy probability of the strongest link"},
                     "min_cosine": {**_SCORE, "description": "lowest plain cosine among the group's links"},
                     "max_cosine": {**_SCORE, "description": "highest plain cosine among the group's links"},
                     "images": {"type": "array", "minItems": 2, "items": _IMAGE},
@@ -196,10 +198,10 @@ COMPARE = {
     "required": ["score", "images"],
     "additionalProperties": False,
     "properties": {
-        "score": {"type": ["number", "null"], "minimum": -1.2001, "maximum": 1.1001,
-                  "description": "the score `dups` would link the two by (score_name); null under the cosine floor"},
+        "score": {**_PAIR_SCORE, "description": "the copy probability `dups` would link the two by (0 under the "
+                                                "cosine floor: never linked)"},
         "cosine": {**_SCORE, "description": "cosine of the two stored vectors"},
-        "score_name": {"enum": ["collection-aware score", "cosine"]},
+        "score_name": {"enum": ["copy probability"]},
         "dups_threshold": {"type": "number", "description": "the default `dups` threshold"},
         "images": {"type": "array", "minItems": 2, "maxItems": 2, "items": _IMAGE},
     },
@@ -434,9 +436,9 @@ ACTION_PLAN_REQUEST = {
     "properties": {
         "action": _ACTIONS,
         "to": {"type": ["string", "null"], "description": "move only: the folder to move into (absolute)"},
-        "threshold": {"type": ["number", "null"], "minimum": 0.4, "maximum": 1.1,
-                      "description": "groups at this threshold on the score `dups` uses (default: the index "
-                                     "default, 0.52)"},
+        "threshold": {"type": ["number", "null"], "minimum": 0.5, "maximum": 1,
+                      "description": "groups at this copy probability threshold (default: the `dups` "
+                                     "default, 0.97)"},
         "keep": {"type": "string", "description": "survivor criteria in order, comma-separated (GET /api/actions "
                                                   "lists them and the default)"},
         "keep_in": {"type": "array", "items": {"type": "string"},

@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import actions, files, schemas
 from ..errors import ActionError, IndexLocked
 from ..index import DEFAULT_THRESHOLD, DuplicateGroup, Index
-from .common import MAX_SCORE, MIN_DUPS_THRESHOLD, ApiError
+from .common import MIN_DUPS_THRESHOLD, ApiError
 
 MAX_BODY_BYTES = 1_000_000
 MAX_KEPT_PLANS = 16  # previews kept for apply; older ones answer 404 ("preview again")
@@ -49,7 +49,7 @@ class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["move", "hardlink", "delete"]
     to: str | None = None
-    threshold: float | None = Field(None, ge=MIN_DUPS_THRESHOLD, le=MAX_SCORE)
+    threshold: float | None = Field(None, ge=MIN_DUPS_THRESHOLD, le=1.0)
     keep: str = ",".join(actions.DEFAULT_KEEP)
     keep_in: list[str] = []
     exclude: list[int] = []

@@ -50,10 +50,10 @@ from ..files import FileCheckError, check_record, open_regular, sha256_of
 from ..images import ImageError, load_image
 from ..index import DEFAULT_THRESHOLD, Index, NeardupError
 from ..store import Record, StoreError
-from .common import COSINE, MAX_SCORE, MIN_DUPS_THRESHOLD, ApiError, match_scores, pair_scores, score_name
+from .common import COPY_PROBABILITY, MIN_DUPS_THRESHOLD, ApiError, match_scores, pair_scores
 from .thumbnails import ThumbnailCache
 
-__all__ = ["ApiError", "MIN_DUPS_THRESHOLD", "MAX_SCORE", "create_app", "is_loopback"]
+__all__ = ["ApiError", "MIN_DUPS_THRESHOLD", "create_app", "is_loopback"]
 
 STATIC = Path(__file__).with_name("static")
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
@@ -216,11 +216,11 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
                 job.add_done_callback(lambda _: held.release_all())
         return {"threshold": threshold, "score_name": name_of_score, "dups_threshold": DEFAULT_THRESHOLD,
                 "results": [{"query": name, "matches": [
-                    {"path": m.path, "score": round(m.score, 6), "id": m.id, "dups_score": _rounded(s),
+                    {"path": m.path, "score": round(m.score, 6), "id": m.id, "dups_score": round(s, 6),
                      "copy": bool(s >= DEFAULT_THRESHOLD)} for m, s in zip(matches, scores)]}]}
 
     @app.get("/api/duplicates")
-    def list_duplicates(threshold: float = Query(DEFAULT_THRESHOLD, ge=MIN_DUPS_THRESHOLD, le=MAX_SCORE),
+    def list_duplicates(threshold: float = Query(DEFAULT_THRESHOLD, ge=MIN_DUPS_THRESHOLD, le=1.0),
                         page: int = Query(1, ge=1, le=10**9), per_page: int = Query(50, ge=1, le=MAX_PER_PAGE),
                         handled: str = Query("show", pattern="^(show|hide)$")):
         """One page of duplicate groups, largest first (schema: neardup.schemas.DUPS_PAGE). Groups are
@@ -242,10 +242,9 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
             shown.append({"number": number, "min_score": round(group.min_score, 6),
                           "max_score": round(group.max_score, 6), "min_cosine": round(group.min_cosine, 6),
                           "max_cosine": round(group.max_cosine, 6), "images": [i for i in images if i]})
-        name = score_name(index)
         return {"threshold": threshold, "page": page, "per_page": per_page, "pages": pages,
                 "total_groups": len(groups), "total_files": sum(len(g.ids) for g in groups), "groups": shown,
-                "score_name": name, "max_threshold": 1.0 if name == COSINE else MAX_SCORE, "handled_hidden": hidden}
+                "score_name": COPY_PROBABILITY, "max_threshold": 1.0, "handled_hidden": hidden}
 
     @app.get("/api/images/{image_id}")
     def image_file(image_id: int = PathParam(ge=1, le=_MAX_ID)):
@@ -289,13 +288,13 @@ def create_app(index: Index, *, token: str | None = None, max_upload_bytes: int 
 
     @app.get("/api/compare")
     def compare(a: int = Query(ge=1, le=_MAX_ID), b: int = Query(ge=1, le=_MAX_ID)):
-        """Two images side by side: their details, the cosine of their vectors and the score `dups` would
-        link them by, named (schema: COMPARE)."""
+        """Two images side by side: their details, the cosine of their vectors and the copy probability
+        `dups` would link them by (schema: COMPARE)."""
         records = [_indexed(index, a), _indexed(index, b)]
         scores = pair_scores(index, a, b)
         if scores is None:
             raise ApiError(404, "one of the images left the index")
-        return {"score": _rounded(scores["score"]), "cosine": round(scores["cosine"], 6),
+        return {"score": round(scores["score"], 6), "cosine": round(scores["cosine"], 6),
                 "score_name": scores["score_name"], "dups_threshold": DEFAULT_THRESHOLD,
                 "images": [_image_info(r) for r in records]}
 
@@ -508,7 +507,7 @@ def _number(text: str, kind, name: str, low: float, high: float):
 
 
 def _search(index: Index, data: bytes, k: int, threshold: float | None):
-    """(matches, the name of the score `dups` links by, each match's score in it)."""
+    """(matches, the name of the score `dups` links by, each match's copy probability)."""
     try:
         decoded = load_image(data, min_side=index.embedder.input_size)
     except ImageError as exc:
@@ -516,11 +515,6 @@ def _search(index: Index, data: bytes, k: int, threshold: float | None):
     matches = index.query(decoded.image, k=k, threshold=threshold)
     name, scores = match_scores(index, lambda: index.embed(decoded.image), matches)
     return matches, name, scores
-
-
-def _rounded(score: float) -> float | None:
-    """A score for JSON: None for a pair under the cosine floor (it never links, whatever its score)."""
-    return round(score, 6) if math.isfinite(score) else None
 
 
 def _indexed(index: Index, image_id: int) -> Record:

@@ -1,25 +1,22 @@
 """What web/app.py and web/actions_api.py both use: the API error, the threshold bounds, and the scores
-the page shows with the words the CLI uses ("collection-aware score", "cosine").
+the page shows with the words the CLI uses ("copy probability", "cosine").
 
-`dups` links a pair when its score reaches the threshold; the score is collection-aware (neighbourhood)
-in an index of neighbourhood.MIN_FILES files or more, else the plain cosine. The page and the API judge a
-pair of files (Compare) and a search match with that same rule, so "a copy" means the same everywhere.
+`dups` links a pair when its copy probability (neardup.calibration) reaches the threshold; the
+probability is that of the collection-aware score (neighbourhood) in an index of
+neighbourhood.MIN_FILES files or more, else of the plain cosine. The page and the API judge a pair of
+files (Compare) and a search match with that same rule, so "a copy" means the same everywhere.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import neighbourhood
+from .. import calibration, neighbourhood
 
-#: Lowest threshold the server computes groups for: below it nearly every pair is a candidate, an
-#: O(n²) job no web request should start (the CLI's `dups` takes any threshold).
-MIN_DUPS_THRESHOLD = 0.4
-#: Highest score a pair can have: the collection-aware score of identical files in the emptiest
-#: neighbourhood (cosine 1 - B_MIN + OFFSET = 1.10); plain cosines stop at 1.
-MAX_SCORE = round(1 - neighbourhood.B_MIN + neighbourhood.OFFSET, 4)
-COLLECTION_AWARE = "collection-aware score"
-COSINE = "cosine"
+#: Lowest threshold the page offers and the server computes groups for: below it a linked pair is more
+#: likely two look-alikes than a copy (the CLI's `dups` takes any threshold in (0, 1]).
+MIN_DUPS_THRESHOLD = 0.5
+COPY_PROBABILITY = "copy probability"
 
 
 class ApiError(Exception):
@@ -31,36 +28,31 @@ class ApiError(Exception):
         self.status, self.message, self.field = status, message, field
 
 
-def score_name(index) -> str:
-    """The name of the score `dups` thresholds in this index, as the page shows it."""
-    return COLLECTION_AWARE if neighbourhood.applies(len(_snap(index))) else COSINE
-
-
 def pair_scores(index, a: int, b: int) -> dict | None:
-    """The cosine of two indexed ids and the score `dups` would link them by ({"cosine", "score",
-    "score_name"}); None unless both are indexed."""
+    """The cosine of two indexed ids and the copy probability `dups` would link them by ({"cosine",
+    "score", "score_name"}); None unless both are indexed."""
     cosine = index.similarity(a, b)
     if cosine is None:
         return None
     snap = _snap(index)
     if not neighbourhood.applies(len(snap)):
-        return {"cosine": cosine, "score": cosine, "score_name": COSINE}
+        return {"cosine": cosine, "score": float(calibration.probability(cosine, False)), "score_name": COPY_PROBABILITY}
     positions = np.searchsorted(snap.ids, [a, b])  # snapshot ids are sorted
     if (positions >= len(snap.ids)).any() or not np.array_equal(snap.ids[np.minimum(positions, len(snap.ids) - 1)], [a, b]):
         return None
     values = index.backgrounds(positions, exact=True, snapshot=snap)
-    score = float(neighbourhood.normalised(np.array([cosine]), values[positions[:1]], values[positions[1:]])[0])
-    return {"cosine": cosine, "score": score, "score_name": COLLECTION_AWARE}
+    raw = neighbourhood.normalised(np.array([cosine]), values[positions[:1]], values[positions[1:]])
+    return {"cosine": cosine, "score": float(calibration.probability(raw, True)[0]), "score_name": COPY_PROBABILITY}
 
 
 def match_scores(index, vector, matches) -> tuple[str, list[float]]:
-    """(score name, the score `dups` would give each match with the query; `vector()` gives the query's
-    vector, asked for only when the score is collection-aware). In the collection-aware
+    """(score name, the copy probability `dups` would give each match with the query; `vector()` gives
+    the query's vector, asked for only when the score is collection-aware). In the collection-aware
     regime the query's background is its cosine to its K-th nearest indexed file (an indexed copy of the
     very same pixels left out, so an upload of an indexed file scores as that file would)."""
     snap = _snap(index)
     if not neighbourhood.applies(len(snap)):
-        return COSINE, [m.score for m in matches]
+        return COPY_PROBABILITY, [float(p) for p in calibration.probability([m.score for m in matches], False)]
     near = [m.score for m in index.query_vector(vector(), neighbourhood.K + 1)]
     if near and near[0] >= 0.9999:
         near = near[1:]
@@ -70,11 +62,10 @@ def match_scores(index, vector, matches) -> tuple[str, list[float]]:
     positions = np.searchsorted(snap.ids, ids)
     known = (positions < len(snap.ids)) & (snap.ids[np.minimum(positions, len(snap.ids) - 1)] == ids)
     values = index.backgrounds(positions[known], snapshot=snap) if known.any() else None
-    scores = []
-    for m, position, ok in zip(matches, positions, known):
-        b = float(values[position]) if ok else neighbourhood.B_MAX
-        scores.append(float(neighbourhood.normalised(np.array([m.score]), np.array([b_query]), np.array([b]))[0]))
-    return COLLECTION_AWARE, scores
+    raw = [float(neighbourhood.normalised(np.array([m.score]), np.array([b_query]),
+                                          np.array([float(values[position]) if ok else neighbourhood.B_MAX]))[0])
+           for m, position, ok in zip(matches, positions, known)]
+    return COPY_PROBABILITY, [float(p) for p in calibration.probability(raw, True)]
 
 
 def _snap(index):

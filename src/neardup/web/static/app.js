@@ -7,7 +7,7 @@ const state = {
   threshold: null, page: 1, perPage: 25, pages: 1, request: 0, timer: null, loaded: false,
   queryFile: null, queryUrl: null, compareFrom: "search", compared: false, groups: [], lastMatches: null,
   actionsEnabled: false, plan: null, planId: null, planRequest: 0, exclude: new Set(), busy: false,
-  scoreName: null, dupsThreshold: 0.52, storeKey: null, saved: {},
+  scoreName: null, dupsThreshold: 0.97, storeKey: null, saved: {},
 };
 const LEFT_OUT = "left out on request (unchecked on the page)"; // the reason actions_api gives excluded files
 // what each survivor criterion (actions.KEEP_CRITERIA) means, in the page's words
@@ -46,7 +46,8 @@ function recall(indexPath) {
   state.storeKey = `neardup:${indexPath}`;
   try { state.saved = JSON.parse(localStorage.getItem(state.storeKey) || "{}") || {}; } catch (_) { state.saved = {}; }
   state.exclude = new Set(Array.isArray(state.saved.exclude) ? state.saved.exclude : []);
-  if (typeof state.saved.threshold === "number") state.threshold = state.saved.threshold;
+  // copy probabilities since issue 22 (the older "threshold" entry held raw scores: not reused)
+  if (typeof state.saved.copyThreshold === "number") state.threshold = state.saved.copyThreshold;
 }
 
 function saveForm() {
@@ -74,7 +75,7 @@ function saveExclude() {
 
 function scoreText(value) { return value == null ? "–" : Number(value).toFixed(3); }
 
-function scoreNameNow() { return state.scoreName || "cosine"; }
+function scoreNameNow() { return state.scoreName || "copy probability"; }
 
 function cutOff() { return state.threshold !== null ? state.threshold : state.dupsThreshold; }
 
@@ -172,7 +173,7 @@ function isCopy(match) { return match.dups_score != null && match.dups_score >= 
 
 function renderResults(matches) {
   const name = scoreNameNow();
-  const threshold = cutOff().toFixed(2);
+  const threshold = cutOff().toFixed(3);
   $("search-status").textContent = matches.length
     ? `${matches.length} matches, best first. Choose one to compare it with the query.`
     : "No match.";
@@ -193,15 +194,13 @@ function renderResults(matches) {
         `Copies stop here (${name} ${threshold}, the dups threshold): below, not a copy`));
     }
     const file = basename(match.path);
-    const shown = name === "cosine" ? `cosine ${scoreText(match.score)}`
-      : `${name} ${scoreText(match.dups_score)}, cosine ${scoreText(match.score)}`;
+    const shown = `${name} ${scoreText(match.dups_score)}, cosine ${scoreText(match.score)}`;
     const button = el("button", { type: "button", "aria-label": `Compare ${file} (${shown}) with the query` },
       thumb(match.id, file));
     button.addEventListener("click", () => compareWithQuery(match));
-    const score = el("p", { class: "score", "data-cosine": String(match.score) },
-      name === "cosine" ? `cosine ${scoreText(match.score)}` : `${name} ${scoreText(match.dups_score)}`);
-    const parts = [button, score];
-    if (name !== "cosine") parts.push(el("p", { class: "cosine" }, `cosine ${scoreText(match.score)}`));
+    const score = el("p", { class: "score", "data-cosine": String(match.score), "data-probability": String(match.dups_score) },
+      `${name} ${scoreText(match.dups_score)}`);
+    const parts = [button, score, el("p", { class: "cosine" }, `cosine ${scoreText(match.score)}`)];
     parts.push(el("p", { class: copy ? "verdict copy" : "verdict" }, copy ? "A copy" : "Not a copy"));
     parts.push(el("p", { class: "path", title: match.path }, match.path));
     items.push(el("li", { class: copy ? "card" : "card not-copy", "data-rank": String(i + 1) }, ...parts));
@@ -223,7 +222,7 @@ async function loadDuplicates() {
     if (data.pages > 0 && data.page > data.pages) { state.page = data.pages; return loadDuplicates(); }
     showMessage("");
     state.threshold = data.threshold;
-    remember("threshold", data.threshold);
+    remember("copyThreshold", data.threshold);
     state.page = data.page;
     state.pages = data.pages;
     if (data.score_name) state.scoreName = data.score_name;
@@ -231,7 +230,7 @@ async function loadDuplicates() {
     $("threshold-help").textContent = `${scoreNameNow()} a pair needs to be grouped (up to ` +
       `${Number($("threshold").max).toFixed(2)}); higher = stricter`;
     $("threshold").value = data.threshold;
-    $("threshold-value").textContent = Number(data.threshold).toFixed(2);
+    $("threshold-value").textContent = Number(data.threshold).toFixed(3);
     $("page").value = data.page;
     $("page").max = Math.max(1, data.pages);
     $("pages").textContent = Math.max(1, data.pages);
@@ -255,9 +254,8 @@ async function loadDuplicates() {
 function renderGroup(group) {
   const selected = [];
   const range = (low, high) => `${low.toFixed(3)}–${high.toFixed(3)}`;
-  const title = `Group ${group.number}: ${group.images.length} files, ` + (scoreNameNow() === "cosine"
-    ? `cosine ${range(group.min_cosine, group.max_cosine)}`
-    : `${scoreNameNow()} ${range(group.min_score, group.max_score)}, cosine ${range(group.min_cosine, group.max_cosine)}`);
+  const title = `Group ${group.number}: ${group.images.length} files, ` +
+    `${scoreNameNow()} ${range(group.min_score, group.max_score)}, cosine ${range(group.min_cosine, group.max_cosine)}`;
   const items = group.images.map((image, i) => {
     const name = basename(image.path);
     const button = el("button", { type: "button", "aria-pressed": "false",
@@ -623,17 +621,15 @@ function fillSide(figure, side) {
   ]));
 }
 
-// scores: {score (what dups thresholds, or null under the cosine floor), cosine, score_name}
+// scores: {score (the copy probability dups thresholds; 0 under the cosine floor), cosine, score_name}
 function openCompare(scores, a, b) {
   state.compareFrom = location.hash.slice(1) === "duplicates" ? "duplicates" : "search";
   state.compared = true;
-  const name = scores.score_name || "cosine";
   const threshold = cutOff();
   const copy = scores.score != null && scores.score >= threshold - 1e-9;
-  const shown = name === "cosine" ? `Cosine ${scoreText(scores.cosine)}`
-    : `Collection-aware score ${scoreText(scores.score)} (cosine ${scoreText(scores.cosine)})`;
+  const shown = `Copy probability ${scoreText(scores.score)} (cosine ${scoreText(scores.cosine)})`;
   const line = $("compare-score");
-  line.textContent = `${shown}: ${copy ? "a copy" : "not a copy"} at the dups threshold ${threshold.toFixed(2)}.`;
+  line.textContent = `${shown}: ${copy ? "a copy" : "not a copy"} at the dups threshold ${threshold.toFixed(3)}.`;
   line.dataset.score = scores.score == null ? "" : String(scores.score);
   line.dataset.cosine = String(scores.cosine);
   fillSide($("compare-a"), a);
@@ -687,10 +683,10 @@ function wire() {
 
   $("threshold").addEventListener("input", (event) => {
     state.threshold = Number(event.target.value);
-    remember("threshold", state.threshold);
+    remember("copyThreshold", state.threshold);
     if (state.lastMatches) renderResults(state.lastMatches); // where copies stop follows the threshold
     state.page = 1;
-    $("threshold-value").textContent = state.threshold.toFixed(2);
+    $("threshold-value").textContent = state.threshold.toFixed(3);
     scheduleDuplicates();
   });
   $("per-page").addEventListener("change", (event) => { state.perPage = Number(event.target.value); state.page = 1; loadDuplicates(); });
