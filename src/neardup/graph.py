@@ -292,10 +292,7 @@ def _block_top(queries, columns, own_row: np.ndarray, own_col: np.ndarray, low_p
     where there are fewer columns); a query's own column excluded. In bfloat16 (torch: product and top,
     no float32 copy of the block; `queries`/`columns` may already be bfloat16 tensors), else float32."""
     if not low_precision:
-        sims = queries @ columns.T
-        sims[own_row, own_col] = -np.inf
-        values, cols = _top(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape), keep)
-        return values, np.maximum(cols, 0)
+        return _sims_top(queries @ columns.T, own_row, own_col, keep)
     import torch
 
     sims = _bf16(queries) @ _bf16(columns).T
@@ -308,6 +305,14 @@ def _block_top(queries, columns, own_row: np.ndarray, own_col: np.ndarray, low_p
         values = np.concatenate([values, np.full((len(values), keep - k), -np.inf, np.float32)], axis=1)
         cols = np.concatenate([cols, np.zeros((len(cols), keep - k), np.int64)], axis=1)
     return values, cols
+
+
+def _sims_top(sims: np.ndarray, own_row: np.ndarray, own_col: np.ndarray, keep: int = KEEP
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """_block_top of float32 similarities already computed (overwritten where a query meets itself)."""
+    sims[own_row, own_col] = -np.inf
+    values, cols = _top(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape), keep)
+    return values, np.maximum(cols, 0)
 
 
 def _bf16(vectors):
@@ -340,14 +345,18 @@ def _merge(graph: Graph, targets: np.ndarray, sims: np.ndarray, sources: np.ndar
     anyway): only full lists refuse candidates below their last entry."""
     if len(targets) == 0 or sims.shape[1] == 0:
         return
-    cand_sims, cand_rows = _top(sims, np.broadcast_to(sources, sims.shape), min(KEEP, sims.shape[1]))
-    listed = (cand_rows[:, :, None] == graph.neighbours[targets][:, None, :]).any(axis=2)
-    cand_sims = np.where(listed, -np.inf, cand_sims)  # already there (compared twice): not again
     current = graph.similarities[targets]
     filled = np.isfinite(current).sum(axis=1)
     complete = filled < KEEP if known_others is None else (filled < KEEP) & (filled >= known_others)
     last = current[np.arange(len(targets)), np.maximum(filled, 1) - 1]
     floor = np.where(complete, -np.inf, np.where(filled == 0, np.inf, last))
+    hopeful = (sims > floor[:, None]).any(axis=1)  # most full lists take nothing: skip them early
+    if not hopeful.any():
+        return
+    targets, sims, current, floor = targets[hopeful], sims[hopeful], current[hopeful], floor[hopeful]
+    cand_sims, cand_rows = _top(sims, np.broadcast_to(sources, sims.shape), min(KEEP, sims.shape[1]))
+    listed = (cand_rows[:, :, None] == graph.neighbours[targets][:, None, :]).any(axis=2)
+    cand_sims = np.where(listed, -np.inf, cand_sims)  # already there (compared twice): not again
     accept = cand_sims > floor[:, None]
     if not accept.any():
         return
@@ -434,8 +443,11 @@ def _clustered_build(ids: np.ndarray, stamps: np.ndarray, rows: Rows, *, progres
 def _clustered_rows(graph: Graph, at: np.ndarray, rows: Rows, *, merge_from: np.ndarray | None = None,
                     progress=None, low_precision: bool | None = None, batch: int = 1 << 15) -> None:
     """Set the lists of rows `at` from the members of the PROBES clusters nearest each row; rows
-    `merge_from` (new ones) also enter the lists of the members they were compared with."""
+    `merge_from` (new ones) also enter the lists of the members they were compared with. An update
+    (`merge_from`) computes each cluster's similarities once, in float32, for both directions; a build
+    ranks in bfloat16 where the CPU has it and re-scores the kept entries in float32."""
     low_precision = bf16_matmul() if low_precision is None else low_precision
+    rank_low = low_precision and merge_from is None
     if len(at) == 0:
         return
     order = np.argsort(graph.clusters, kind="stable")
@@ -447,7 +459,7 @@ def _clustered_rows(graph: Graph, at: np.ndarray, rows: Rows, *, merge_from: np.
     for first in range(0, len(at), batch):
         chunk = at[first:first + batch]
         queries = rows(chunk)
-        fast_queries = _bf16(queries) if low_precision else queries
+        fast_queries = _bf16(queries) if rank_low else queries
         probes = _probe_lists(queries, graph.centroids, low_precision)
         found_sims = np.full((len(chunk), probes.shape[1], KEEP), -np.inf, np.float32)
         found_rows = np.full((len(chunk), probes.shape[1], KEEP), -1, np.int64)
@@ -462,17 +474,19 @@ def _clustered_rows(graph: Graph, at: np.ndarray, rows: Rows, *, merge_from: np.
             local, probe = slots // probes.shape[1], slots % probes.shape[1]
             columns = rows(members)
             own_row, own_col = _own_unsorted(chunk[local], members)
-            top_sims, top_cols = _block_top(fast_queries[local], columns, own_row, own_col, low_precision)
-            found_sims[local, probe] = top_sims
-            found_rows[local, probe] = np.where(np.isfinite(top_sims), members[top_cols], -1)
-            if merge_from is not None:
+            if merge_from is None:
+                top_sims, top_cols = _block_top(fast_queries[local], columns, own_row, own_col, rank_low)
+            else:
+                sims = queries[local] @ columns.T
                 new_here = is_new[chunk[local]]
                 old_members = ~is_new[members] & ~graph.exact_rows[members]  # true lists: merged by a full scan
-                if new_here.any() and old_members.any():
-                    exact_sims = queries[local[new_here]] @ columns[old_members].T
-                    _merge(graph, members[old_members], exact_sims.T, chunk[local][new_here])
+                if new_here.any() and old_members.any():  # before _sims_top marks the queries' own columns
+                    _merge(graph, members[old_members], sims[np.ix_(new_here, old_members)].T, chunk[local][new_here])
+                top_sims, top_cols = _sims_top(sims, own_row, own_col)
+            found_sims[local, probe] = top_sims
+            found_rows[local, probe] = np.where(np.isfinite(top_sims), members[top_cols], -1)
         best_sims, best_rows = _top(found_sims.reshape(len(chunk), -1), found_rows.reshape(len(chunk), -1))
-        if low_precision:  # the kept entries re-scored in float32
+        if rank_low:  # the kept entries re-scored in float32
             best_sims, best_rows = _top(_rescored(queries, best_rows, rows), best_rows)
         graph.similarities[chunk] = best_sims
         graph.neighbours[chunk] = np.where(np.isfinite(best_sims), best_rows, -1)
