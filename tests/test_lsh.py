@@ -118,3 +118,16 @@ def test_lsh_recall_against_exact_oracle_on_clusters():
         total += len(relevant)
         assert len(candidates) < n / 10, "LSH must not degenerate into a full scan"
     assert total > 0 and found / total >= 0.99
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 7, 8, 13, 18, 20, 32]))
+def test_a_query_keys_and_words_from_its_signs_equal_those_of_its_stored_codes(seed, k):
+    """The query path reads a vector's table keys and bit string from its projections' signs; they must
+    be the keys and words its stored codes give (range_keys, code_words)."""
+    rng = np.random.default_rng(seed)
+    planes = lsh.make_planes(24, 16, 32, seed)
+    projections = lsh.project(rng.standard_normal((1, 24)).astype(np.float32), planes)
+    codes = lsh.hash_vectors(np.zeros((1, 24), np.float32), planes, 16, projections=projections)
+    np.testing.assert_array_equal(lsh.table_keys(projections[0] > 0, k), lsh.range_keys(codes, k)[0])
+    np.testing.assert_array_equal(lsh.sign_words(projections[0] > 0), lsh.code_words(codes)[0])

@@ -364,13 +364,12 @@ class Index:
             positions, scores = _exact_top_k(state, vector, k)
         else:
             planes, center = self._lsh_state(self._reader)
-            projections = lsh.project(vector[None], planes, center)
-            codes = lsh.hash_vectors(vector[None], planes, NUM_TABLES, projections=projections)
+            projections = lsh.project(vector[None], planes, center)[0]
             probes = QUERY_PROBES if center is not None else QUERY_PROBES_UNCENTRED
-            candidates = state.tables.candidates(codes[0], projections=projections[0], probes=probes)
+            candidates = state.tables.candidates(None, projections=projections, probes=probes)
             shortlist = max(SHORTLIST, 4 * k)
             if len(candidates) > shortlist:
-                distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.code_words(codes)[0])
+                distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.sign_words(projections > 0))
                 candidates = candidates[lsh.nearest_by_hamming(distances, shortlist)]
             scores = lsh.cosines(state.vectors(candidates), vector)
             graph = self._query_graph(state)

@@ -109,6 +109,24 @@ def range_keys(codes: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def table_keys(signs: np.ndarray, k: int) -> np.ndarray:
+    """One vector's keys in tables of k contiguous bits straight from its hyperplane signs (bool, one per
+    stored hyperplane): range_keys of its stored codes, without building them."""
+    num_tables = len(signs) // k
+    return (signs[: num_tables * k].reshape(num_tables, k) @ _powers(k)).astype(CODE_DTYPE)
+
+
+def sign_words(signs: np.ndarray) -> np.ndarray:
+    """One vector's stored bit string as uint64 words straight from its hyperplane signs:
+    code_words of its stored codes (bit p is hyperplane p)."""
+    return np.packbits(signs, bitorder="little").view(np.uint64)
+
+
+@functools.cache
+def _powers(k: int) -> np.ndarray:
+    return np.left_shift(np.int64(1), np.arange(k, dtype=np.int64))
+
+
 def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int = 8) -> np.ndarray:
     """Query-directed multiprobe (Lv et al., VLDB 2007) for sign bits: XOR masks (tables, probes) of
     the most likely buckets of a near neighbour, per table of k contiguous hyperplanes. A bit whose
@@ -120,18 +138,23 @@ def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int
     weight = projections[: num_tables * k].reshape(num_tables, k) ** 2
     m = min(flippable, k)
     weakest = np.argpartition(weight, m - 1, axis=1)[:, :m] if m < k else np.tile(np.arange(k), (num_tables, 1))
-    subsets = _subsets(m)  # (2^m, m) 0/1
     cost = np.take_along_axis(weight, weakest, axis=1) @ _subsets_t32(m)  # (tables, 2^m)
     probes = min(probes, 1 << m)
     # the set of probes matters, not their order; mask 0 (cost 0) is always among the cheapest
     best = np.argpartition(cost, probes - 1, axis=1)[:, :probes] if probes < (1 << m) else np.tile(np.arange(1 << m), (num_tables, 1))
-    chosen = subsets[best]  # (tables, probes, m)
-    return (chosen.astype(CODE_DTYPE) << weakest[:, None, :].astype(CODE_DTYPE)).sum(axis=2, dtype=CODE_DTYPE)
+    # every subset's mask per table as one float64 product (sums of distinct powers of two < 2^32: exact)
+    masks = np.ldexp(1.0, weakest) @ _subsets_t64(m)  # (tables, 2^m)
+    return np.take_along_axis(masks, best, axis=1).astype(CODE_DTYPE)
 
 
 @functools.cache
 def _subsets_t32(m: int) -> np.ndarray:
     return np.ascontiguousarray(_subsets(m).T.astype(np.float32))
+
+
+@functools.cache
+def _subsets_t64(m: int) -> np.ndarray:
+    return np.ascontiguousarray(_subsets(m).T.astype(np.float64))
 
 
 @functools.cache
@@ -177,15 +200,17 @@ class LSHTables:
         ends = (self._flat_offsets[slots + 1] + self._row_base).ravel()
         return self._flat_rows[_concat_ranges(starts, ends)]
 
-    def candidates(self, query_codes: np.ndarray, multiprobe: bool = True, radius: int | None = None,
+    def candidates(self, query_codes: np.ndarray | None, multiprobe: bool = True, radius: int | None = None,
                    projections: np.ndarray | None = None, probes: int = 32) -> np.ndarray:
         """Unique rows (ascending) colliding with the query in any table. With the query's
-        `projections`, each table is probed at its `probes` likeliest buckets (`directed_probes`);
-        otherwise at every bucket within Hamming distance `radius` (default 1 with multiprobe, else 0)."""
-        keys = range_keys(np.asarray(query_codes)[None], self.k)[0]
+        `projections` (then `query_codes` may be None: the keys are their signs), each table is probed
+        at its `probes` likeliest buckets (`directed_probes`); otherwise at every bucket within Hamming
+        distance `radius` (default 1 with multiprobe, else 0)."""
         if projections is not None:
+            keys = table_keys(np.asarray(projections) > 0, self.k)
             masks = directed_probes(projections, self.k, probes)
         else:
+            keys = range_keys(np.asarray(query_codes)[None], self.k)[0]
             radius = (1 if multiprobe else 0) if radius is None else radius
             masks = np.tile(probe_masks(self.k, radius), (self.num_tables, 1))
         return unique_rows(self.lookup(keys[:, None] ^ masks))
