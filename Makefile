@@ -33,9 +33,9 @@ bench: $(BIN)/.installed
 
 # Reproduces the shipped copy-trained weights and whitening (benchmarks/TRAINING.md): about 50 min of
 # training on 2 cores, then the whitening refit. Resumable: run it again after any stop.
-COPY_RUN := lite0-cut8-e20-s0
+COPY_RUN := lite0-cut5-e20-s0
 weights: $(BIN)/.installed
-	$(BIN)/python benchmarks/train_copy_descriptor.py train --run $(COPY_RUN) --cut 8 --epochs 20 --seed 0
+	$(BIN)/python benchmarks/train_copy_descriptor.py train --run $(COPY_RUN) --cut 5 --epochs 20 --seed 0
 	$(BIN)/python benchmarks/train_copy_descriptor.py ship --weights training-runs/$(COPY_RUN)/weights-epoch020.pt
 
 clean:

