@@ -83,10 +83,14 @@ class Graph:
         column = self.similarities[:, k - 1].astype(np.float64)
         return np.where(np.isfinite(column), column, 0.0)
 
-    def pairs(self, min_cosine: float, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every listed pair (a < b, row positions) with cosine >= min_cosine, each once, with its cosine.
-        A pair both rows list is taken from the lower row's list; without a sort, a chunk of rows at a
-        time (a million rows list ~14M such pairs at 0.55)."""
+    def pairs(self, min_cosine: float, chunk: int = 1 << 16,
+              keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every listed pair (a < b, row positions) with cosine >= min_cosine, each once, with its cosine;
+        only those `keep(a, b, cosines)` marks, when given (applied a chunk at a time, so the pairs it drops
+        are never held together: a million crowded rows list ~20M pairs at 0.45). A pair both rows list is
+        taken from the lower row's list; without a sort, a chunk of rows at a time."""
+        keep_pair = keep
         found_a, found_b, found_s = [], [], []
         for first in range(0, len(self), chunk):
             sims = self.similarities[first:first + chunk]
@@ -100,8 +104,11 @@ class Graph:
             listed = ((self.neighbours[b[back]] == a[back, None]) & (self.similarities[b[back]] >= min_cosine)).any(axis=1)
             keep = later.copy()
             keep[np.flatnonzero(back)[~listed]] = True
-            a, b, s = a[keep], b[keep], s[keep]
-            found_a.append(np.minimum(a, b)), found_b.append(np.maximum(a, b)), found_s.append(s)
+            a, b, s = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep]), s[keep]
+            if keep_pair is not None:
+                wanted = keep_pair(a, b, s)
+                a, b, s = a[wanted], b[wanted], s[wanted]
+            found_a.append(a), found_b.append(b), found_s.append(s)
         if not found_a:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         return (np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64),

@@ -438,8 +438,9 @@ class Index:
     def graph_pairs(self, threshold: float, *, aware: bool, snapshot: Snapshot | None = None,
                     join: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every pair (snapshot positions a < b, cosine) that can link at the raw score `threshold` (see
-        raw_threshold; a probability is `duplicates`' threshold, not this one): the pairs the graph
+        """Every pair (snapshot positions a < b, cosine) that links at the raw score `threshold` (see
+        raw_threshold; a probability is `duplicates`' threshold, not this one; collection-aware: its score
+        with the graph's b reaches the threshold, dropped as found so they never pile up): the pairs the graph
         lists at the join cosine, plus the pairs no list can hold. A pair is missing from both lists only
         when each file has KEEP neighbours at least as close; such a pair links only if its cosine c
         reaches c* = the threshold (plain cosine) or max(COSINE_FLOOR, threshold + B_MAX - OFFSET) (the
@@ -453,14 +454,25 @@ class Index:
         snap, graph = state.snap, self._graph_of(state)
         listed = neighbourhood.join_threshold(threshold) if aware else threshold
         hidden = max(neighbourhood.COSINE_FLOOR, threshold + neighbourhood.B_MAX - neighbourhood.OFFSET) if aware else threshold
-        a, b, s = graph.pairs(listed)
+        links = None
+        if aware:  # only the pairs whose collection-aware score reaches the threshold are kept, as found
+            backgrounds = neighbourhood.backgrounds(graph.kth())
+
+            def links(a, b, cosines):
+                return neighbourhood.normalised(cosines, backgrounds[a], backgrounds[b]) >= threshold
+
+        a, b, s = graph.pairs(listed, keep=links)
         crowded = np.flatnonzero(graph.similarities[:, knn.KEEP - 1] >= hidden) if len(graph) else np.empty(0, np.int64)
         if len(crowded) >= 2:
             if join is None:
                 ca, cb, cs = knn.pairs_above(lsh.normalise_rows(snap.read_vectors(crowded)), hidden)
             else:
                 ca, cb, cs = join(crowded, hidden)
-            a, b, s = np.r_[a, crowded[ca]], np.r_[b, crowded[cb]], np.r_[s, cs.astype(np.float32)]
+            ca, cb, cs = crowded[ca], crowded[cb], cs.astype(np.float32)
+            if links is not None:
+                wanted = links(ca, cb, cs)
+                ca, cb, cs = ca[wanted], cb[wanted], cs[wanted]
+            a, b, s = np.r_[a, ca], np.r_[b, cb], np.r_[s, cs]
             _, first = np.unique(a * max(len(snap), 1) + b, return_index=True)
             a, b, s = a[first], b[first], s[first]
         return a, b, s
