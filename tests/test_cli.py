@@ -69,6 +69,11 @@ def test_dups_json_and_csv(cli_index):
     assert len(rows) == sum(len(g["files"]) for g in payload["groups"])
     text = neardup("dups", "--threshold", "0.9", index=cli_index)
     assert text.stdout.startswith("group 1:") and "(copy probability >= 0.9, from the" in text.stderr
+    assert "note:" not in text.stderr
+    # a loose threshold (a strict one when thresholds were raw scores) says what it means, once, on stderr
+    loose = neardup("dups", "--threshold", "0.8", "--json", index=cli_index)
+    assert json.loads(loose.stdout)["threshold"] == 0.8
+    assert "note: --threshold 0.8 is a copy probability: pairs scoring so were true copies 80% of the time" in loose.stderr
     assert all(0 < g["min_score"] <= g["max_score"] <= 1 for g in payload["groups"])
 
 

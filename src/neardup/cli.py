@@ -260,6 +260,7 @@ def dups_command(index_dir, threshold, plain_cosine, exact, as_json, as_csv, act
     if exact and ray_address is not None:
         raise click.UsageError("choose one of --exact and --ray")
     _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv)
+    _note_loose_threshold(threshold)
     with Index.open(index_dir) as index:
         if action and do_apply:  # an earlier run cut short by a crash: settle it before planning from the index
             from .actions import recover_interrupted
@@ -298,6 +299,18 @@ def dups_command(index_dir, threshold, plain_cosine, exact, as_json, as_csv, act
         basis = "collection-aware score" if aware else "cosine"
         click.echo(f"{len(groups)} groups, {sum(len(g.files) for g in groups)} files "
                    f"(copy probability >= {threshold}, from the {basis})", err=True)
+
+
+#: Under this `--threshold`, `dups` and `report` say what the number means: scripts written when it was a
+#: raw score (0.52, 0.8 were strict settings then) would otherwise link far looser pairs without a word.
+LOOSE_THRESHOLD = 0.9
+
+
+def _note_loose_threshold(threshold: float) -> None:
+    if threshold < LOOSE_THRESHOLD:
+        click.echo(f"neardup: note: --threshold {threshold} is a copy probability: pairs scoring so were true "
+                   f"copies {threshold:.0%} of the time on neardup's evaluation sets (default {DEFAULT_THRESHOLD}; "
+                   "docs/SCORES.md)", err=True)
 
 
 def _check_action_options(action, move_to, keep, keep_in, do_apply, yes, as_csv) -> None:
@@ -504,6 +517,7 @@ def report_command(index_dir, out, threshold, exact, thumb_size, thumbs_beside, 
     """Write a static HTML gallery of the duplicate groups (opens from disk, no server, can be mailed)."""
     from .report import html_report
 
+    _note_loose_threshold(threshold)
     with Index.open(index_dir) as index, _step_progress("thumbnails") as progress:
         summary = html_report(index, out, threshold, exact=exact, thumb_size=thumb_size, thumbs_beside=thumbs_beside,
                               max_groups=max_groups, progress=progress)
