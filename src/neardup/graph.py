@@ -90,7 +90,6 @@ class Graph:
         only those `keep(a, b, cosines)` marks, when given (applied a chunk at a time, so the pairs it drops
         are never held together: a million crowded rows list ~20M pairs at 0.45). A pair both rows list is
         taken from the lower row's list; without a sort, a chunk of rows at a time."""
-        keep_pair = keep
         found_a, found_b, found_s = [], [], []
         for first in range(0, len(self), chunk):
             sims = self.similarities[first:first + chunk]
@@ -102,11 +101,11 @@ class Graph:
             # b < a: taken here unless b lists a at the same cosine cut (then b's list gave it)
             back = ~later
             listed = ((self.neighbours[b[back]] == a[back, None]) & (self.similarities[b[back]] >= min_cosine)).any(axis=1)
-            keep = later.copy()
-            keep[np.flatnonzero(back)[~listed]] = True
-            a, b, s = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep]), s[keep]
-            if keep_pair is not None:
-                wanted = keep_pair(a, b, s)
+            once = later.copy()
+            once[np.flatnonzero(back)[~listed]] = True
+            a, b, s = np.minimum(a[once], b[once]), np.maximum(a[once], b[once]), s[once]
+            if keep is not None:
+                wanted = keep(a, b, s)
                 a, b, s = a[wanted], b[wanted], s[wanted]
             found_a.append(a), found_b.append(b), found_s.append(s)
         if not found_a:

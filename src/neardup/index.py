@@ -35,10 +35,11 @@ DEFAULT_INDEX_DIR = ".neardup"
 DEFAULT_BATCH = 32
 #: Default `duplicates` threshold: a copy probability (neardup.calibration: the share of true copies among
 #: the pairs whose raw score, collection-aware or plain cosine, is as high). 0.97 is the collection-aware
-#: score 0.523 and the plain cosine 0.514, where the lowest raw thresholds whose groups keep pairwise
-#: precision >= 0.99 on the `neardup eval` sets of seeds 1 / 2 are 0.520 / 0.465 (plain cosine:
-#: 0.517 / 0.497). Checked on seeds 3-6: precision >= 0.999 on every one (benchmarks/calibrate_scores.py,
-#: docs/SCORES.md). Re-calibrate if the descriptor, backend or score changes.
+#: score 0.51 and the plain cosine 0.532. The lowest raw thresholds whose groups keep pairwise precision
+#: >= 0.99 on the `neardup eval` sets of seeds 1 / 2 are 0.446 / 0.450 (int8) and 0.449 / 0.489 (fp32,
+#: which merges two groups under 0.49). Checked on seeds 3-6 through both: precision >= 0.996, recall
+#: >= 0.958 (benchmarks/tune_scores.py, calibrate_scores.py, docs/SCORES.md). Re-calibrate if the
+#: descriptor, backend or score changes.
 DEFAULT_THRESHOLD = 0.97
 #: Names of the built-in model's identities, earlier ones included (neardup.models.default_model.NAME).
 DEFAULT_MODEL_FAMILY = "efficientnet-lite0"

@@ -61,10 +61,10 @@ def match_scores(index, vector, matches) -> tuple[str, list[float]]:
     ids = np.array([m.id for m in matches], dtype=np.int64)
     positions = np.searchsorted(snap.ids, ids)
     known = (positions < len(snap.ids)) & (snap.ids[np.minimum(positions, len(snap.ids) - 1)] == ids)
-    values = index.backgrounds(positions[known], snapshot=snap) if known.any() else None
-    raw = [float(neighbourhood.normalised(np.array([m.score]), np.array([b_query]),
-                                          np.array([float(values[position]) if ok else neighbourhood.B_MAX]))[0])
-           for m, position, ok in zip(matches, positions, known)]
+    b_matches = np.full(len(matches), neighbourhood.B_MAX)
+    if known.any():
+        b_matches[known] = index.backgrounds(positions[known], snapshot=snap)[positions[known]]
+    raw = neighbourhood.normalised(np.array([m.score for m in matches], dtype=np.float64), b_query, b_matches)
     return COPY_PROBABILITY, [float(p) for p in calibration.probability(raw, True)]
 
 
