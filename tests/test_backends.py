@@ -621,12 +621,15 @@ ZEN3 = frozenset({"avx2", "fma"})
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    (SAPPHIRE_RAPIDS, ["bf16", "f32"]), (COOPER_LAKE, ["bf16", "f32"]), (SKYLAKE, ["f32"]), (ZEN3, ["f32"]),
-    (frozenset(), ["f32"])])
+    (SAPPHIRE_RAPIDS, ["bf16", "int8", "f32"]), (COOPER_LAKE, ["bf16", "int8", "f32"]), (SKYLAKE, ["int8", "f32"]),
+    (ZEN3, ["int8", "f32"]), (frozenset(), ["int8", "f32"])])
 def test_openvino_precisions_follow_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(ovb, "cpu_flags", lambda: flags)
     assert ovb.candidate_precisions() == expected == ovb.candidate_precisions(flags)
+    # no guarded int8 model (its own guard refused it): OpenVINO has no int8 to run
+    assert ovb.candidate_precisions(flags, int8=False) == [p for p in expected if p != "int8"]
     assert ("amx_bf16" in ovb.why_precision("bf16")) == ("amx_bf16" in flags)
+    assert ("amx_int8" in ovb.why_precision("int8")) == ("amx_int8" in flags)
 
 
 class _Fake:
@@ -645,7 +648,8 @@ def fake_machine(monkeypatch, flags, *, speeds, passes=("bf16", "f32"), int8=Tru
     monkeypatch.setattr(ovb, "guard_inputs", lambda: (np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((1, 1))))
     tried = []
 
-    def guard(reference, candidate, inputs=None):
+    def guard(reference, candidate, inputs=None, *, precision=None):
+        assert candidate.name == f"openvino-{precision}"
         tried.append(candidate.name)
         passed = candidate.name.removeprefix("openvino-") in passes
         return {"passed": passed, "mean_cosine": 0.999 if passed else 0.99, "min_cosine": 0.99 if passed else 0.9,
@@ -662,16 +666,25 @@ def test_cpu_without_bf16_never_gets_a_slower_default(monkeypatch, flags):
     # OpenVINO f32 no faster than today's int8 (within the noise margin): int8 stays the default
     tried = fake_machine(monkeypatch, flags, speeds={"openvino-f32": 180, "onnx-int8": 170, "onnx": 100})
     choice = ovb.decide()
-    assert choice["backend"] == "onnx-int8" and tried == ["openvino-f32"]  # bf16 is never tried without it
-    assert "not faster than onnx-int8" in choice["reason"]
+    # bf16 is never tried without it; int8 (refused by its guard here) is
+    assert choice["backend"] == "onnx-int8" and tried == ["openvino-int8", "openvino-f32"]
+    assert "not faster than onnx-int8" in choice["reason"] and "OpenVINO int8 refused" in choice["reason"]
+    # OpenVINO's int8 kernels guarded but no faster than ORT's on this CPU (no VNNI, say): not chosen
+    fake_machine(monkeypatch, flags, passes=("int8", "f32"),
+                 speeds={"openvino-int8": 175, "openvino-f32": 150, "onnx-int8": 170, "onnx": 100})
+    assert ovb.decide()["backend"] == "onnx-int8"
+    # guarded and measurably faster: OpenVINO int8, before f32 is tried
+    tried = fake_machine(monkeypatch, flags, passes=("int8", "f32"),
+                         speeds={"openvino-int8": 300, "openvino-f32": 250, "onnx-int8": 170, "onnx": 100})
+    assert (ovb.decide()["precision"], tried) == ("int8", ["openvino-int8"])
     # measurably faster: OpenVINO f32
     fake_machine(monkeypatch, flags, speeds={"openvino-f32": 250, "onnx-int8": 170, "onnx": 100})
     choice = ovb.decide()
     assert (choice["backend"], choice["precision"]) == ("openvino", "f32")
     assert "no AMX/AVX-512 bf16" in choice["reason"]
     # int8 refused by its own guard: OpenVINO is measured against fp32 ORT, today's fallback
-    fake_machine(monkeypatch, flags, speeds={"openvino-f32": 90, "onnx": 100}, int8=False)
-    assert ovb.decide()["backend"] == "onnx"
+    tried = fake_machine(monkeypatch, flags, passes=("int8", "f32"), speeds={"openvino-f32": 90, "onnx": 100}, int8=False)
+    assert ovb.decide()["backend"] == "onnx" and tried == ["openvino-f32"]  # no int8 model: no OpenVINO int8
 
 
 @pytest.mark.parametrize("flags", [SAPPHIRE_RAPIDS, COOPER_LAKE])
@@ -683,8 +696,15 @@ def test_cpu_with_bf16_gets_bf16_only_where_guarded_and_faster(monkeypatch, flag
     # the guard refuses bf16: f32 is tried next, and int8 stays where f32 is not faster
     tried = fake_machine(monkeypatch, flags, passes=("f32",), speeds={"openvino-f32": 170, "onnx-int8": 170})
     choice = ovb.decide()
-    assert choice["backend"] == "onnx-int8" and tried == ["openvino-bf16", "openvino-f32"]
+    assert choice["backend"] == "onnx-int8" and tried == ["openvino-bf16", "openvino-int8", "openvino-f32"]
     assert "OpenVINO bf16 refused by its accuracy guard" in choice["reason"] and "worst 0.9000" in choice["reason"]
+    # bf16 refused, int8 guarded and faster (the copy-trained weights on this machine): OpenVINO int8
+    tried = fake_machine(monkeypatch, flags, passes=("int8", "f32"),
+                         speeds={"openvino-int8": 570, "openvino-f32": 170, "onnx-int8": 250})
+    choice = ovb.decide()
+    assert (choice["backend"], choice["precision"], tried) == ("openvino", "int8", ["openvino-bf16", "openvino-int8"])
+    assert "OpenVINO int8 (the guarded int8 model, the CPU has amx_int8" in choice["reason"] or flags == COOPER_LAKE
+    assert "2.3x onnx-int8" in choice["reason"] and choice["reason"].endswith("; bf16 refused by its accuracy guard")
     # bf16 guarded but slower than int8 on this CPU (a bf16 CPU without AMX may be): int8
     fake_machine(monkeypatch, flags, speeds={"openvino-bf16": 150, "openvino-f32": 120, "onnx-int8": 170})
     assert ovb.decide()["backend"] == "onnx-int8"

@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neardup.groups import connected_components, group_pairs
+from neardup.groups import GroupBuilder, connected_components, group_pairs
 
 edges = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30), st.floats(0, 1)), max_size=60)
 
@@ -68,3 +68,23 @@ def test_connected_components_label_every_node_by_its_components_smallest_member
         rx, ry = find(x), find(y)
         parent[max(rx, ry)] = min(rx, ry)
     assert labels.tolist() == [find(x) for x in range(n)]
+
+
+@given(edges, st.lists(st.integers(0, 60), max_size=4), st.booleans())
+def test_group_builder_fed_in_chunks_equals_all_links_at_once(pairs, cuts, repeat):
+    """`dups` feeds links a chunk at a time (some twice: a pair two lists hold, or the crowded join found
+    again): the groups and their score and cosine ranges are those of every distinct link at once."""
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    scores = np.array([p[2] for p in pairs], dtype=np.float64)
+    cosines = scores / 2 + 0.25
+    builder = GroupBuilder(31)
+    bounds = [0, *sorted(min(c, len(a)) for c in cuts), len(a)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        builder.add(a[start:end], b[start:end], scores[start:end], cosines[start:end])
+        if repeat:
+            builder.add(b[start:end], a[start:end], scores[start:end], cosines[start:end])
+    got = [(g.members.tolist(), g.min_score, g.max_score, g.min_cosine, g.max_cosine) for g in builder.groups()]
+    want = [(g.members.tolist(), g.min_score, g.max_score, g.min_cosine, g.max_cosine)
+            for g in group_pairs(a, b, scores, cosines)]
+    assert got == want

@@ -341,7 +341,7 @@ def duplicates(index: Index, threshold: float, *, collection_aware: bool = True)
         backgrounds = neighbourhood.backgrounds(index.graph(snap).kth()) if aware else None
     except NeardupError as exc:
         raise RayError(str(exc)) from None
-    groups = duplicate_groups(snap, a, b, s, backgrounds=backgrounds, raw=raw)
+    groups = duplicate_groups(snap, [(a, b, s)], backgrounds=backgrounds, raw=raw)
     return DuplicateSearch(groups, (a, b, s), tasks["blocks"])
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -87,10 +87,18 @@ class Graph:
               keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every listed pair (a < b, row positions) with cosine >= min_cosine, each once, with its cosine;
-        only those `keep(a, b, cosines)` marks, when given (applied a chunk at a time, so the pairs it drops
-        are never held together: a million crowded rows list ~20M pairs at 0.45). A pair both rows list is
-        taken from the lower row's list; without a sort, a chunk of rows at a time."""
-        found_a, found_b, found_s = [], [], []
+        only those `keep(a, b, cosines)` marks, when given (see pair_chunks)."""
+        found = list(self.pair_chunks(min_cosine, chunk, keep))
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return tuple(np.concatenate(column) for column in zip(*found))
+
+    def pair_chunks(self, min_cosine: float, chunk: int = 1 << 16,
+                    keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`pairs` a chunk of rows at a time (int64 positions, cosines), `keep` applied to each chunk, so the
+        pairs it drops are never held together (a million crowded rows list ~20M pairs at 0.45). A pair
+        both rows list is taken from the lower row's list, without a sort."""
         for first in range(0, len(self), chunk):
             sims = self.similarities[first:first + chunk]
             at, col = np.nonzero(sims >= min_cosine)
@@ -107,11 +115,7 @@ class Graph:
             if keep is not None:
                 wanted = keep(a, b, s)
                 a, b, s = a[wanted], b[wanted], s[wanted]
-            found_a.append(a), found_b.append(b), found_s.append(s)
-        if not found_a:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return (np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64),
-                np.concatenate(found_s))
+            yield a.astype(np.int64), b.astype(np.int64), s
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"ids": self.ids, "stamps": self.stamps, "exact_rows": self.exact_rows, "neighbours": self.neighbours,
@@ -548,7 +552,13 @@ def block_pairs(vectors: np.ndarray, first: int, block: int, threshold: float
 def pairs_above(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (a < b) of the normalised rows with cosine >= threshold: the exact blockwise scan of
     the upper triangle (O(n^2 d), for the few thousand to tens of thousands of crowded files)."""
-    parts = [block_pairs(vectors, first, block, threshold) for first, block in pair_blocks(len(vectors))]
+    parts = list(pair_chunks_above(vectors, threshold))
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def pair_chunks_above(vectors: np.ndarray, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`pairs_above` a block of rows at a time (block_pairs), for callers that fold the pairs as they come."""
+    for first, block in pair_blocks(len(vectors)):
+        yield block_pairs(vectors, first, block, threshold)

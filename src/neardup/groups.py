@@ -25,12 +25,16 @@ class Group:
 
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Component label (smallest member row) of each of n nodes, joined by edges a[i]–b[i].
-    Vectorised hook-and-compress (Shiloach–Vishkin style): every round hooks the larger of two roots an
-    edge joins under the smaller, then compresses each node to its root; the smallest node of a
-    component is never hooked, so it ends as the label. Millions of edges in a few numpy passes, where a
-    Python union-find loop took seconds."""
-    labels = np.arange(n, dtype=np.int64)
+    """Component label (smallest member row) of each of n nodes, joined by edges a[i]–b[i]."""
+    return _hook(np.arange(n, dtype=np.int64), a, b)
+
+
+def _hook(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`labels` (every node labelled by the smallest member of its component so far) after the edges
+    a[i]–b[i] join more. Vectorised hook-and-compress (Shiloach–Vishkin style): every round hooks the larger
+    of two roots an edge joins under the smaller, then compresses each node to its root; the smallest node
+    of a component is never hooked, so it ends as the label. Millions of edges in a few numpy passes, where
+    a Python union-find loop took seconds."""
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     while len(a):
         ra, rb = labels[a], labels[b]
@@ -47,34 +51,53 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return labels
 
 
+class GroupBuilder:
+    """Union-find over n nodes fed a chunk of verified links at a time, so the links are never held
+    together (a million crowded photos give tens of millions). Each link's score and cosine are folded
+    into per-node extremes on its first node (a link lies in its first node's group), so a group's weakest
+    and strongest link are the extremes over its members: O(n) memory whatever the number of links. A
+    link given twice changes nothing."""
+
+    def __init__(self, n: int):
+        self.labels = np.arange(n, dtype=np.int64)
+        self.linked = np.zeros(n, dtype=bool)
+        self.extremes = np.full((4, n), np.inf)  # min score, -max score, min cosine, -max cosine
+
+    def add(self, a: np.ndarray, b: np.ndarray, scores: np.ndarray, cosines: np.ndarray | None = None) -> None:
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        cosines = scores if cosines is None else np.asarray(cosines, dtype=np.float64)
+        distinct = a != b
+        a, b, scores, cosines = a[distinct], b[distinct], scores[distinct], cosines[distinct]
+        if not len(a):
+            return
+        self.linked[a] = self.linked[b] = True
+        for row, values in zip(self.extremes, (scores, -scores, cosines, -cosines)):
+            np.minimum.at(row, a, values)
+        self.labels = _hook(self.labels, a, b)
+
+    def groups(self) -> list[Group]:
+        """Groups of two or more nodes, largest first, then by smallest member."""
+        nodes = np.flatnonzero(self.linked)
+        if not len(nodes):
+            return []
+        labels = self.labels[nodes]
+        order = np.argsort(labels, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
+        extremes = np.minimum.reduceat(self.extremes[:, nodes[order]], bounds[:-1], axis=1)
+        groups = [Group(nodes[order[start:end]], float(low), float(-high), float(low_cos), float(-high_cos))
+                  for start, end, low, high, low_cos, high_cos in zip(bounds[:-1], bounds[1:], *extremes)]
+        groups.sort(key=lambda g: (-len(g.members), int(g.members[0])))
+        return groups
+
+
 def group_pairs(a: np.ndarray, b: np.ndarray, scores: np.ndarray, cosines: np.ndarray | None = None) -> list[Group]:
     """Groups of two or more rows from verified pairs a[i]–b[i], largest first, then by smallest member.
     `cosines` (default: the scores) are the links' plain cosines where the scores are normalised."""
-    a, b, scores = (np.asarray(x) for x in (a, b, scores))
-    cosines = scores if cosines is None else np.asarray(cosines)
-    distinct = a != b
-    a, b, scores, cosines = a[distinct], b[distinct], scores[distinct], cosines[distinct]
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     if len(a) == 0:
         return []
     nodes, local = np.unique(np.r_[a, b], return_inverse=True)
-    la, lb = local[: len(a)], local[len(a) :]
-    labels = connected_components(len(nodes), la, lb)
-    edge_label = labels[la]
-    order = np.argsort(labels, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
-    lowest = np.full(len(nodes), np.inf)
-    highest = np.full(len(nodes), -np.inf)
-    np.minimum.at(lowest, edge_label, scores)
-    np.maximum.at(highest, edge_label, scores)
-    lowest_cos = np.full(len(nodes), np.inf)
-    highest_cos = np.full(len(nodes), -np.inf)
-    np.minimum.at(lowest_cos, edge_label, cosines)
-    np.maximum.at(highest_cos, edge_label, cosines)
-    groups = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        members = nodes[order[start:end]]
-        label = labels[order[start]]
-        groups.append(Group(np.sort(members), float(lowest[label]), float(highest[label]),
-                            float(lowest_cos[label]), float(highest_cos[label])))
-    groups.sort(key=lambda g: (-len(g.members), int(g.members[0])))
-    return groups
+    builder = GroupBuilder(len(nodes))
+    builder.add(local[: len(a)], local[len(a):], scores, cosines)
+    return [Group(nodes[g.members], g.min_score, g.max_score, g.min_cosine, g.max_cosine) for g in builder.groups()]

@@ -19,13 +19,13 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import calibration, graph as knn, lsh, neighbourhood
 from .files import FileCheckError, open_regular, same_file
-from .groups import group_pairs
+from .groups import GroupBuilder
 from .images import NOT_UTF8, ImageError, discover, load_image, printable_path
 from .store import CATALOG, Record, Snapshot, Store
 from .errors import ModelMismatch, NeardupError  # noqa: F401 (re-exported)
@@ -410,12 +410,12 @@ class Index:
         aware = collection_aware and neighbourhood.applies(len(snap))
         raw = raw_threshold(threshold, aware)
         if not exact:
-            a, b, cosines = self._graph_pairs(state, raw, aware)
+            # the links are folded into the groups as found: at a million crowded photos they are tens of millions
             backgrounds = neighbourhood.backgrounds(self._graph_of(state).kth()) if aware else None
-            return duplicate_groups(snap, a, b, cosines, backgrounds=backgrounds, raw=raw)
+            return duplicate_groups(snap, self._link_chunks(state, raw, aware), backgrounds=backgrounds, raw=raw)
         a, b, cosines = _exact_pairs(snap, neighbourhood.join_threshold(raw) if aware else raw)
         backgrounds = self.backgrounds(np.union1d(a, b), exact=True, snapshot=snap) if aware else None
-        return duplicate_groups(snap, a, b, cosines, backgrounds=backgrounds, raw=raw)
+        return duplicate_groups(snap, [(a, b, cosines)], backgrounds=backgrounds, raw=raw)
 
     def graph(self, snapshot: Snapshot | None = None) -> knn.Graph:
         """The k-NN graph (neardup.graph) of the current images: the one `index` stored, brought up to date
@@ -449,9 +449,18 @@ class Index:
         KEEP-th neighbour reaches c*, are joined among themselves at c* by an exact scan (graph.pairs_above;
         `join(positions, c*)` gives pairs of indices into `positions`: the Ray path passes its own). In
         the exact regime this gives every pair `--exact` links. `snapshot`, when given, must be current."""
-        return self._graph_pairs(self._current_state(snapshot), threshold, aware, join)
+        state = self._current_state(snapshot)
+        found = list(self._link_chunks(state, threshold, aware, join))
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        a, b, s = (np.concatenate(column) for column in zip(*found))
+        _, first = np.unique(a * max(len(state.snap), 1) + b, return_index=True)
+        return a[first], b[first], s[first]
 
-    def _graph_pairs(self, state: "_SearchState", threshold: float, aware: bool, join=None):
+    def _link_chunks(self, state: "_SearchState", threshold: float, aware: bool, join=None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """graph_pairs' pairs a chunk at a time (a < b, cosine), a pair the graph lists and the crowded join
+        finds again given twice."""
         snap, graph = state.snap, self._graph_of(state)
         listed = neighbourhood.join_threshold(threshold) if aware else threshold
         hidden = max(neighbourhood.COSINE_FLOOR, threshold + neighbourhood.B_MAX - neighbourhood.OFFSET) if aware else threshold
@@ -462,21 +471,20 @@ class Index:
             def links(a, b, cosines):
                 return neighbourhood.normalised(cosines, backgrounds[a], backgrounds[b]) >= threshold
 
-        a, b, s = graph.pairs(listed, keep=links)
+        yield from graph.pair_chunks(listed, keep=links)
         crowded = np.flatnonzero(graph.similarities[:, knn.KEEP - 1] >= hidden) if len(graph) else np.empty(0, np.int64)
-        if len(crowded) >= 2:
-            if join is None:
-                ca, cb, cs = knn.pairs_above(lsh.normalise_rows(snap.read_vectors(crowded)), hidden)
-            else:
-                ca, cb, cs = join(crowded, hidden)
+        if len(crowded) < 2:
+            return
+        if join is None:
+            chunks = knn.pair_chunks_above(lsh.normalise_rows(snap.read_vectors(crowded)), hidden)
+        else:
+            chunks = [join(crowded, hidden)]
+        for ca, cb, cs in chunks:
             ca, cb, cs = crowded[ca], crowded[cb], cs.astype(np.float32)
             if links is not None:
                 wanted = links(ca, cb, cs)
                 ca, cb, cs = ca[wanted], cb[wanted], cs[wanted]
-            a, b, s = np.r_[a, ca], np.r_[b, cb], np.r_[s, cs]
-            _, first = np.unique(a * max(len(snap), 1) + b, return_index=True)
-            a, b, s = a[first], b[first], s[first]
-        return a, b, s
+            yield ca, cb, cs
 
     def backgrounds(self, positions: np.ndarray | None = None, *, exact: bool = False,
                     snapshot: Snapshot | None = None) -> np.ndarray:
@@ -683,22 +691,25 @@ def raw_threshold(probability: float, aware: bool) -> float:
         raise NeardupError(str(exc)) from None
 
 
-def duplicate_groups(snap: Snapshot, a: np.ndarray, b: np.ndarray, cosines: np.ndarray, *,
+def duplicate_groups(snap: Snapshot, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                      backgrounds: np.ndarray | None = None, raw: float | None = None) -> list[DuplicateGroup]:
-    """Verified pairs (snapshot positions, cosines) merged into groups of paths and catalog ids, largest
-    first, each link scored by its copy probability. With `backgrounds` the pairs are scored
-    collection-aware and those under the raw score `raw` dropped; without, they are plain-cosine pairs
-    already at the threshold."""
+    """Verified pairs (snapshot positions a, b and their cosines, a chunk at a time; a pair may come twice)
+    merged into groups of paths and catalog ids, largest first, each link scored by its copy probability.
+    With `backgrounds` the pairs are scored collection-aware and those under the raw score `raw` dropped;
+    without, they are plain-cosine pairs already at the threshold."""
     aware = backgrounds is not None
-    scores = cosines
-    if aware:
-        scores = neighbourhood.normalised(cosines, backgrounds[a], backgrounds[b])
-        keep = scores >= raw
-        a, b, scores, cosines = a[keep], b[keep], scores[keep], cosines[keep]
+    builder = GroupBuilder(len(snap))
+    for a, b, cosines in chunks:
+        scores = cosines
+        if aware:
+            scores = neighbourhood.normalised(cosines, backgrounds[a], backgrounds[b])
+            keep = scores >= raw
+            a, b, scores, cosines = a[keep], b[keep], scores[keep], cosines[keep]
+        builder.add(a, b, calibration.probability(scores, aware), cosines)
     return [
         DuplicateGroup([snap.paths[p] for p in g.members], [int(snap.ids[p]) for p in g.members],
                        g.min_score, g.max_score, g.min_cosine, g.max_cosine)
-        for g in group_pairs(a, b, calibration.probability(scores, aware), cosines)
+        for g in builder.groups()
     ]
 
 
