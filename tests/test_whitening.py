@@ -237,3 +237,20 @@ def test_the_fit_refuses_evaluation_sources(fit_script, monkeypatch):
     monkeypatch.setattr(fit_script, "SOURCES", ((evaluated.package, "x", "x", ("*",), 1, 0),))
     with pytest.raises(SystemExit, match="evaluation source"):
         fit_script.training_photos(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(8, 1300), st.integers(8, 1300), st.integers(0, 2**16))
+def test_an_edge_reduced_from_its_strip_is_that_edge_of_the_reduced_image(width, height, seed):
+    """border_box reads a photo's four outermost lines from their own strips (Image.reduce with a box)
+    instead of reducing the whole image; the lines must be the whole reduction's, remainders included."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    fx, fy = max(1, width // default_model.BORDER_DETECT_SIDE), max(1, height // default_model.BORDER_DETECT_SIDE)
+    whole = np.asarray(image.reduce((fx, fy)))
+    rows, cols = whole.shape[:2]
+    strips = {"top": (0, 0, width, fy), "bottom": (0, (rows - 1) * fy, width, height),
+              "left": (0, 0, fx, height), "right": ((cols - 1) * fx, 0, width, height)}
+    lines = {"top": whole[:1], "bottom": whole[-1:], "left": whole[:, :1], "right": whole[:, -1:]}
+    for side, box in strips.items():
+        assert np.array_equal(np.asarray(image.reduce((fx, fy), box=box)), lines[side]), side

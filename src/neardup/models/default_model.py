@@ -147,9 +147,8 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
         image = image.convert("RGB")
     width, height = image.size
     factor_x, factor_y = max(1, width // BORDER_DETECT_SIDE), max(1, height // BORDER_DETECT_SIDE)
-    reduced = image.reduce((factor_x, factor_y)) if factor_x > 1 or factor_y > 1 else image
-    small = np.asarray(reduced, dtype=np.int16)
-    rows, cols = small.shape[:2]
+    reducing = factor_x > 1 or factor_y > 1
+    cols, rows = -(-width // factor_x), -(-height // factor_y)  # the reduced image's size
     if rows < 8 or cols < 8:
         return None
 
@@ -158,11 +157,28 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
         deviation = np.maximum(np.maximum(difference[..., 0], difference[..., 1]), difference[..., 2])
         return (deviation.mean(axis=1) <= BORDER_TOLERANCE) & (deviation.max(axis=1) <= BORDER_PEAK)
 
+    def reference(lines: np.ndarray) -> np.ndarray:
+        """The median colour of each line (lines [..., m, 3] -> [..., 1, 3])."""
+        return np.median(lines, axis=-2, keepdims=True).round().astype(np.int16)
+
+    def edge(box: tuple[int, int, int, int]) -> np.ndarray:
+        """One outermost line of the reduced image, reduced from its own strip of the image alone."""
+        strip = image.reduce((factor_x, factor_y), box=box) if reducing else image.crop(box)
+        return np.asarray(strip, dtype=np.int16).reshape(-1, 3)
+
+    # most photos have no frame, which their four outermost lines say: reducing and converting the whole
+    # image for them was most of the check's time (0.5 of 0.6 ms a photo)
+    across = np.stack([edge((0, 0, width, factor_y)), edge((0, (rows - 1) * factor_y, width, height))])
+    down = np.stack([edge((0, 0, factor_x, height)), edge(((cols - 1) * factor_x, 0, width, height))])
+    if not (uniform(across, reference(across)).any() or uniform(down, reference(down)).any()):
+        return None
+    small = np.asarray(image.reduce((factor_x, factor_y)) if reducing else image, dtype=np.int16)
+
     def depth(lines: np.ndarray, limit: int) -> int:
-        reference = np.median(lines[0], axis=0).round().astype(np.int16)
-        if limit == 0 or not uniform(lines[:1], reference)[0]:  # most photos: no frame, one line read
+        line_reference = reference(lines[0])
+        if limit == 0 or not uniform(lines[:1], line_reference)[0]:
             return 0
-        flags = uniform(lines[:limit], reference)
+        flags = uniform(lines[:limit], line_reference)
         return limit if flags.all() else int(np.argmin(flags))
 
     row_limit, col_limit = int(rows * BORDER_MAX_FRACTION), int(cols * BORDER_MAX_FRACTION)
