@@ -779,6 +779,31 @@ def test_damaged_compiled_blob_is_compiled_again_with_one_line(cache_copy, capfd
     assert len(lines) == len(blobs) and "is damaged" in lines[0] and "compiling it again" in lines[0]
 
 
+def test_a_blob_openvino_rewrites_while_it_compiles_is_recorded_again_and_damage_later_is_not(tmp_path, monkeypatch):
+    """OpenVINO rewrites a compiled blob in place when the model file behind it was rebuilt (the int8 model
+    after its guard report was damaged): the old record called the new blob damaged at the next start and
+    compiled it again. A blob written during the compile (under the build lock) is recorded anew; one
+    changed at any other time still fails its check."""
+    monkeypatch.setattr(ob, "cache_dir", lambda: tmp_path)
+    folder = tmp_path / "openvino"
+    folder.mkdir()
+    rewritten, untouched = folder / "1.blob", folder / "2.blob"
+    for blob in (rewritten, untouched):
+        blob.write_bytes(b"compiled " + blob.name.encode())
+    ovb._record_blobs(folder, {})
+    before = ovb._blob_stats(folder)
+    rewritten.write_bytes(b"compiled again, longer")  # OpenVINO's write inside the compile window
+    ovb._record_blobs(folder, before)
+    assert ob._fault(rewritten, ob._recorded_sha256(rewritten)) is None
+    assert ob._fault(untouched, ob._recorded_sha256(untouched)) is None
+    before = ovb._blob_stats(folder)
+    ovb._record_blobs(folder, before)  # a compile that wrote nothing
+    data = bytearray(untouched.read_bytes())
+    data[0] ^= 0x55
+    untouched.write_bytes(bytes(data))  # damage between runs, outside any compile
+    assert ob._fault(untouched, ob._recorded_sha256(untouched)) is not None
+
+
 @needs_openvino
 def test_auto_reports_its_cached_openvino_choice(cache_copy, monkeypatch):
     from neardup.models import _load_builtin, describe_auto, describe_embedder

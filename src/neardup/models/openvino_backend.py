@@ -176,10 +176,20 @@ def compile_model(path: Path, precision: str, threads: int | None = None):
     config["CACHE_DIR"] = str(folder)
     with ob.build_lock(ob.cache_dir()):  # no blob is half written while it is checked, none unrecorded after
         _remove_unverified_blobs(folder)
+        before = _blob_stats(folder)
         # compiled from the path, not a read model: with a cached blob OpenVINO then skips parsing the ONNX file
         compiled = _core().compile_model(str(path), "CPU", config)
-        _record_blobs(folder)
+        _record_blobs(folder, before)
     return compiled
+
+
+def _blob_stats(folder: Path) -> dict[Path, tuple[int, int]]:
+    stats = {}
+    for blob in folder.glob("*.blob"):
+        with contextlib.suppress(OSError):
+            stat = blob.stat()
+            stats[blob] = (stat.st_size, stat.st_mtime_ns)
+    return stats
 
 
 def _remove_unverified_blobs(folder: Path) -> None:
@@ -193,9 +203,13 @@ def _remove_unverified_blobs(folder: Path) -> None:
                 ob._sha256_path(blob).unlink(missing_ok=True)
 
 
-def _record_blobs(folder: Path) -> None:
-    for blob in folder.glob("*.blob"):
-        if ob._recorded_sha256(blob) is None:
+def _record_blobs(folder: Path, before: dict[Path, tuple[int, int]]) -> None:
+    """Record the sha256 of every blob without a record, and of every blob OpenVINO wrote while it compiled
+    under the lock (`before`: the blobs' sizes and times before): it rewrites a blob in place when the model
+    file behind it was rebuilt (the int8 model after its guard report was damaged), whose old record would
+    call it damaged at the next start."""
+    for blob, stat in _blob_stats(folder).items():
+        if ob._recorded_sha256(blob) is None or before.get(blob) != stat:
             digest = ob._sha256(blob)
             with contextlib.suppress(OSError):  # unrecorded: removed and compiled again next time
                 ob._atomic_write(ob._sha256_path(blob), lambda temp: temp.write_text(f"{digest}  {blob.name}\n"))
