@@ -70,8 +70,8 @@ def test_connected_components_label_every_node_by_its_components_smallest_member
     assert labels.tolist() == [find(x) for x in range(n)]
 
 
-@given(edges, st.lists(st.integers(0, 60), max_size=4), st.booleans())
-def test_group_builder_fed_in_chunks_equals_all_links_at_once(pairs, cuts, repeat):
+@given(edges, st.lists(st.integers(0, 60), max_size=4), st.booleans(), st.sampled_from([1, 7, 1 << 22]))
+def test_group_builder_fed_in_chunks_equals_all_links_at_once(pairs, cuts, repeat, buffer):
     """`dups` feeds links a chunk at a time (some twice: a pair two lists hold, or the crowded join found
     again): the groups and their score and cosine ranges are those of every distinct link at once."""
     a = np.array([p[0] for p in pairs], dtype=np.int64)
@@ -79,6 +79,7 @@ def test_group_builder_fed_in_chunks_equals_all_links_at_once(pairs, cuts, repea
     scores = np.array([p[2] for p in pairs], dtype=np.float64)
     cosines = scores / 2 + 0.25
     builder = GroupBuilder(31)
+    builder.buffer = buffer  # links hooked at once: every chunk, a few chunks, or all at the end
     bounds = [0, *sorted(min(c, len(a)) for c in cuts), len(a)]
     for start, end in zip(bounds[:-1], bounds[1:]):
         builder.add(a[start:end], b[start:end], scores[start:end], cosines[start:end])

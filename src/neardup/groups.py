@@ -56,12 +56,19 @@ class GroupBuilder:
     together (a million crowded photos give tens of millions). Each link's score and cosine are folded
     into per-node extremes on its first node (a link lies in its first node's group), so a group's weakest
     and strongest link are the extremes over its members: O(n) memory whatever the number of links. A
-    link given twice changes nothing."""
+    link given twice changes nothing. The links' ends wait in a buffer of at least LINK_BUFFER links (or n/4)
+    before they are hooked, since each hooking round passes over all n labels: many small chunks would
+    otherwise cost O(n) each."""
+
+    LINK_BUFFER = 1 << 22
 
     def __init__(self, n: int):
         self.labels = np.arange(n, dtype=np.int64)
         self.linked = np.zeros(n, dtype=bool)
         self.extremes = np.full((4, n), np.inf)  # min score, -max score, min cosine, -max cosine
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_links = 0
+        self.buffer = max(self.LINK_BUFFER, n // 4)
 
     def add(self, a: np.ndarray, b: np.ndarray, scores: np.ndarray, cosines: np.ndarray | None = None) -> None:
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
@@ -74,10 +81,20 @@ class GroupBuilder:
         self.linked[a] = self.linked[b] = True
         for row, values in zip(self.extremes, (scores, -scores, cosines, -cosines)):
             np.minimum.at(row, a, values)
-        self.labels = _hook(self.labels, a, b)
+        self.pending.append((a, b))
+        self.pending_links += len(a)
+        if self.pending_links >= self.buffer:
+            self._hook_pending()
+
+    def _hook_pending(self) -> None:
+        if self.pending:
+            a, b = (np.concatenate(ends) for ends in zip(*self.pending))
+            self.pending, self.pending_links = [], 0
+            self.labels = _hook(self.labels, a, b)
 
     def groups(self) -> list[Group]:
         """Groups of two or more nodes, largest first, then by smallest member."""
+        self._hook_pending()
         nodes = np.flatnonzero(self.linked)
         if not len(nodes):
             return []
