@@ -759,6 +759,42 @@ def test_openvino_vectors_match_fp32_onnx_within_the_guard_on_real_photos(cache,
     assert list((cache / "openvino").glob("*.blob"))  # compiled once, cached
 
 
+def test_every_embedder_gives_the_same_vectors_from_several_threads_at_once(embedder, onnx_embedder, guard_inputs):
+    """The web page's searches embed uploads in a thread pool, so an embedder is called from several
+    threads at once: OpenVINO's single infer request refused the second caller ("Infer Request is busy",
+    a 500 for that search) until each thread got its own; the GPU embedder's shared pinned buffers are
+    serialised by a lock (its CPU stand-in runs the same code around them)."""
+    import threading
+
+    from neardup.models.cuda import CudaEmbedder
+
+    embedders = {"torch": embedder, "onnx": onnx_embedder, "gpu code on the CPU": CudaEmbedder("cpu", torch.float32)}
+    if ovb.available():
+        embedders["openvino"] = ovb.OpenVinoEmbedder("f32", threads=1)
+    originals, copies = guard_inputs
+    batches = [copies[i::6][:4] for i in range(6)]
+    for name, candidate in embedders.items():
+        alone = [candidate.embed(batch) for batch in batches]
+        together, failures = [None] * len(batches), []
+        start = threading.Barrier(len(batches))
+
+        def run(i):
+            start.wait()
+            try:
+                together[i] = candidate.embed(batches[i])
+            except Exception as exc:  # noqa: BLE001 (collected and reported below)
+                failures.append(repr(exc))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, (name, failures)
+        for i, vectors in enumerate(together):
+            assert np.allclose(vectors, alone[i], atol=1e-5), (name, i)
+
+
 @needs_openvino
 def test_damaged_compiled_blob_is_compiled_again_with_one_line(cache_copy, capfd, onnx_embedder, guard_inputs):
     originals = guard_inputs[0]

@@ -17,6 +17,8 @@ check the batching, the uint8 transfer and the guard's verdicts on machines with
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -61,6 +63,9 @@ class CudaEmbedder:
         self._host = [torch.empty((batch, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8, pin_memory=pinned)
                       for _ in range(2)]
         self._copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        # the pinned buffers are shared: two threads embedding at once (the web page's search pool) could
+        # refill one while the other's copy from it is still queued; the GPU runs one batch at a time anyway
+        self._lock = threading.Lock()
         self.identity = identity()
         self.center = lsh_center()
         self.model_pixels = model_pixels  # a module function: decoding processes can run it
@@ -77,7 +82,7 @@ class CudaEmbedder:
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         outputs = []
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             for number, start in enumerate(range(0, len(batch), self.batch)):
                 chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch]))
                 outputs.append(self._embed_on_device(self._upload(chunk, number % 2)))

@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -229,7 +230,9 @@ class OpenVinoEmbedder:
         self.path = path or (int8_model_path(threads) if precision == "int8" else ob.fp32_model_path())
         self.precision = precision
         self.compiled = compile_model(self.path, precision, threads)
-        self.request = self.compiled.create_infer_request()
+        # an infer request runs one inference at a time ("Infer Request is busy" otherwise) while the
+        # compiled model serves any number: one request per thread (the web page's searches run in a pool)
+        self._requests = threading.local()
         self.backend = "openvino"
         self.providers = [f"OpenVINO CPU {precision}"]
         self.choice = choice  # auto's verdict, when auto chose this embedder
@@ -241,8 +244,11 @@ class OpenVinoEmbedder:
         return lite0_preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
         return embed_in_batches(batch, self.input_size, self.dim, OV_BATCH,
-                                lambda part: np.array(self.request.infer({0: part})[0], dtype=np.float32))
+                                lambda part: np.array(request.infer({0: part})[0], dtype=np.float32))
 
 
 def int8_model_path(threads: int | None = None) -> Path:
