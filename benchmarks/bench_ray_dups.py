@@ -132,7 +132,7 @@ def child(mode: str, work: str, threshold: float, out: str, cpus: int) -> None:
             ray.data.DataContext.get_current().enable_progress_bars = False
             started = time.perf_counter() - t0
             t1 = time.perf_counter()
-            found = distributed.duplicates(index, threshold)
+            found = distributed.duplicates(index, threshold, pairs=True)
             seconds = time.perf_counter() - t1
             ray.shutdown()
         groups, (a, b, _) = found.groups, found.pairs

@@ -190,7 +190,7 @@ def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypat
     threshold = copy_probability(raw, aware=not plain)
     with Index.open(tmp_path / "idx") as index:
         snap = index.snapshot()
-        found = distributed.duplicates(index, threshold, collection_aware=not plain)
+        found = distributed.duplicates(index, threshold, collection_aware=not plain, pairs=True)
         a, b, scores = found.pairs
         local = index.graph_pairs(calibration.raw_threshold(threshold, not plain), aware=not plain)
         assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
@@ -202,6 +202,11 @@ def test_distributed_dups_equal_local_and_exact(tmp_path, ray_cluster, monkeypat
         assert groups == _groups(index.duplicates(threshold, collection_aware=not plain)) == _groups(
             index.duplicates(threshold, exact=True, collection_aware=not plain))
         assert max(len(g) for g in groups) >= 80  # the bridge between the crowded bursts was found
+        # what `dups --ray` runs: the tasks' pairs folded into the groups as they finish, none kept
+        streamed = distributed.duplicates(index, threshold, collection_aware=not plain)
+        assert streamed.pairs is None and streamed.blocks == found.blocks
+        ranges = lambda gs: [(g.files, g.min_score, g.max_score, g.min_cosine, g.max_cosine) for g in gs]  # noqa: E731
+        assert ranges(streamed.groups) == ranges(found.groups) == ranges(index.duplicates(threshold, collection_aware=not plain))
 
 
 def test_file_url_goes_through_fsspec(folder, tmp_path, ray_cluster, local_index):

@@ -305,38 +305,45 @@ def index_to_shards(paths: Iterable[str], out: str, *, batch_size: int = 32, sha
 @dataclass
 class DuplicateSearch:
     groups: list[DuplicateGroup]
-    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # snapshot positions a < b and their cosine, each pair once
+    # snapshot positions a < b and their cosine, each pair once; None unless asked for (`pairs=True`: then
+    # the driver holds every pair at once, as the local path no longer does)
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     blocks: int  # Ray tasks of the crowded files' join (0: no crowded files)
 
 
-def duplicates(index: Index, threshold: float, *, collection_aware: bool = True) -> DuplicateSearch:
+def duplicates(index: Index, threshold: float, *, collection_aware: bool = True, pairs: bool = False) -> DuplicateSearch:
     """`index.duplicates(threshold)` with the connected Ray cluster doing the one part of it that grows
     with how crowded the collection is: the exact join among the "crowded" files, whose pairs no k-NN
     list can hold (Index.graph_pairs), one task per block of rows (graph.block_pairs, the local scan's
     own code) over their vectors, put once in the object store. The listed pairs and every file's b come
     from the k-NN graph the index keeps (neardup.graph), read by the driver as the local path reads
-    them. So the pairs and groups are the local ones."""
+    them, and the tasks' pairs are folded into the groups as they finish. So the groups are the local
+    ones. `pairs`: also return every linking pair (tests and benchmarks compare them with the local ones)."""
     from . import graph as knn
 
     ray = connect()
     snap = index.snapshot()
     n = len(snap)
     if n < 2:
-        return DuplicateSearch([], _no_pairs(), 0)
+        return DuplicateSearch([], _no_pairs() if pairs else None, 0)
     aware = collection_aware and neighbourhood.applies(n)
     tasks = {"blocks": 0}
 
-    def join(positions: np.ndarray, cosine: float):
-        vectors = lsh.normalise_rows(snap.read_vectors(positions))
+    def join(vectors: np.ndarray, cosine: float):
         ref = ray.put(vectors)
         task = ray.remote(_block_pairs)
         blocks = knn.pair_blocks(len(vectors))
         tasks["blocks"] = len(blocks)
-        parts = ray.get([task.remote(ref, first, rows, cosine) for first, rows in blocks])
-        return tuple(np.concatenate(p) for p in zip(*parts)) if parts else _no_pairs()
+        waiting = [task.remote(ref, first, rows, cosine) for first, rows in blocks]
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            yield ray.get(done[0])
 
     raw = raw_threshold(threshold, aware)
     try:
+        if not pairs:
+            groups = index.duplicates(threshold, collection_aware=collection_aware, snapshot=snap, join=join)
+            return DuplicateSearch(groups, None, tasks["blocks"])
         a, b, s = index.graph_pairs(raw, aware=aware, snapshot=snap, join=join)
         backgrounds = neighbourhood.backgrounds(index.graph(snap).kth()) if aware else None
     except NeardupError as exc:

@@ -397,22 +397,24 @@ class Index:
             return state.graph
 
     def duplicates(self, threshold: float = DEFAULT_THRESHOLD, *, exact: bool = False,
-                   collection_aware: bool = True) -> list[DuplicateGroup]:
+                   collection_aware: bool = True, snapshot: Snapshot | None = None,
+                   join: "PairJoin | None" = None) -> list[DuplicateGroup]:
         """Groups of indexed images linked by pairs whose copy probability (neardup.calibration) is >=
         threshold, in (0, 1]; largest groups first. The probability is that of the raw score: collection-
         aware (`neighbourhood`: cosine lowered by both files' K-th neighbour similarity) in a collection of
         at least neighbourhood.MIN_FILES files, else the cosine (also with `collection_aware=False`).
         Pairs and b come from the k-NN graph the index keeps (`graph_pairs`, neardup.graph), merged with
-        union-find; `exact` compares every pair instead (the oracle; O(n²))."""
+        union-find; `exact` compares every pair instead (the oracle; O(n²)). `join`: the crowded files' join
+        (see graph_pairs; the Ray path passes its own). `snapshot`, when given, must be current."""
         self._check_threshold_model()
-        state = self._search_state()  # one committed state throughout, whatever a writer commits meanwhile
+        state = self._current_state(snapshot)  # one committed state throughout, whatever a writer commits meanwhile
         snap = state.snap
         aware = collection_aware and neighbourhood.applies(len(snap))
         raw = raw_threshold(threshold, aware)
         if not exact:
             # the links are folded into the groups as found: at a million crowded photos they are tens of millions
             backgrounds = neighbourhood.backgrounds(self._graph_of(state).kth()) if aware else None
-            return duplicate_groups(snap, self._link_chunks(state, raw, aware), backgrounds=backgrounds, raw=raw)
+            return duplicate_groups(snap, self._link_chunks(state, raw, aware, join), backgrounds=backgrounds, raw=raw)
         a, b, cosines = _exact_pairs(snap, neighbourhood.join_threshold(raw) if aware else raw)
         backgrounds = self.backgrounds(np.union1d(a, b), exact=True, snapshot=snap) if aware else None
         return duplicate_groups(snap, [(a, b, cosines)], backgrounds=backgrounds, raw=raw)
@@ -437,8 +439,7 @@ class Index:
             return state.graph
 
     def graph_pairs(self, threshold: float, *, aware: bool, snapshot: Snapshot | None = None,
-                    join: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    join: "PairJoin | None" = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every pair (snapshot positions a < b, cosine) that links at the raw score `threshold` (see
         raw_threshold; a probability is `duplicates`' threshold, not this one; collection-aware: its score
         with the graph's b reaches the threshold, dropped as found so they never pile up): the pairs the graph
@@ -446,9 +447,10 @@ class Index:
         when each file has KEEP neighbours at least as close; such a pair links only if its cosine c
         reaches c* = the threshold (plain cosine) or max(COSINE_FLOOR, threshold + B_MAX - OFFSET) (the
         collection-aware score, whose b is then B_MAX for both), so the "crowded" files, those whose
-        KEEP-th neighbour reaches c*, are joined among themselves at c* by an exact scan (graph.pairs_above;
-        `join(positions, c*)` gives pairs of indices into `positions`: the Ray path passes its own). In
-        the exact regime this gives every pair `--exact` links. `snapshot`, when given, must be current."""
+        KEEP-th neighbour reaches c*, are joined among themselves at c* by an exact scan (`join(vectors, c*)`,
+        default graph.pair_chunks_above: chunks of pairs of rows of their normalised vectors; the Ray path
+        passes its own). In the exact regime this gives every pair `--exact` links. `snapshot`, when given,
+        must be current."""
         state = self._current_state(snapshot)
         found = list(self._link_chunks(state, threshold, aware, join))
         if not found:
@@ -475,11 +477,8 @@ class Index:
         crowded = np.flatnonzero(graph.similarities[:, knn.KEEP - 1] >= hidden) if len(graph) else np.empty(0, np.int64)
         if len(crowded) < 2:
             return
-        if join is None:
-            chunks = knn.pair_chunks_above(lsh.normalise_rows(snap.read_vectors(crowded)), hidden)
-        else:
-            chunks = [join(crowded, hidden)]
-        for ca, cb, cs in chunks:
+        join = join or knn.pair_chunks_above
+        for ca, cb, cs in join(lsh.normalise_rows(snap.read_vectors(crowded)), hidden):
             ca, cb, cs = crowded[ca], crowded[cb], cs.astype(np.float32)
             if links is not None:
                 wanted = links(ca, cb, cs)
@@ -689,6 +688,10 @@ def raw_threshold(probability: float, aware: bool) -> float:
         return calibration.raw_threshold(probability, aware)
     except ValueError as exc:
         raise NeardupError(str(exc)) from None
+
+
+#: The crowded files' join: (their normalised vectors, cosine) -> chunks of (row a, row b, cosine), a < b.
+PairJoin = Callable[[np.ndarray, float], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
 
 def duplicate_groups(snap: Snapshot, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
