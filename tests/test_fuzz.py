@@ -205,6 +205,25 @@ def neardup_cli(*args, env=None, user=None, timeout=300) -> subprocess.Completed
     return subprocess.run(command, capture_output=True, text=True, check=False, env=env or dict(os.environ), timeout=timeout)
 
 
+def test_a_home_nothing_can_be_written_to_leaves_stderr_to_neardup(tmp_path, seeds):
+    """ONNX Runtime 1.32 keeps a telemetry device id under the home or cache folder; where it cannot write
+    one (another user, a read-only or missing home) it printed a warning on every run, and it would send
+    telemetry from a tool that should keep to itself. neardup turns its telemetry off (ORT_DISABLE_TELEMETRY
+    unless the user set it): stderr holds neardup's own lines only."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "one.jpg").write_bytes(seeds["jpeg"])
+    from neardup.models import onnx_backend
+
+    env = {**os.environ, "HOME": "/proc/no-home", "XDG_CACHE_HOME": "/proc/no-cache", "XDG_CONFIG_HOME": "/proc/no-config",
+           "NEARDUP_CACHE": str(onnx_backend.cache_dir())}  # the models built so far, where they are
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    for backend in ("onnx", "onnx-int8"):
+        result = neardup_cli("index", photos, "--index", tmp_path / f"idx-{backend}", "--backend", backend, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "onnxruntime" not in result.stderr, result.stderr
+
+
 def test_index_of_a_hostile_folder_records_every_failure_and_handles_odd_names(tmp_path, seeds):
     photos = tmp_path / "hostile"
     made = hostile_folder(photos, seeds)
