@@ -2,8 +2,8 @@
 
 This module only moves data. Decoding and hashing files (`index._prepare_file` / `_prepare_bytes`),
 the embedder (`models.load_embedder`), the crowded files' join (`graph.block_pairs`) and grouping
-(`groups.group_pairs`) are the functions the local index runs; Ray only ships their inputs and outputs
-between machines.
+(`Index.duplicates`, `groups.GroupBuilder`) are the functions the local index runs; Ray only ships their
+inputs and outputs between machines.
 
 Indexing (``neardup index PATH --ray [ADDRESS]``)::
 
@@ -335,9 +335,13 @@ def duplicates(index: Index, threshold: float, *, collection_aware: bool = True,
         blocks = knn.pair_blocks(len(vectors))
         tasks["blocks"] = len(blocks)
         waiting = [task.remote(ref, first, rows, cosine) for first, rows in blocks]
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            yield ray.get(done[0])
+        try:
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                yield ray.get(done[0])
+        finally:  # an error or an early stop while folding: the blocks not yet done are not needed
+            for pending in waiting:
+                ray.cancel(pending)
 
     raw = raw_threshold(threshold, aware)
     try:

@@ -117,6 +117,17 @@ class Graph:
                 a, b, s = a[wanted], b[wanted], s[wanted]
             yield a.astype(np.int64), b.astype(np.int64), s
 
+    def lists(self, a: np.ndarray, b: np.ndarray, min_cosine: float, chunk: int = 1 << 18) -> np.ndarray:
+        """Whether pair_chunks(min_cosine) yields each pair a[i]-b[i]: either row lists the other at a cosine
+        >= min_cosine (a chunk of pairs at a time: their lists are KEEP wide)."""
+        out = np.empty(len(a), dtype=bool)
+        for start in range(0, len(a), chunk):
+            pa, pb = a[start:start + chunk], b[start:start + chunk]
+            out[start:start + chunk] = (
+                ((self.neighbours[pa] == pb[:, None]) & (self.similarities[pa] >= min_cosine)).any(axis=1)
+                | ((self.neighbours[pb] == pa[:, None]) & (self.similarities[pb] >= min_cosine)).any(axis=1))
+        return out
+
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"ids": self.ids, "stamps": self.stamps, "exact_rows": self.exact_rows, "neighbours": self.neighbours,
                "similarities": self.similarities, "fitted": np.array(self.fitted)}

@@ -451,18 +451,16 @@ class Index:
         default graph.pair_chunks_above: chunks of pairs of rows of their normalised vectors; the Ray path
         passes its own). In the exact regime this gives every pair `--exact` links. `snapshot`, when given,
         must be current."""
-        state = self._current_state(snapshot)
-        found = list(self._link_chunks(state, threshold, aware, join))
+        found = list(self._link_chunks(self._current_state(snapshot), threshold, aware, join))
         if not found:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        a, b, s = (np.concatenate(column) for column in zip(*found))
-        _, first = np.unique(a * max(len(state.snap), 1) + b, return_index=True)
-        return a[first], b[first], s[first]
+        return tuple(np.concatenate(column) for column in zip(*found))
 
     def _link_chunks(self, state: "_SearchState", threshold: float, aware: bool, join=None
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """graph_pairs' pairs a chunk at a time (a < b, cosine), a pair the graph lists and the crowded join
-        finds again given twice."""
+        """graph_pairs' pairs a chunk at a time (a < b, cosine), each once: a pair the graph lists comes
+        with the graph's cosine, the crowded join's finding of it dropped (its product may differ in the
+        last bits, and the score ranges must not depend on which path found a pair)."""
         snap, graph = state.snap, self._graph_of(state)
         listed = neighbourhood.join_threshold(threshold) if aware else threshold
         hidden = max(neighbourhood.COSINE_FLOOR, threshold + neighbourhood.B_MAX - neighbourhood.OFFSET) if aware else threshold
@@ -480,6 +478,8 @@ class Index:
         join = join or knn.pair_chunks_above
         for ca, cb, cs in join(lsh.normalise_rows(snap.read_vectors(crowded)), hidden):
             ca, cb, cs = crowded[ca], crowded[cb], cs.astype(np.float32)
+            new = ~graph.lists(ca, cb, listed)
+            ca, cb, cs = ca[new], cb[new], cs[new]
             if links is not None:
                 wanted = links(ca, cb, cs)
                 ca, cb, cs = ca[wanted], cb[wanted], cs[wanted]

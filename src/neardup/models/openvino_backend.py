@@ -20,11 +20,12 @@ imports the blob instead of compiling.
 The guard. A precision is used only when, on the photos shipped with neardup and their edited copies
 (onnx_backend.guard_set, the int8 guard's set) plus HARD_CASES (synthetic images of the kinds bf16 moves
 most: see RESULTS, "OpenVINO backend"), its vectors keep a mean cosine to the fp32 ONNX vectors >=
-OV_MIN_MEAN_COSINE, *every* vector a cosine >= OV_MIN_COSINE (the worst vectors, not only the mean), and
-every copy's nearest original unchanged (onnx_backend.accuracy_guard).
+OV_MIN_MEAN_COSINE, *every* vector a cosine >= OV_MIN_COSINE (the worst vectors, not only the mean; int8:
+OV_INT8_MIN_MEAN_COSINE and OV_INT8_MIN_COSINE, the bars ORT's int8 is held to), the hard cases a worst
+cosine >= OV_HARD_MIN_COSINE, and every copy's nearest original unchanged (onnx_backend.accuracy_guard).
 
 What ``auto`` picks (auto_choice). For each candidate precision in turn (candidate_precisions: bf16 first
-where the CPU has it, then f32): guard it, then time it against what ``auto`` ran before OpenVINO (the
+where the CPU has it, then int8 where a guarded int8 model exists, then f32): guard it, then time it against what ``auto`` ran before OpenVINO (the
 guarded ORT int8 model, else ORT fp32) on the same inputs, interleaved, best of SPEED_ROUNDS; the first
 candidate that passes its guard and is at least MIN_SPEEDUP times as fast is chosen. Otherwise ``auto``
 runs ORT int8, then ORT fp32, as before: a CPU where OpenVINO is not measurably faster never gets a slower
@@ -142,7 +143,7 @@ def why_precision(precision: str, flags: frozenset[str] | None = None) -> str:
     if precision == "int8":
         have = sorted(INT8_FLAGS & (flags or frozenset()))
         return "the guarded int8 model" + (f", the CPU has {', '.join(have)}" if have else "")
-    return "the CPU has no AMX/AVX-512 bf16" if not bf16_capable(flags) else "bf16 was not chosen"
+    return "the CPU has no AMX/AVX-512 bf16" if not bf16_capable(flags) else "bf16 and int8 were not chosen"
 
 
 # ---- the embedder -----------------------------------------------------------------------------------------
@@ -420,10 +421,13 @@ def explicit_precision(threads: int | None = None) -> str:
     if choice and choice.get("backend") == "openvino":
         return choice["precision"]
     fp32 = ob.OnnxEmbedder(threads=threads)
-    int8_path = ob.auto_int8_model(threads)
     inputs, reasons = guard_inputs(), []
-    for precision in candidate_precisions(int8=int8_path is not None):
-        path = int8_path if precision == "int8" else fp32.path
+    for precision in candidate_precisions():
+        path = fp32.path
+        if precision == "int8":  # built (once) only when bf16 did not pass first
+            path = ob.auto_int8_model(threads)
+            if path is None:
+                continue
         report = guard(fp32, OpenVinoEmbedder(precision, path=path, threads=threads), inputs, precision=precision)
         if report["passed"]:
             return precision
