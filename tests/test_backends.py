@@ -647,9 +647,12 @@ def fake_machine(monkeypatch, flags, *, speeds, passes=("bf16", "f32"), int8=Tru
     monkeypatch.setattr(ovb, "OpenVinoEmbedder", lambda precision, **kw: _Fake(f"openvino-{precision}"))
     monkeypatch.setattr(ovb, "guard_inputs", lambda: (np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((1, 1))))
     tried = []
+    # ORT int8's own fidelity (its worst vector: what OpenVINO int8's worst-vector bar follows)
+    monkeypatch.setattr(ovb, "fidelity", lambda reference, candidate, inputs=None: {"min_cosine": 0.95, "passed": True})
 
-    def guard(reference, candidate, inputs=None, *, precision=None):
+    def guard(reference, candidate, inputs=None, *, precision=None, fallback_worst=None):
         assert candidate.name == f"openvino-{precision}"
+        assert fallback_worst == (0.95 if precision == "int8" else None)  # int8 is held to ORT int8's own worst
         tried.append(candidate.name)
         passed = candidate.name.removeprefix("openvino-") in passes
         return {"passed": passed, "mean_cosine": 0.999 if passed else 0.99, "min_cosine": 0.99 if passed else 0.9,
@@ -708,6 +711,13 @@ def test_cpu_with_bf16_gets_bf16_only_where_guarded_and_faster(monkeypatch, flag
     # bf16 guarded but slower than int8 on this CPU (a bf16 CPU without AMX may be): int8
     fake_machine(monkeypatch, flags, speeds={"openvino-bf16": 150, "openvino-f32": 120, "onnx-int8": 170})
     assert ovb.decide()["backend"] == "onnx-int8"
+
+
+def test_openvino_int8_worst_bar_follows_ort_int8_on_the_same_images():
+    assert ovb.int8_worst_bar(None) == ovb.OV_INT8_MIN_COSINE == 0.97
+    assert ovb.int8_worst_bar(0.9883) == 0.97  # ORT int8 exact in integers (VNNI, AMX): the fixed bar
+    assert ovb.int8_worst_bar(0.9503) == 0.9403  # no VNNI: no stricter than the fallback's own worst, less 0.01
+    assert ovb.int8_worst_bar(0.5) == ovb.OV_INT8_MIN_COSINE_FLOOR == 0.9  # never below the floor
 
 
 def test_guard_refuses_a_few_vectors_moved_far_that_the_mean_hides():

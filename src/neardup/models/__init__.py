@@ -13,9 +13,10 @@ Backends (``load_embedder(backend)``, CLI ``--backend``, env NEARDUP_BACKEND):
                  block and GeM pooling in float); used only if it passes its accuracy guard where it
                  is built (mean cosine to fp32 >= INT8_MIN_MEAN_COSINE, nearest original of every
                  guard copy unchanged).
-* ``openvino``   the fp32 ONNX export run by OpenVINO's CPU plugin (neardup[openvino]) at bf16 where the CPU
-                 has AMX or AVX-512 bf16, else f32; guarded (mean and worst cosine to fp32, textureless
-                 hard cases, nearest originals); compiled model cached (neardup.models.openvino_backend).
+* ``openvino``   OpenVINO's CPU plugin (neardup[openvino]) on the fp32 export at bf16 where the CPU has AMX or
+                 AVX-512 bf16, else on the guarded int8 model, else on the fp32 export at f32; each guarded
+                 (mean and worst cosine to fp32, textureless hard cases, nearest originals); compiled model
+                 cached (neardup.models.openvino_backend).
 * ``auto``       the fastest that is usable here: torch-fp16 where torch sees a CUDA device, else
                  ONNX Runtime's GPU providers (onnxruntime-gpu), else OpenVINO where installed, guarded and
                  measured faster than ORT int8 here (verdict cached), else int8 (built, guarded and cached the first time it is needed, about half a
