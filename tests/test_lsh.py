@@ -131,3 +131,17 @@ def test_a_query_keys_and_words_from_its_signs_equal_those_of_its_stored_codes(s
     codes = lsh.hash_vectors(np.zeros((1, 24), np.float32), planes, 16, projections=projections)
     np.testing.assert_array_equal(lsh.table_keys(projections[0] > 0, k), lsh.range_keys(codes, k)[0])
     np.testing.assert_array_equal(lsh.sign_words(projections[0] > 0), lsh.code_words(codes)[0])
+
+
+def test_as_float32_gives_numpys_floats_bit_for_bit_by_either_path(monkeypatch):
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    expected = every_half.astype(np.float32).view(np.uint32)
+    for by_table in (True, False):  # whichever is faster on this CPU (timed once per process)
+        monkeypatch.setattr(lsh, "_half_by_table", lambda: by_table)
+        assert np.array_equal(lsh.as_float32(every_half).view(np.uint32), expected)
+        rows = every_half[:4096].reshape(8, 512)[:, ::2]  # a strided view converts as well
+        assert np.array_equal(lsh.as_float32(rows), rows.astype(np.float32))
+        assert lsh.as_float32(np.ones(3, np.float64)).dtype == np.float32
+        finite = every_half[np.isfinite(every_half) & (np.abs(every_half) < 1)][:768 * 4].reshape(4, 768)
+        query = lsh.normalise_rows(finite[:1])[0]
+        assert np.array_equal(lsh.cosines(finite, query), finite.astype(np.float32) @ query / lsh._norms(finite.astype(np.float32)))

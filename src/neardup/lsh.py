@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import time
 
 import numpy as np
 
@@ -257,10 +258,45 @@ def nearest_by_hamming(distances: np.ndarray, count: int) -> np.ndarray:
     return np.flatnonzero(distances <= cut)
 
 
+def as_float32(vectors: np.ndarray) -> np.ndarray:
+    """Stored (float16) or float32 rows as float32: the same floats as numpy's cast, through a 65,536-entry
+    table where that is faster on this CPU (numpy 2.4 casts half to float one value at a time where it has
+    no AVX-512 path: 1.9 ns a value on an AVX2 EPYC, the table's gather 1.0 ns; _half_by_table)."""
+    vectors = np.asarray(vectors)
+    if vectors.dtype != np.float16:
+        return np.asarray(vectors, dtype=np.float32)
+    if _half_by_table():
+        return np.take(_half_table(), vectors.view(np.uint16))
+    return vectors.astype(np.float32)
+
+
+@functools.cache
+def _half_table() -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@functools.cache
+def _half_by_table() -> bool:
+    """Whether the table beats numpy's cast here, timed once per process on a query shortlist's worth of
+    rows (best of 5 each, about a millisecond). Both give identical floats, so only speed depends on it."""
+    sample = np.random.default_rng(0).standard_normal((64, 768)).astype(np.float16)
+    table, codes = _half_table(), sample.view(np.uint16)
+
+    def best(convert) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            convert()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: np.take(table, codes)) < best(lambda: sample.astype(np.float32))
+
+
 def cosines(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Cosine (float32) of each stored row with a unit query. Each row's own norm is divided out, so the
     float16 rounding of stored vectors leaves a self-match at 1.0 and moves other scores by <= ~1e-3."""
-    rows = np.asarray(vectors, dtype=np.float32)
+    rows = as_float32(vectors)
     if rows.ndim != 2 or len(rows) == 0:
         return np.zeros(len(rows), dtype=np.float32)
     return (rows @ np.asarray(query, dtype=np.float32)) / _norms(rows)
@@ -268,8 +304,7 @@ def cosines(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def row_cosines(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
     """Cosine (float32) of each pair of stored rows a[i], b[i], norms divided out as in `cosines`."""
-    a = np.asarray(vectors_a, dtype=np.float32)
-    b = np.asarray(vectors_b, dtype=np.float32)
+    a, b = as_float32(vectors_a), as_float32(vectors_b)
     if len(a) == 0:
         return np.zeros(0, dtype=np.float32)
     return np.einsum("ij,ij->i", a, b) / (_norms(a) * _norms(b))
@@ -277,7 +312,7 @@ def row_cosines(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows as float32 of norm 1 (zero rows stay zero)."""
-    rows = np.asarray(vectors, dtype=np.float32)
+    rows = as_float32(vectors)
     return rows / _norms(rows)[:, None] if len(rows) else rows
 
 
