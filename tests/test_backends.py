@@ -870,6 +870,16 @@ def test_auto_reports_its_cached_openvino_choice(cache_copy, monkeypatch):
     assert embedder.backend == "openvino" and embedder.precision == "f32"
     assert describe_embedder(embedder) == "openvino f32 (auto: OpenVINO f32 (faked): 2.0x onnx-int8 here)"
     assert describe_auto() == "openvino f32: OpenVINO f32 (faked): 2.0x onnx-int8 here"
+    # a one-image query starts ONNX Runtime on the model OpenVINO runs (its start costs more than one image)
+    quick = load_embedder("auto", threads=2, images=1)
+    assert (quick.backend, quick.path) == ("onnx", ob.fp32_model_path())
+    assert load_embedder("auto", threads=2, images=models.QUICK_JOB_IMAGES + 1) is embedder
+    if ob.guarded_int8_model() is not None:
+        ovb._choice_path().write_text(json.dumps({**choice, "precision": "int8"}))
+        quick = load_embedder("auto", threads=2, images=1)
+        assert (quick.backend, quick.path) == ("onnx-int8", ob.guarded_int8_model())
+    # named backends are what they name, whatever the job's size
+    assert load_embedder("onnx", threads=2, images=1).backend == "onnx"
     _load_builtin.cache_clear()
 
 

@@ -75,12 +75,12 @@ def embedder_options(command):
     return command
 
 
-def _embedder(backend, model_path, model_spec, threads):
+def _embedder(backend, model_path, model_spec, threads, images: int | None = None):
     from .models import load_embedder
 
     if model_spec and not model_path:
         raise click.UsageError("--model-spec goes with --model")
-    return load_embedder(backend, model=model_path, spec=model_spec, threads=threads)
+    return load_embedder(backend, model=model_path, spec=model_spec, threads=threads, images=images)
 
 
 @click.group(cls=NeardupGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,7 +205,7 @@ def index_command(paths, index_dir, batch_size, prune, show_failures, commit_eve
 def query_command(images, index_dir, k, threshold, exact, as_json, plot, backend, model_path, model_spec, threads) -> None:
     """Find the indexed images most similar to each IMAGE."""
     results, failed = [], 0
-    embedder = _embedder(backend, model_path, model_spec, threads)
+    embedder = _embedder(backend, model_path, model_spec, threads, images=len(images))
     with Index.open(index_dir, embedder=embedder) as index:
         for image in images:
             try:

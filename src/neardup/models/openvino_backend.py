@@ -353,11 +353,22 @@ def measure(embedders: dict, inputs: np.ndarray, rounds: int = SPEED_ROUNDS) -> 
 # ---- auto's choice ---------------------------------------------------------------------------------------
 
 
-def _choice_path() -> Path:
-    import openvino as ov
+def _openvino_version() -> str:
+    """OpenVINO's version from its package metadata: importing openvino to ask costs 0.2 s, which a one-image
+    query on a CPU where auto runs ONNX Runtime would pay only to find its cached verdict."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("openvino")
+    except PackageNotFoundError:
+        import openvino as ov
+
+        return ov.__version__
+
+
+def _choice_path() -> Path:
     key = json.dumps({"cpu": cpu_model(), "flags": sorted(set(KEY_FLAGS) & (cpu_flags() or frozenset())),
-                      "cores": os.cpu_count(), "openvino": ov.__version__, "bf16": bf16_capable()}, sort_keys=True)
+                      "cores": os.cpu_count(), "openvino": _openvino_version(), "bf16": bf16_capable()}, sort_keys=True)
     export = ob.fp32_model_name().name.removesuffix(".onnx")
     return ob.cache_dir() / f"{export}-openvino{OV_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.choice.json"
 
