@@ -68,13 +68,14 @@ def test_vectorised_lookup_equals_per_table_lookup(codes, k, seed, probes):
     np.testing.assert_array_equal(found, expected)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.sampled_from([8, 12, 16, 20]), st.integers(1, 300))
-def test_directed_probes_are_the_cheapest_flips_of_the_weakest_bits(seed, k, probes):
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([8, 12, 16, 20]), st.integers(1, 300), st.sampled_from([None, 8]))
+def test_directed_probes_are_the_cheapest_flips_of_the_weakest_bits(seed, k, probes, flippable):
     projections = np.random.default_rng(seed).standard_normal(512).astype(np.float32)
-    masks = lsh.directed_probes(projections, k, probes)
+    masks = lsh.directed_probes(projections, k, probes, flippable=flippable)
     tables = 512 // k
-    m = min(8, k)
+    # default: the fewest weakest bits whose subsets number at least `probes` (every subset when a power of 2)
+    m = min(max(1, (probes - 1).bit_length()) if flippable is None else flippable, k)
     assert masks.shape == (tables, min(probes, 1 << m))
     for t in range(tables):
         weight = projections[t * k : (t + 1) * k].astype(np.float64) ** 2

@@ -54,8 +54,10 @@ QUERY_PROBES = 32
 QUERY_PROBES_UNCENTRED = 64
 #: Up to this many images a query scans every vector (exact, and about as fast as the tables).
 EXACT_SCAN_MAX = 10_000
-#: Candidates closest in Hamming distance that a query re-ranks by exact cosine (at least 4 * k).
-SHORTLIST = 64
+#: Candidates closest in Hamming distance that a query re-ranks by exact cosine (at least 4 * k). 32 (40 at
+#: k = 10) keeps recall 1.000 at 1M photo-like vectors with the graph's expansion, as 64 did (RESULTS, "1M on
+#: the EPYC"); each shortlisted row costs a read and a float16 conversion.
+SHORTLIST = 32
 #: The nearest files (k-NN graph) of this many best LSH matches are re-ranked too: a copy missed by the
 #: tables is found through its original (benchmarks/RESULTS.md, "Scale").
 QUERY_EXPAND = 1
@@ -375,14 +377,20 @@ class Index:
             scores = lsh.cosines(state.vectors(candidates), vector)
             graph = self._query_graph(state)
             if graph is not None and len(candidates):  # the best matches' nearest files join the candidates
-                near = graph.neighbours[candidates[lsh.top_k(scores, QUERY_EXPAND)]].ravel()
+                near = lsh.unique_rows(graph.neighbours[candidates[lsh.top_k(scores, QUERY_EXPAND)]].ravel())
                 near = near[near >= 0]
-                if len(near):  # each position once (the lists overlap each other and the candidates)
-                    candidates, first = np.unique(np.r_[candidates, near], return_index=True)
-                    scores = np.r_[scores, lsh.cosines(state.vectors(near), vector)][first]
+                # only the files not scored yet are read (candidates are ascending), and positions stay ascending
+                at = np.minimum(np.searchsorted(candidates, near), len(candidates) - 1)
+                near = near[candidates[at] != near]
+                if len(near):
+                    merged = np.concatenate([candidates, near])
+                    order = np.argsort(merged, kind="stable")
+                    candidates = merged[order]
+                    scores = np.concatenate([scores, lsh.cosines(state.vectors(near), vector)])[order]
             best = lsh.top_k(scores, k)
             positions, scores = candidates[best], scores[best]
-        matches = [Match(snap.paths[p], float(s), int(snap.ids[p])) for p, s in zip(positions, scores)]
+        ids = snap.ids[positions].tolist()
+        matches = [Match(snap.paths[p], s, i) for p, s, i in zip(np.asarray(positions).tolist(), np.asarray(scores, dtype=np.float64).tolist(), ids)]
         return [m for m in matches if (threshold is None or m.score >= threshold) and m.path != exclude]
 
     def _query_graph(self, state: "_SearchState") -> knn.Graph | None:

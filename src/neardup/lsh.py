@@ -77,7 +77,8 @@ def _concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     if total == 0:
         return np.empty(0, dtype=np.int64)
-    shifts = np.repeat(starts - np.cumsum(np.r_[0, lengths[:-1]]), lengths)
+    before = np.cumsum(lengths) - lengths  # where each range starts in the output
+    shifts = np.repeat(starts - before, lengths)
     return np.arange(total, dtype=np.int64) + shifts
 
 
@@ -128,23 +129,27 @@ def _powers(k: int) -> np.ndarray:
     return np.left_shift(np.int64(1), np.arange(k, dtype=np.int64))
 
 
-def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int = 8) -> np.ndarray:
+def directed_probes(projections: np.ndarray, k: int, probes: int, flippable: int | None = None) -> np.ndarray:
     """Query-directed multiprobe (Lv et al., VLDB 2007) for sign bits: XOR masks (tables, probes) of
     the most likely buckets of a near neighbour, per table of k contiguous hyperplanes. A bit whose
     projection is close to zero is the likeliest to differ, so masks flip subsets of the `flippable`
     least confident bits of each table, cheapest first by the sum of their squared projections
-    (mask 0, the query's own bucket, always first)."""
+    (mask 0, the query's own bucket, always first). Default: the fewest bits whose subsets number at least
+    `probes` (5 for 32 probes: every subset of the 5 least confident bits, no ranking). Measured on 1M
+    photo-like vectors (RESULTS, "1M on the EPYC"): recall 1.000 as with the best 32 subsets of 8 bits by
+    cost, and 0.09 against 0.18 ms a query."""
     projections = np.asarray(projections, dtype=np.float32)
     num_tables = len(projections) // k
     weight = projections[: num_tables * k].reshape(num_tables, k) ** 2
-    m = min(flippable, k)
+    m = min(max(1, (probes - 1).bit_length()) if flippable is None else flippable, k)
     weakest = np.argpartition(weight, m - 1, axis=1)[:, :m] if m < k else np.tile(np.arange(k), (num_tables, 1))
-    cost = np.take_along_axis(weight, weakest, axis=1) @ _subsets_t32(m)  # (tables, 2^m)
-    probes = min(probes, 1 << m)
-    # the set of probes matters, not their order; mask 0 (cost 0) is always among the cheapest
-    best = np.argpartition(cost, probes - 1, axis=1)[:, :probes] if probes < (1 << m) else np.tile(np.arange(1 << m), (num_tables, 1))
     # every subset's mask per table as one float64 product (sums of distinct powers of two < 2^32: exact)
     masks = np.ldexp(1.0, weakest) @ _subsets_t64(m)  # (tables, 2^m)
+    if probes >= 1 << m:  # every subset is probed
+        return masks.astype(CODE_DTYPE)
+    cost = np.take_along_axis(weight, weakest, axis=1) @ _subsets_t32(m)  # (tables, 2^m)
+    # the set of probes matters, not their order; mask 0 (cost 0) is always among the cheapest
+    best = np.argpartition(cost, probes - 1, axis=1)[:, :probes]
     return np.take_along_axis(masks, best, axis=1).astype(CODE_DTYPE)
 
 
