@@ -389,8 +389,9 @@ class Index:
                     scores = np.concatenate([scores, lsh.cosines(state.vectors(near), vector)])[order]
             best = lsh.top_k(scores, k)
             positions, scores = candidates[best], scores[best]
-        ids = snap.ids[positions].tolist()
-        matches = [Match(snap.paths[p], s, i) for p, s, i in zip(np.asarray(positions).tolist(), np.asarray(scores, dtype=np.float64).tolist(), ids)]
+        positions, ids = np.asarray(positions), snap.ids[positions].tolist()
+        scores = np.asarray(scores, dtype=np.float64).tolist()
+        matches = [Match(snap.paths[p], s, i) for p, s, i in zip(positions.tolist(), scores, ids)]
         return [m for m in matches if (threshold is None or m.score >= threshold) and m.path != exclude]
 
     def _query_graph(self, state: "_SearchState") -> knn.Graph | None:
