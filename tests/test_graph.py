@@ -108,8 +108,11 @@ def planted(n: int, dim: int, seed: int) -> np.ndarray:
     return vectors
 
 
-@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bfloat16"])
-def test_clustered_graph_keeps_its_promises_through_an_update(monkeypatch, low_precision):
+@pytest.mark.parametrize(("low_precision", "torch_top"), [(False, False), (False, True), (True, False)],
+                         ids=["float32", "float32-torch-top", "bfloat16"])
+def test_clustered_graph_keeps_its_promises_through_an_update(monkeypatch, low_precision, torch_top):
+    if torch_top:  # every block's top through torch.topk, as the large blocks of a big collection take it
+        monkeypatch.setattr(knn, "TORCH_TOP_MIN", 0)
     monkeypatch.setattr(knn, "EXACT_MAX", 500)
     monkeypatch.setattr(knn, "CLUSTER_ROWS", 64)
     monkeypatch.setattr(knn, "PROBES", 16)

@@ -283,10 +283,12 @@ def _scan(graph: Graph, at: np.ndarray, rows: Rows, *, columns: np.ndarray | Non
                                             np.concatenate([best_rows, where[top_cols]], axis=1))
                 continue
             sims = queries @ cols.T
-            sims[own_row, own_col] = -np.inf  # a file is not its own neighbour
-            if set_lists:
-                best_sims, best_rows = _top(np.concatenate([best_sims, sims], axis=1),
-                                            np.concatenate([best_rows, np.broadcast_to(where, sims.shape)], axis=1))
+            if set_lists:  # a file is not its own neighbour (its entries set to -inf here, for the merge too)
+                top_sims, top_cols = _sims_top(sims, own_row, own_col)
+                best_sims, best_rows = _top(np.concatenate([best_sims, top_sims], axis=1),
+                                            np.concatenate([best_rows, where[top_cols]], axis=1))
+            else:
+                sims[own_row, own_col] = -np.inf
             if merge:
                 old = ~in_at[where]
                 _merge(graph, where[old], sims[:, old].T, chunk,
@@ -330,10 +332,21 @@ def _block_top(queries, columns, own_row: np.ndarray, own_col: np.ndarray, low_p
 
 def _sims_top(sims: np.ndarray, own_row: np.ndarray, own_col: np.ndarray, keep: int = KEEP
               ) -> tuple[np.ndarray, np.ndarray]:
-    """_block_top of float32 similarities already computed (overwritten where a query meets itself)."""
+    """_block_top of float32 similarities already computed (overwritten where a query meets itself). A large
+    block's top goes through torch.topk (both cores; numpy's argpartition is one: 0.14 against 0.34 s for
+    4,096 x 16,384 on an AVX2 EPYC, where the float32 path runs: no bf16 units)."""
     sims[own_row, own_col] = -np.inf
+    if sims.shape[1] > keep and sims.size >= TORCH_TOP_MIN:
+        import torch
+
+        values, cols = torch.topk(torch.from_numpy(sims), keep, dim=1)  # highest first
+        return values.numpy(), cols.numpy().astype(np.int64)
     values, cols = _top(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape), keep)
     return values, np.maximum(cols, 0)
+
+
+#: Similarity blocks from this many entries up take their top in torch (see _sims_top).
+TORCH_TOP_MIN = 1 << 20
 
 
 def _bf16(vectors):
