@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -88,10 +88,7 @@ class Graph:
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every listed pair (a < b, row positions) with cosine >= min_cosine, each once, with its cosine;
         only those `keep(a, b, cosines)` marks, when given (see pair_chunks)."""
-        found = list(self.pair_chunks(min_cosine, chunk, keep))
-        if not found:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return tuple(np.concatenate(column) for column in zip(*found))
+        return concatenated(self.pair_chunks(min_cosine, chunk, keep))
 
     def pair_chunks(self, min_cosine: float, chunk: int = 1 << 16,
                     keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
@@ -576,13 +573,18 @@ def block_pairs(vectors: np.ndarray, first: int, block: int, threshold: float
 def pairs_above(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (a < b) of the normalised rows with cosine >= threshold: the exact blockwise scan of
     the upper triangle (O(n^2 d), for the few thousand to tens of thousands of crowded files)."""
-    parts = list(pair_chunks_above(vectors, threshold))
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return tuple(np.concatenate(p) for p in zip(*parts))
+    return concatenated(pair_chunks_above(vectors, threshold))
 
 
 def pair_chunks_above(vectors: np.ndarray, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """`pairs_above` a block of rows at a time (block_pairs), for callers that fold the pairs as they come."""
     for first, block in pair_blocks(len(vectors)):
         yield block_pairs(vectors, first, block, threshold)
+
+
+def concatenated(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunks of pairs (a, b, cosines) as one (a, b, cosines): empty int64, int64 and float32 arrays when none."""
+    found = list(chunks)
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate(column) for column in zip(*found))

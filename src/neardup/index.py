@@ -460,10 +460,7 @@ class Index:
         default graph.pair_chunks_above: chunks of pairs of rows of their normalised vectors; the Ray path
         passes its own). In the exact regime this gives every pair `--exact` links. `snapshot`, when given,
         must be current."""
-        found = list(self._link_chunks(self._current_state(snapshot), threshold, aware, join))
-        if not found:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return tuple(np.concatenate(column) for column in zip(*found))
+        return knn.concatenated(self._link_chunks(self._current_state(snapshot), threshold, aware, join))
 
     def _link_chunks(self, state: "_SearchState", threshold: float, aware: bool, join=None
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -918,10 +915,8 @@ def _exact_pairs(snap: Snapshot, threshold: float, block: int = 2048):
             a, b = a + start, b + other
             keep = a < b
             found_a.append(a[keep]), found_b.append(b[keep]), found_s.append(scores[a[keep] - start, b[keep] - other])
-    if not found_a:
-        return _no_pairs()
-    return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
+    return knn.concatenated(zip(found_a, found_b, found_s))
 
 
 def _no_pairs():
-    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    return knn.concatenated(())

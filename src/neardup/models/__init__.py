@@ -138,12 +138,10 @@ def load_embedder(backend: str | None = None, *, model: str | os.PathLike | None
 
 def _quick_start(threads: int | None) -> Embedder:
     """auto for a handful of images: ONNX Runtime where auto's verdict is OpenVINO (QUICK_JOB_IMAGES)."""
-    backend = resolve_backend("auto", threads)
-    if backend != "openvino":
+    if resolve_backend("auto", threads) != "openvino":
         return _load_builtin("auto", threads)
     choice = _openvino_choice(threads, build=False) or {}
-    embedder = _load_builtin("onnx-int8" if choice.get("precision") == "int8" else "onnx", threads)
-    return embedder
+    return _load_builtin("onnx-int8" if choice.get("precision") == "int8" else "onnx", threads)
 
 
 @functools.cache
