@@ -373,16 +373,16 @@ class Index:
             graph = self._query_graph(state)
             if len(candidates):
                 distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.sign_words(projections > 0))
-                expand = min(QUERY_EXPAND, len(candidates))
-                # the closest in Hamming distance stands in for the best cosine match, so the graph's nearest
+                # the closest in Hamming distance stand in for the best cosine matches, so the graph's nearest
                 # files join the shortlist before any row is read: one read and one scoring pass
                 closest = None
-                if graph is not None and expand:
-                    closest = candidates[np.argpartition(distances, expand - 1)[:expand]]
+                if graph is not None and QUERY_EXPAND:
+                    closest = candidates[np.argmin(distances) if QUERY_EXPAND == 1 else
+                                         np.argpartition(distances, min(QUERY_EXPAND, len(candidates)) - 1)[:QUERY_EXPAND]]
                 if len(candidates) > max(SHORTLIST, k):
                     candidates = candidates[lsh.nearest_by_hamming(distances, max(SHORTLIST, k))]
                 if closest is not None:
-                    near = graph.neighbours[closest].ravel()
+                    near = np.ravel(graph.neighbours[closest])
                     candidates = lsh.unique_rows(np.concatenate([candidates, near[near >= 0]]))
             scores = lsh.cosines(state.vectors(candidates), vector)
             best = lsh.top_k(scores, k)
