@@ -273,6 +273,32 @@ def test_a_query_finds_copies_through_its_best_matches_nearest_files(tmp_path, m
     assert with_graph == 1.0 and without < 1.0
 
 
+
+def test_a_query_without_a_convincing_match_probes_deeper(tmp_path, monkeypatch):
+    """A query whose best LSH match stays under DEEPEN_BELOW probes DEEPEN times as many buckets: copies at
+    cosine ~0.7, which one bucket per table mostly misses, are found (no graph here to find them through)."""
+    from neardup import index as index_module
+
+    rng = np.random.default_rng(8)
+    n, dim = 10_500, 64
+    vectors = unit(rng.standard_normal((n, dim)))
+    write_index(tmp_path / "idx", vectors)
+    queries = unit(0.7 * vectors[:60] + 0.71 * unit(rng.standard_normal((60, dim))))
+    monkeypatch.setattr(index_module, "QUERY_PROBES", 1)
+    monkeypatch.setattr(index_module, "QUERY_PROBES_UNCENTRED", 1)
+
+    def found(deepen: int) -> float:
+        monkeypatch.setattr(index_module, "DEEPEN", deepen)
+        with Index.open(tmp_path / "idx") as index:
+            state = index._search_state()
+            state.graph_checked = True  # no graph: only the tables find candidates
+            hits = [f"/v/{i}" in {m.path for m in index.query_vector(q, 3, exact=False)} for i, q in enumerate(queries)]
+            return float(np.mean(hits))
+
+    assert np.max(np.sum(queries * vectors[:60], axis=1)) < index_module.DEEPEN_BELOW  # so every query deepens
+    shallow, deep = found(1), found(256)
+    assert deep == 1.0 and shallow < 0.9
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(0, 300), seed=st.integers(0, 2**16), threshold=st.floats(0.3, 0.95), block=st.integers(1, 64))
 def test_pairs_above_are_the_brute_force_pairs(n, seed, threshold, block):

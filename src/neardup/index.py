@@ -50,8 +50,13 @@ LSH_SEED = 20240601
 #: synthetic 1280-d vectors, copies planted at cosine 0.8-0.99, k = 20 (25 tables): recall 1.000 with
 #: ~800 candidates per 1M vectors for centred data at 32 probes; for uncentred "cone" data (unrelated
 #: cosine 0.2, like GAP vectors) 0.992 at 32 probes, 0.998 at 64 (~11,000 candidates per 1M).
-QUERY_PROBES = 32
+#: A query starts at QUERY_PROBES and probes DEEPEN times as many buckets only when its best match stays
+#: under DEEPEN_BELOW: at 1M photo-like vectors every copy 16 probes missed was in a query whose best match
+#: was 0.43-0.67 (RESULTS, "The query in one pass"); a query that finds its copy reads half the buckets.
+QUERY_PROBES = 16
 QUERY_PROBES_UNCENTRED = 64
+DEEPEN = 2
+DEEPEN_BELOW = 0.8
 #: Up to this many images a query scans every vector (exact, and about as fast as the tables).
 EXACT_SCAN_MAX = 10_000
 #: Candidates closest in Hamming distance that a query re-ranks by exact cosine (at least k), with the
@@ -369,24 +374,14 @@ class Index:
             planes, center = self._lsh_state(self._reader)
             projections = lsh.project(vector[None], planes, center)[0]
             probes = QUERY_PROBES if center is not None else QUERY_PROBES_UNCENTRED
-            candidates = state.tables.candidates(None, projections=projections, probes=probes)
             graph = self._query_graph(state)
-            if len(candidates):
-                distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.sign_words(projections > 0))
-                # the closest in Hamming distance stand in for the best cosine matches, so the graph's nearest
-                # files join the shortlist before any row is read: one read and one scoring pass
-                closest = None
-                if graph is not None and QUERY_EXPAND:
-                    closest = candidates[np.argmin(distances) if QUERY_EXPAND == 1 else
-                                         np.argpartition(distances, min(QUERY_EXPAND, len(candidates)) - 1)[:QUERY_EXPAND]]
-                if len(candidates) > max(SHORTLIST, k):
-                    candidates = candidates[lsh.nearest_by_hamming(distances, max(SHORTLIST, k))]
-                if closest is not None:
-                    near = np.ravel(graph.neighbours[closest])
-                    candidates = lsh.unique_rows(np.concatenate([candidates, near[near >= 0]]))
-            scores = lsh.cosines(state.vectors(candidates), vector)
-            best = lsh.top_k(scores, k)
-            positions, scores = candidates[best], scores[best]
+            positions, scores = _lsh_top_k(state, graph, vector, projections, probes, k)
+            if not len(scores) or scores[0] < DEEPEN_BELOW:  # no convincing match: the tables may have missed it
+                more_positions, more_scores = _lsh_top_k(state, graph, vector, projections, probes * DEEPEN, k)
+                positions, first = np.unique(np.concatenate([positions, more_positions]), return_index=True)
+                scores = np.concatenate([scores, more_scores])[first]
+                best = lsh.top_k(scores, k)
+                positions, scores = positions[best], scores[best]
         positions, ids = np.asarray(positions), snap.ids[positions].tolist()
         scores = np.asarray(scores, dtype=np.float64).tolist()
         matches = [Match(snap.paths[p], s, i) for p, s, i in zip(positions.tolist(), scores, ids)]
@@ -878,6 +873,30 @@ class _SearchState:
     def vectors(self, positions: np.ndarray) -> np.ndarray:
         dense = self.dense()
         return np.take(dense, positions, axis=0) if dense is not None else self.snap.vectors(positions, dtype=None)
+
+
+def _lsh_top_k(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarray, projections: np.ndarray,
+               probes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The query's k best (positions, cosines), best first, among its LSH candidates at `probes` buckets per
+    table: the closest SHORTLIST (at least k) in Hamming distance and the graph's nearest files of the
+    closest, read and scored in one pass."""
+    candidates = state.tables.candidates(None, projections=projections, probes=probes)
+    if len(candidates):
+        distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.sign_words(projections > 0))
+        # the closest in Hamming distance stand in for the best cosine matches, so the graph's nearest
+        # files join the shortlist before any row is read: one read and one scoring pass
+        closest = None
+        if graph is not None and QUERY_EXPAND:
+            closest = candidates[np.argmin(distances) if QUERY_EXPAND == 1 else
+                                 np.argpartition(distances, min(QUERY_EXPAND, len(candidates)) - 1)[:QUERY_EXPAND]]
+        if len(candidates) > max(SHORTLIST, k):
+            candidates = candidates[lsh.nearest_by_hamming(distances, max(SHORTLIST, k))]
+        if closest is not None:
+            near = np.ravel(graph.neighbours[closest])
+            candidates = lsh.unique_rows(np.concatenate([candidates, near[near >= 0]]))
+    scores = lsh.cosines(state.vectors(candidates), vector)
+    best = lsh.top_k(scores, k)
+    return candidates[best], scores[best]
 
 
 def _exact_top_k(state: _SearchState, vector: np.ndarray, k: int, block: int = 1 << 16):
