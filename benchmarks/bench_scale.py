@@ -29,10 +29,14 @@ oracles: every planted pair, every pair >= 0.8 between 1,000 sampled rows and th
 from __future__ import annotations
 
 import os
+import sys
 
 # single-query latency with one BLAS thread (as FAISS below): on 2 shared cores a multi-threaded BLAS
-# call for one vector waits on a descheduled sibling thread and costs milliseconds
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# call for one vector waits on a descheduled sibling thread and costs milliseconds. The dups child runs
+# with the machine's own threads, as a user's `neardup dups` does (unless the caller set them).
+CHILD_ENV = dict(os.environ)
+if "--pairs-child" not in sys.argv:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json
@@ -40,7 +44,6 @@ import platform
 import resource
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -288,7 +291,8 @@ def bench_queries(work: Path, data: dict, exact_queries: int, baselines: bool = 
 def bench_pairs(work: Path, data: dict, threshold: float) -> dict:
     """Run Index.duplicates in a fresh process: wall time and peak RSS of the whole call."""
     out = work.parent / "pairs.json"
-    subprocess.run([sys.executable, __file__, "--pairs-child", str(work), str(threshold), str(out)], check=True)
+    subprocess.run([sys.executable, __file__, "--pairs-child", str(work), str(threshold), str(out)], check=True,
+                   env=CHILD_ENV)
     child = json.loads(out.read_text())
     group_of = {}
     for g, members in enumerate(child["groups"]):
