@@ -273,7 +273,6 @@ def test_a_query_finds_copies_through_its_best_matches_nearest_files(tmp_path, m
     assert with_graph == 1.0 and without < 1.0
 
 
-
 def test_a_query_without_a_convincing_match_probes_deeper(tmp_path, monkeypatch):
     """A query whose best LSH match stays under DEEPEN_BELOW probes DEEPEN times as many buckets: copies at
     cosine ~0.7, which one bucket per table mostly misses, are found (no graph here to find them through)."""
@@ -298,6 +297,7 @@ def test_a_query_without_a_convincing_match_probes_deeper(tmp_path, monkeypatch)
     assert np.max(np.sum(queries * vectors[:60], axis=1)) < index_module.DEEPEN_BELOW  # so every query deepens
     shallow, deep = found(1), found(256)
     assert deep == 1.0 and shallow < 0.9
+
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(0, 300), seed=st.integers(0, 2**16), threshold=st.floats(0.3, 0.95), block=st.integers(1, 64))

@@ -173,9 +173,10 @@ class LSHTables:
     table with direct addressing.
 
     Table t keeps the rows sorted by their key, and `rows.ravel()[offsets[t, key]:offsets[t, key + 1]]` is
-    the bucket of `key` (the offsets count from the first table's start). With 2^k + 1 offsets per table a lookup is two array reads, and the buckets of
-    every probe of every table come out of one vectorised gather (no per-table Python loop). Memory:
-    4 bytes per row per table plus 4 * 2^k per table (k <= MAX_TABLE_BITS).
+    the bucket of `key` (the offsets count from the first table's start). With 2^k + 1 offsets per table a
+    lookup is two array reads, and the buckets of every probe of every table come out of one vectorised
+    gather (no per-table Python loop). Memory: 4 bytes per row per table plus 4 * 2^k per table
+    (k <= MAX_TABLE_BITS).
     """
 
     def __init__(self, codes: np.ndarray, k: int, rows: np.ndarray | None = None):
