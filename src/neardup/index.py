@@ -59,12 +59,13 @@ DEEPEN = 2
 DEEPEN_BELOW = 0.8
 #: Up to this many images a query scans every vector (exact, and about as fast as the tables).
 EXACT_SCAN_MAX = 10_000
-#: Candidates closest in Hamming distance that a query re-ranks by exact cosine (at least k), with the
-#: nearest files (k-NN graph) of the QUERY_EXPAND closest: a copy missed by the tables is found through its
-#: original. Every row read is one random read and a float16 conversion, so they are few and read in one
-#: pass. At 1M photo-like vectors: recall 1.000 and p50 0.44 ms, against 0.58 ms for a shortlist of 40 whose
-#: best cosine match was expanded in a second pass (benchmarks/RESULTS.md, "The query in one pass").
+#: Candidates closest in Hamming distance that a query re-ranks by exact cosine (SHORTLIST_PER_MATCH per
+#: match asked for, at least SHORTLIST), with the nearest files (k-NN graph) of the QUERY_EXPAND closest: a
+#: copy missed by the tables is found through its original. Every row read is one random read and a float16
+#: conversion, so they are read and scored in one pass (benchmarks/RESULTS.md, "The query in one pass").
+#: 4 per match: with 1 or 2, a query of the seed-3 eval set with many copies lost one (recall@10 0.997).
 SHORTLIST = 12
+SHORTLIST_PER_MATCH = 4
 QUERY_EXPAND = 1
 #: Stored vectors are kept in memory as normalised float32 for exact scans up to this many bytes.
 DENSE_CACHE_BYTES = 128 << 20
@@ -878,7 +879,7 @@ class _SearchState:
 def _lsh_top_k(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarray, projections: np.ndarray,
                probes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The query's k best (positions, cosines), best first, among its LSH candidates at `probes` buckets per
-    table: the closest SHORTLIST (at least k) in Hamming distance and the graph's nearest files of the
+    table: the closest SHORTLIST (4 per match asked for) in Hamming distance and the graph's nearest files of the
     closest, read and scored in one pass."""
     candidates = state.tables.candidates(None, projections=projections, probes=probes)
     if len(candidates):
@@ -889,8 +890,9 @@ def _lsh_top_k(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarra
         if graph is not None and QUERY_EXPAND:
             closest = candidates[np.argmin(distances) if QUERY_EXPAND == 1 else
                                  np.argpartition(distances, min(QUERY_EXPAND, len(candidates)) - 1)[:QUERY_EXPAND]]
-        if len(candidates) > max(SHORTLIST, k):
-            candidates = candidates[lsh.nearest_by_hamming(distances, max(SHORTLIST, k))]
+        shortlist = max(SHORTLIST, SHORTLIST_PER_MATCH * k)
+        if len(candidates) > shortlist:
+            candidates = candidates[lsh.nearest_by_hamming(distances, shortlist)]
         if closest is not None:
             near = np.ravel(graph.neighbours[closest])
             candidates = lsh.unique_rows(np.concatenate([candidates, near[near >= 0]]))
