@@ -694,9 +694,34 @@ def test_large_png_is_reduced_before_conversion_and_embeds_as_the_full_decode(tm
     assert decoded.image.size == (683, 683)  # 2048 // (3 x 224) = factor 3: still >= 3 x 224 (ceil 2048 / 3)
     reduced, full = embedder.embed(np.stack([embedder.preprocess(decoded.image), embedder.preprocess(photo)]))
     assert float(reduced @ full) >= 0.995
-    with_alpha = tmp_path / "alpha.png"
-    photo.convert("RGBA").save(with_alpha)
-    assert load_image(with_alpha, min_side=224).image.size == (2048, 2048)  # alpha: composited first, not reduced
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_large_transparent_image_is_reduced_as_if_composited_on_white_first(tmp_path, mode):
+    """A large image with transparency is reduced before it is composited (premultiplied colours averaged):
+    the result is the full-size composite reduced, to rounding, and the colours hidden under transparent
+    pixels (pure red here) never bleed in."""
+    rng = np.random.default_rng(7)
+    photo = Image.fromarray(samples.astronaut()).resize((1400, 1400), Image.Resampling.BICUBIC)
+    colours = np.asarray(photo).copy()
+    alpha = rng.integers(0, 256, (1400, 1400), dtype=np.uint8)
+    alpha[:700] = 255
+    alpha[700:900] = 0
+    colours[700:900] = (255, 0, 0)
+    image = Image.fromarray(np.dstack([colours, alpha]), "RGBA")
+    if mode == "LA":
+        image = Image.merge("LA", (image.convert("L"), image.getchannel("A")))
+    elif mode == "PA":
+        image = image.convert("RGB").quantize(64).convert("PA")
+        image.putalpha(Image.fromarray(alpha))
+    path = tmp_path / ("alpha.tif" if mode == "PA" else "alpha.png")  # Pillow writes PA to TIFF only
+    image.save(path)
+    decoded = load_image(path, min_side=224)
+    assert decoded.image.size == (700, 700)  # 1400 // (3 x 224) = factor 2
+    composited = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    expected = np.asarray(composited.convert("RGB").reduce(2), dtype=int)
+    assert np.abs(pixels(decoded) - expected).max() <= 2
+    assert (pixels(decoded)[351:449] == 255).all()  # transparent rows: white, no red
 
 
 def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):

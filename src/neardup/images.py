@@ -88,6 +88,8 @@ _TRANSPOSES_SWAPPING_SIDES = frozenset(
 _EXIF_ORIENTATION_TAG = 0x0112
 
 _MODES_WITH_ALPHA = frozenset({"RGBA", "RGBa", "LA", "PA"})
+#: Modes Pillow converts to RGBA directly (the 16- and 32-bit ones take _to_rgb's scaling instead).
+_EIGHT_BIT_MODES = frozenset({"RGBA", "RGBa", "LA", "PA", "P", "L", "RGB", "1"})
 _WHITE = (255, 255, 255, 255)
 
 # Pillow's DecompressionBombError/Warning text: "Image size (N pixels) exceeds limit of M pixels".
@@ -193,15 +195,19 @@ def _decode(stream: BinaryIO, min_side: int, max_pixels: int) -> Decoded:
     # Non-JPEG formats decode at full size; averaging blocks of pixels first (Image.reduce, a box filter)
     # makes the colour conversion and the model's resize 4-9x cheaper on large PNG/WebP/TIFF files. It
     # keeps at least 3x the model's input on each side, so the model's bicubic resize sees the same detail.
-    # Modes with alpha are left alone: averaging colours before compositing would bleed hidden colours.
     factor = min(image.size) // (_REDUCE_MARGIN * min_side)
-    if image.format != "JPEG" and factor >= 2 and image.mode in ("RGB", "L"):
+    reducible = image.format != "JPEG" and factor >= 2
+    transparent = _has_transparency(image)
+    if reducible and image.mode in ("RGB", "L") and not transparent:
         try:
             image = image.reduce(factor)
         except Exception as error:
             raise ImageError(_failure_reason(image_format, "data", error)) from None
     try:
-        rgb = _to_rgb(image)
+        if reducible and transparent and image.mode in _EIGHT_BIT_MODES:
+            rgb = _reduced_on_white(image, factor)
+        else:
+            rgb = _to_rgb(image)
     except Exception as error:
         raise ImageError(f"unsupported pixel format {image.mode} in {image_format} ({_detail(error)})") from None
 
@@ -241,7 +247,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if high > low:
             samples = (samples - low) * (255.0 / (high - low))
         return _grey_to_rgb(np.rint(np.clip(samples, 0, 255)))
-    if mode in _MODES_WITH_ALPHA or "transparency" in image.info:
+    if _has_transparency(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE)
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -250,6 +256,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.copy()
     # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX, ...: Pillow's conversions are correct for these.
     return image.convert("RGB")
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    return image.mode in _MODES_WITH_ALPHA or "transparency" in image.info
+
+
+def _reduced_on_white(image: Image.Image, factor: int) -> Image.Image:
+    """`image` composited on white, then box-reduced by `factor`, computed in the other order.
+
+    Compositing is linear in premultiplied colours (white + alpha x (colour - white)), so averaging the
+    premultiplied pixels (RGBa) and then compositing gives the average of the composited pixels, to
+    rounding, with no hidden colour under a transparent pixel bleeding in; only the reduced image is
+    composited. Twice to four times cheaper than compositing a 15-megapixel wallpaper at full size.
+    """
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    premultiplied = np.asarray(rgba.convert("RGBa").reduce(factor), dtype=np.int16)
+    # composited = premultiplied colour + (255 - alpha); the colour never exceeds its alpha, min() is a guard
+    composited = np.minimum(premultiplied[..., :3] + (255 - premultiplied[..., 3:]), 255)
+    return Image.fromarray(composited.astype(np.uint8))
 
 
 def _grey_to_rgb(levels: np.ndarray) -> Image.Image:
