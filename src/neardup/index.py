@@ -376,13 +376,13 @@ class Index:
             projections = lsh.project(vector[None], planes, center)[0]
             probes = QUERY_PROBES if center is not None else QUERY_PROBES_UNCENTRED
             graph = self._query_graph(state)
-            positions, scores = _lsh_top_k(state, graph, vector, projections, probes, k)
-            if not len(scores) or scores[0] < DEEPEN_BELOW:  # no convincing match: the tables may have missed it
-                more_positions, more_scores = _lsh_top_k(state, graph, vector, projections, probes * DEEPEN, k)
-                positions, first = np.unique(np.concatenate([positions, more_positions]), return_index=True)
-                scores = np.concatenate([scores, more_scores])[first]
+            positions, scores = _lsh_scored(state, graph, vector, projections, probes, k)
+            best = lsh.top_k(scores, k)
+            if not len(best) or scores[best[0]] < DEEPEN_BELOW:  # no convincing match: the tables may have missed it
+                positions, scores = _lsh_scored(state, graph, vector, projections, probes * DEEPEN, k,
+                                                scored=(positions, scores))
                 best = lsh.top_k(scores, k)
-                positions, scores = positions[best], scores[best]
+            positions, scores = positions[best], scores[best]
         positions, ids = np.asarray(positions), snap.ids[positions].tolist()
         scores = np.asarray(scores, dtype=np.float64).tolist()
         matches = [Match(snap.paths[p], s, i) for p, s, i in zip(positions.tolist(), scores, ids)]
@@ -876,11 +876,13 @@ class _SearchState:
         return np.take(dense, positions, axis=0) if dense is not None else self.snap.vectors(positions, dtype=None)
 
 
-def _lsh_top_k(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarray, projections: np.ndarray,
-               probes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The query's k best (positions, cosines), best first, among its LSH candidates at `probes` buckets per
-    table: the closest SHORTLIST (4 per match asked for) in Hamming distance and the graph's nearest files of the
-    closest, read and scored in one pass."""
+def _lsh_scored(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarray, projections: np.ndarray,
+                probes: int, k: int, scored: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a query reads and scores at `probes` buckets per table, as (positions, cosines): the closest
+    SHORTLIST (4 per match asked for) of its LSH candidates in Hamming distance and the graph's nearest files
+    of the closest, read and scored in one pass. `scored`: rows an earlier pass scored, kept and not read
+    again."""
     candidates = state.tables.candidates(None, projections=projections, probes=probes)
     if len(candidates):
         distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.sign_words(projections > 0))
@@ -896,9 +898,12 @@ def _lsh_top_k(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarra
         if closest is not None:
             near = np.ravel(graph.neighbours[closest])
             candidates = lsh.unique_rows(np.concatenate([candidates, near[near >= 0]]))
-    scores = lsh.cosines(state.vectors(candidates), vector)
-    best = lsh.top_k(scores, k)
-    return candidates[best], scores[best]
+    if scored is None:
+        return candidates, lsh.cosines(state.vectors(candidates), vector)
+    known, known_scores = scored
+    fresh = candidates[~(candidates[:, None] == known).any(axis=1)]  # a few dozen each: cheaper than np.isin
+    return (np.concatenate([known, fresh]),
+            np.concatenate([known_scores, lsh.cosines(state.vectors(fresh), vector)]))
 
 
 def _exact_top_k(state: _SearchState, vector: np.ndarray, k: int, block: int = 1 << 16):
