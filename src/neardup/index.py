@@ -902,8 +902,9 @@ def _lsh_scored(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarr
         return candidates, lsh.cosines(state.vectors(candidates), vector)
     known, known_scores = scored
     fresh = candidates[~(candidates[:, None] == known).any(axis=1)]  # a few dozen each: cheaper than np.isin
-    return (np.concatenate([known, fresh]),
-            np.concatenate([known_scores, lsh.cosines(state.vectors(fresh), vector)]))
+    positions = np.concatenate([known, fresh])
+    order = np.argsort(positions)  # ascending rows, as one pass gives: equal scores rank by row, as exact
+    return positions[order], np.concatenate([known_scores, lsh.cosines(state.vectors(fresh), vector)])[order]
 
 
 def _exact_top_k(state: _SearchState, vector: np.ndarray, k: int, block: int = 1 << 16):
