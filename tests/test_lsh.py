@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -131,6 +132,22 @@ def test_a_query_keys_and_words_from_its_signs_equal_those_of_its_stored_codes(s
     codes = lsh.hash_vectors(np.zeros((1, 24), np.float32), planes, 16, projections=projections)
     np.testing.assert_array_equal(lsh.table_keys(projections[0] > 0, k), lsh.range_keys(codes, k)[0])
     np.testing.assert_array_equal(lsh.sign_words(projections[0] > 0), lsh.code_words(codes)[0])
+
+
+def test_as_float32_keeps_subnormal_halves_where_the_thread_flushes_subnormal_floats(monkeypatch):
+    """With FTZ/DAZ set on the thread (torch.set_flush_denormal, as some runtimes do), the bit path's
+    scaling would read the subnormal halves as zero; they must still convert as numpy's cast does."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(lsh, "_half_by_bits", lambda: True)
+    halves = np.array([3e-6, -3e-6, 1e-7, 6e-8, 0.5, -0.25], np.float16)
+    assert (np.abs(halves[:4]) < np.finfo(np.float16).tiny).all()  # subnormal halves
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        converted = lsh.as_float32(halves)
+    finally:
+        torch.set_flush_denormal(False)
+    assert np.array_equal(converted.view(np.uint32), halves.astype(np.float32).view(np.uint32))
 
 
 def test_as_float32_gives_numpys_floats_bit_for_bit_by_either_path(monkeypatch):

@@ -277,6 +277,7 @@ def as_float32(vectors: np.ndarray) -> np.ndarray:
 
 _HALF_TO_FLOAT_MASK = np.uint32(0x8FFFE000).view(np.int32)  # sign, exponent's low 4 bits, mantissa
 _HALF_TO_FLOAT_SCALE = np.float32(2.0**112)  # float32's exponent bias less half's: 127 - 15
+_FLOAT32_SUBNORMAL = np.float32(1e-40)
 
 
 def _half_to_float_by_bits(halves: np.ndarray) -> np.ndarray:
@@ -284,7 +285,11 @@ def _half_to_float_by_bits(halves: np.ndarray) -> np.ndarray:
     shifted left by 13 are a float32 of the same sign and mantissa whose exponent lacks the bias difference
     (for a subnormal half, a subnormal float32 of the same relative scale), so one multiplication by 2^112
     finishes it, zeros and subnormals included. The sign-extended copy's high bits are masked off. Infinity
-    and NaN (never stored: vectors are unit) would come out finite, so they take numpy's cast."""
+    and NaN (never stored: vectors are unit) would come out finite, so they take numpy's cast, as does a
+    thread that flushes subnormal floats to zero (torch.set_flush_denormal, some runtimes), where the
+    scaling would zero the subnormal halves."""
+    if _FLOAT32_SUBNORMAL * _HALF_TO_FLOAT_SCALE == 0:  # ~1 µs: the thread's FTZ/DAZ state, as it is now
+        return halves.astype(np.float32)
     bits = halves.view(np.int16).astype(np.int32)
     np.left_shift(bits, 13, out=bits)
     np.bitwise_and(bits, _HALF_TO_FLOAT_MASK, out=bits)
