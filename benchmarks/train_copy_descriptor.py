@@ -575,7 +575,8 @@ def figures(result: dict) -> dict:
     calibration = ours["calibration"]
     return {"top1": ours["overall"]["top1"], "micro_AP": ours["overall"]["micro_AP"], "mAP": ours["overall"]["mAP"],
             "dups_precision": dups["precision"], "dups_recall": dups["recall"], "dups_threshold": dups["threshold"],
-            "calibrated_threshold": calibration["threshold"], "recall_at_p99": calibration["recall"]}
+            "calibrated_threshold": calibration["threshold"], "recall_at_p99": calibration["recall"],
+            "grouped_with_original": dups.get("grouped_with_original", {})}
 
 
 def evaluate(args) -> None:
@@ -616,7 +617,8 @@ def evaluate(args) -> None:
 def _fmt(f: dict) -> str:
     cal = "none" if f["calibrated_threshold"] is None else f"{f['calibrated_threshold']:.3f}"
     return (f"top-1 {f['top1']:.4f}  micro-AP {f['micro_AP']:.4f}  mAP {f['mAP']:.4f}  dups at {f['dups_threshold']}: "
-            f"P {f['dups_precision']:.4f} R {f['dups_recall']:.4f}  P>=0.99 from {cal}: R {f['recall_at_p99']:.4f}")
+            f"P {f['dups_precision']:.4f} R {f['dups_recall']:.4f}  P>=0.99 from {cal}: R {f['recall_at_p99']:.4f}  "
+            f"50 % crops grouped {f.get('grouped_with_original', {}).get('crop50', float('nan')):.3f}")
 
 
 # ---- ship ----------------------------------------------------------------------------------------
