@@ -11,9 +11,9 @@ does not learn the benchmark's exact parameter draws.
 One view is a chain drawn independently per stage (SSCD-style "strong" augmentation, widened to the
 copies neardup must find):
 
-* geometry: crop down to 30 % of the area (aspect 3/5..5/3); rotation up to +-30 degrees, with black
-  corners, with coloured corners, or cropped inside (no corners); perspective; horizontal (and rarely
-  vertical) flip; aspect squash 0.6..1.65;
+* geometry: crop down to 30 % of the area (aspect 3/5..5/3; the trainer's --min-crop-area changes the 30 %);
+  rotation up to +-30 degrees, with black corners, with coloured corners, or cropped inside (no corners);
+  perspective; horizontal (and rarely vertical) flip; aspect squash 0.6..1.65;
 * colour: brightness / contrast / saturation / hue jitter, greyscale, Gaussian blur, sensor noise;
 * overlays: text (random words, DejaVu/Liberation fonts or Pillow's default), emoji (drawn smileys and
   symbol glyphs), logos (a badge with letters, semi-transparent);
@@ -76,17 +76,17 @@ def _font(rng: np.random.Generator, size: int) -> ImageFont.ImageFont:
 
 # ---- geometry ------------------------------------------------------------------------------------
 
-def crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A crop keeping MIN_AREA..1 of the area, its aspect 3/5..5/3 times the photo's."""
+def crop(img: Image.Image, rng: np.random.Generator, min_area: float = MIN_AREA) -> Image.Image:
+    """A crop keeping min_area..1 of the area (uniform), its aspect 3/5..5/3 times the photo's."""
     w, h = img.size
     for _ in range(10):
-        area = rng.uniform(MIN_AREA, 1.0)
+        area = rng.uniform(min_area, 1.0)
         ratio = math.exp(rng.uniform(math.log(3 / 5), math.log(5 / 3)))
         cw, ch = round(w * math.sqrt(area * ratio)), round(h * math.sqrt(area / ratio))
         if 8 <= cw <= w and 8 <= ch <= h:
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             return img.crop((x, y, x + cw, y + ch))
-    side = math.sqrt(rng.uniform(MIN_AREA, 1.0))
+    side = math.sqrt(rng.uniform(min_area, 1.0))
     cw, ch = max(8, round(w * side)), max(8, round(h * side))
     return img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
 
@@ -320,16 +320,18 @@ STAGES = (("crop", crop), ("rotate", rotate), ("perspective", perspective), ("hf
           ("jpeg", jpeg))
 
 
-def augmented_view(photo: Image.Image, rng: np.random.Generator, probabilities: dict | None = None) -> Image.Image:
+def augmented_view(photo: Image.Image, rng: np.random.Generator, probabilities: dict | None = None,
+                   min_crop_area: float = MIN_AREA) -> Image.Image:
     """One augmented copy of `photo` (RGB): each stage applied with its probability, in STAGES order.
     The draws are made for every stage whether or not it applies, so one stage's parameters do not
     depend on another's being drawn."""
     probabilities = probabilities or PROBABILITIES
+    functions = dict(STAGES, crop=functools.partial(crop, min_area=min_crop_area))
     img = photo if photo.mode == "RGB" else photo.convert("RGB")
-    for name, function in STAGES:
+    for name, _ in STAGES:
         stage_rng = np.random.default_rng(rng.integers(1 << 62))
         if rng.random() < probabilities.get(name, 0.0):
-            img = function(img, stage_rng)
+            img = functions[name](img, stage_rng)
     return img
 
 

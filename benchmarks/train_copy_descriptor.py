@@ -204,15 +204,17 @@ def imagenet_vectors(photos: list[Image.Image]) -> np.ndarray:
 _WORKER_PHOTOS: list[Image.Image] = []
 
 
-def view_pixels(photo: Image.Image, seed: int, epoch: int, photo_index: int, view: int) -> np.ndarray:
+def view_pixels(photo: Image.Image, seed: int, epoch: int, photo_index: int, view: int,
+                min_crop_area: float = copy_augment.MIN_AREA) -> np.ndarray:
     """One fresh augmented view as the default model sees it: uint8 [224, 224, 3]."""
-    image = copy_augment.augmented_view(photo, copy_augment.view_rng(seed, epoch, photo_index, view))
+    image = copy_augment.augmented_view(photo, copy_augment.view_rng(seed, epoch, photo_index, view),
+                                        min_crop_area=min_crop_area)
     return default_model.model_pixels(image)
 
 
-def _views_of(task: tuple[int, int, int, int]) -> np.ndarray:
-    seed, epoch, index, views = task
-    return np.stack([view_pixels(_WORKER_PHOTOS[index], seed, epoch, index, v) for v in range(views)])
+def _views_of(task: tuple[int, int, int, int, float]) -> np.ndarray:
+    seed, epoch, index, views, min_crop_area = task
+    return np.stack([view_pixels(_WORKER_PHOTOS[index], seed, epoch, index, v, min_crop_area) for v in range(views)])
 
 
 def _worker_defaults() -> None:
@@ -221,11 +223,12 @@ def _worker_defaults() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def epoch_views(photos: list[Image.Image], seed: int, epoch: int, views: int, workers: int) -> np.ndarray:
+def epoch_views(photos: list[Image.Image], seed: int, epoch: int, views: int, workers: int,
+                min_crop_area: float = copy_augment.MIN_AREA) -> np.ndarray:
     """uint8 [n_photos, views, 224, 224, 3]: this epoch's views (the same whatever `workers` is)."""
     global _WORKER_PHOTOS
     _WORKER_PHOTOS = photos
-    tasks = [(seed, epoch, i, views) for i in range(len(photos))]
+    tasks = [(seed, epoch, i, views, min_crop_area) for i in range(len(photos))]
     if workers <= 1:
         return np.stack([_views_of(t) for t in tasks])
     with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_defaults) as pool:
@@ -345,7 +348,9 @@ def copy_loss(vectors, labels, center, temperature: float, koleo: float) -> tupl
 
 #: Settings that change a run's result: a resumed run must keep them.
 RESULT_KEYS = ("seed", "cut", "views", "photos_per_batch", "epochs", "lr", "weight_decay", "warmup_steps",
-               "temperature", "koleo", "bf16", "max_photos")
+               "temperature", "koleo", "bf16", "max_photos", "min_crop_area")
+#: Settings added after runs were made: a stored config without one ran with this value.
+RESULT_DEFAULTS = {"min_crop_area": copy_augment.MIN_AREA}
 
 
 class Stop(Exception):
@@ -384,6 +389,7 @@ def train(args, data: tuple | None = None) -> None:
     config_path = run_dir / "config.json"
     if config_path.is_file():
         stored = json.loads(config_path.read_text())
+        stored = {**RESULT_DEFAULTS, **stored}
         changed = {k: (stored.get(k), v) for k, v in config.items() if stored.get(k) != v}
         if changed:
             raise SystemExit(f"{run_dir}: settings differ from the stored run (stored, given): {changed}; "
@@ -441,7 +447,7 @@ def train(args, data: tuple | None = None) -> None:
         while step < total_steps:
             epoch = step // steps_per_epoch
             t0 = time.perf_counter()
-            pixels = epoch_views(photos, args.seed, epoch, args.views, args.workers)
+            pixels = epoch_views(photos, args.seed, epoch, args.views, args.workers, args.min_crop_area)
             t1 = time.perf_counter()
             flat = pixels.reshape(-1, INPUT, INPUT, 3)
             activations = frozen_activations(split, flat, args.bf16)
@@ -728,6 +734,8 @@ def main() -> None:
     t.add_argument("--warmup-steps", type=int, default=100)
     t.add_argument("--temperature", type=float, default=0.1)
     t.add_argument("--koleo", type=float, default=10.0)
+    t.add_argument("--min-crop-area", type=float, default=copy_augment.MIN_AREA,
+                   help="smallest share of a photo's area a cropped view keeps (drawn uniformly up to 1)")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for the frozen part and training (measured: no faster here)")
     t.add_argument("--max-photos", type=int, default=0, help="train on a seeded subset (0: every photo)")
     t.add_argument("--workers", type=int, default=2, help="augmentation processes")

@@ -46,6 +46,18 @@ def test_crop_keeps_at_least_30_percent_and_rotation_can_leave_black_corners(pho
     assert any(black) and not all(black)
 
 
+def test_min_crop_area_widens_the_crops_of_cropped_views_only(photos):
+    w, h = photos[0].size
+    areas = [copy_augment.crop(photos[0], np.random.default_rng(draw), min_area=0.15).size for draw in range(60)]
+    shares = [cw * ch / (w * h) for cw, ch in areas]
+    assert min(shares) >= 0.15 - (w + h) / (w * h) and min(shares) < 0.3
+    # the trainer's setting reaches the crop of a view that is cropped, and only the crop: other draws stay
+    view = next(v for v in range(20) if "crop" in copy_augment.applied_stages(copy_augment.view_rng(3, 0, 0, v)))
+    assert not np.array_equal(tcd.view_pixels(photos[0], 3, 0, 0, view), tcd.view_pixels(photos[0], 3, 0, 0, view, 0.15))
+    uncropped = next(v for v in range(20) if "crop" not in copy_augment.applied_stages(copy_augment.view_rng(3, 0, 0, v)))
+    assert np.array_equal(tcd.view_pixels(photos[0], 3, 0, 0, uncropped), tcd.view_pixels(photos[0], 3, 0, 0, uncropped, 0.15))
+
+
 def test_views_are_deterministic_per_seed_and_fresh_per_epoch(photos):
     first = tcd.view_pixels(photos[0], seed=3, epoch=0, photo_index=0, view=1)
     assert first.shape == (224, 224, 3) and first.dtype == np.uint8
@@ -77,7 +89,8 @@ def test_loss_prefers_views_of_the_same_photo():
 def _args(runs: Path, run: str, **extra) -> argparse.Namespace:
     args = dict(run=run, runs_dir=str(runs), seed=0, cut=14, epochs=2, views=2, photos_per_batch=2, lr=1e-3,
                 weight_decay=1e-4, warmup_steps=1, temperature=0.1, koleo=1.0, bf16=False, max_photos=0, workers=1,
-                threads=2, log_every=1, checkpoint_minutes=60.0, keep_every=1, stop_after_steps=0)
+                threads=2, log_every=1, checkpoint_minutes=60.0, keep_every=1, stop_after_steps=0,
+                min_crop_area=copy_augment.MIN_AREA)
     args.update(extra)
     return argparse.Namespace(**args)
 
