@@ -43,7 +43,7 @@ of the shipped descriptor >= DEDUP_COSINE) are dropped, so no two training photo
 the trained features with fit_whitening's own photos, edits and neardup.models.whitening.fit (same seed,
 copies, dim, shrinkage as the shipped fit), and `neardup eval run`'s code (neardup.evaluation.run, exact and
 LSH search, dups at the default threshold, the calibrated threshold) runs on each set with that embedder,
-beside the shipped default model on the same sets. Nothing in src/ changes; the trained model has its own
+beside the shipped default model (torch fp32; its figures kept per set under its identity) on the same sets. Nothing in src/ changes; the trained model has its own
 identity, so its vectors never mix with an index of the shipped model.
 """
 
@@ -168,7 +168,7 @@ def imagenet_whitening() -> tuple[np.ndarray, np.ndarray]:
 
 def imagenet_embedder():
     """A neardup Embedder of the descriptor before copy training (ImageNet weights, their whitening): the
-    near-duplicate filter of the training photos and the baseline `eval` compares with."""
+    near-duplicate filter of the training photos."""
     from neardup.models.efficientnet_lite0 import load_pretrained
 
     return embedder_of(load_pretrained(whitened=False, copy_trained=False), *imagenet_whitening(),
@@ -603,17 +603,23 @@ def evaluate(args) -> None:
     started = time.perf_counter()
     trained = trained_embedder(weights)
     print(f"whitening refitted on the trained features ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    # the trained model beside the model neardup ships now (torch fp32, as the trained one runs), whose
+    # figures are kept per set under its identity: a later eval against the same shipped model reads them
+    from neardup.models import load_embedder
+
+    shipped = load_embedder("torch")
+    shipped_key = hashlib.sha256(json.dumps(shipped.identity, sort_keys=True).encode()).hexdigest()[:12]
     rows = []
     for set_path in args.sets:
         name = Path(set_path).name
-        baseline_path = RUNS / "_data" / f"baseline-{name}.json"
-        if baseline_path.is_file():
-            base = json.loads(baseline_path.read_text())
+        shipped_path = RUNS / "_data" / f"shipped-{shipped_key}-{name}.json"
+        if shipped_path.is_file():
+            base = json.loads(shipped_path.read_text())
         else:
-            base = figures(evaluation.run(set_path, baselines=False, embedder=imagenet_embedder()))
-            baseline_path.write_text(json.dumps(base, indent=1))
+            base = figures(evaluation.run(set_path, baselines=False, embedder=shipped))
+            shipped_path.write_text(json.dumps(base, indent=1))
         ours = figures(evaluation.run(set_path, baselines=False, embedder=trained))
-        rows.append({"set": name, "shipped": base, "trained": ours})
+        rows.append({"set": name, "shipped": base, "shipped_identity": shipped.identity, "trained": ours})
         print(f"{name}: shipped {_fmt(base)}\n{' ' * len(name)}  trained {_fmt(ours)}", flush=True)
     out = run_dir / f"eval-{weights.stem}.json"
     out.write_text(json.dumps({"weights": str(weights), "results": rows}, indent=1))
