@@ -116,6 +116,12 @@ def test_tiny_training_runs_and_resumes_to_the_same_state(tmp_path, photos):
     assert (tmp_path / "straight" / "weights-epoch002.pt").is_file()
     with pytest.raises(SystemExit, match="settings differ"):
         tcd.train(_args(tmp_path, "straight", lr=5e-4), data)
+    # a run stored before --min-crop-area existed ran with its default: it goes on, and refuses another value
+    config = tmp_path / "straight" / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "min_crop_area"}))
+    tcd.train(_args(tmp_path, "straight"), data)
+    with pytest.raises(SystemExit, match="min_crop_area"):
+        tcd.train(_args(tmp_path, "straight", min_crop_area=0.15), data)
 
 
 def test_shipped_weights_file_is_the_same_bytes_for_the_same_numbers(tmp_path):
