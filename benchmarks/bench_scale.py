@@ -298,8 +298,13 @@ def bench_pairs(work: Path, data: dict, threshold: float) -> dict:
     for g, members in enumerate(child["groups"]):
         for m in members:
             group_of[m] = g
+    from neardup import calibration
+
+    # `threshold` is dups' copy probability, not a cosine: the planted pairs that must be grouped are the ones
+    # a plain cosine at that probability would link (all of them: planted copies are at cosine >= 0.8)
     a, b, s = data["planted"]
-    planted = [(int(x), int(y)) for x, y, c in zip(a, b, s) if c >= threshold]
+    floor = calibration.raw_threshold(threshold, aware=False)
+    planted = [(int(x), int(y)) for x, y, c in zip(a, b, s) if c >= floor]
     sampled = data["sample_pairs"]
     together = lambda x, y: x in group_of and group_of.get(x) == group_of.get(y)  # noqa: E731
     return {"threshold": threshold, "seconds": child["seconds"], "cpu_s": child["cpu_s"], "peak_rss_mb": child["peak_rss_mb"],
