@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np  # noqa: E402
 
-from neardup import lsh  # noqa: E402
+from neardup import calibration, lsh  # noqa: E402
 from neardup.index import (DEFAULT_THRESHOLD, LSH_SEED, NUM_TABLES, QUERY_PROBES, QUERY_PROBES_UNCENTRED, SHORTLIST,  # noqa: E402
                            STORED_BITS, Index, query_bits)
 from neardup.store import Record, Store  # noqa: E402
@@ -298,8 +298,6 @@ def bench_pairs(work: Path, data: dict, threshold: float) -> dict:
     for g, members in enumerate(child["groups"]):
         for m in members:
             group_of[m] = g
-    from neardup import calibration
-
     # `threshold` is dups' copy probability, not a cosine: the planted pairs that must be grouped are the ones
     # a plain cosine at that probability would link (all of them: planted copies are at cosine >= 0.8)
     a, b, s = data["planted"]
@@ -354,7 +352,7 @@ def link_oracle(work: Path, threshold: float, sample: int, seed: int = 3) -> dic
     scan: bfloat16 product, top 40 re-scored in float32, independent of neardup.graph)."""
     import torch
 
-    from neardup import calibration, neighbourhood
+    from neardup import neighbourhood
 
     index = Index.open(work)
     snap = index.snapshot()

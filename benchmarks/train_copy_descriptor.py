@@ -43,8 +43,9 @@ of the shipped descriptor >= DEDUP_COSINE) are dropped, so no two training photo
 the trained features with fit_whitening's own photos, edits and neardup.models.whitening.fit (same seed,
 copies, dim, shrinkage as the shipped fit), and `neardup eval run`'s code (neardup.evaluation.run, exact and
 LSH search, dups at the default threshold, the calibrated threshold) runs on each set with that embedder,
-beside the shipped default model (torch fp32; its figures kept per set under its identity) on the same sets. Nothing in src/ changes; the trained model has its own
-identity, so its vectors never mix with an index of the shipped model.
+beside the shipped default model (torch fp32; its figures kept per set under its identity) on the same
+sets. Nothing in src/ changes; the trained model has its own identity, so its vectors never mix with an
+index of the shipped model.
 """
 
 from __future__ import annotations
