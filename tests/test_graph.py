@@ -299,6 +299,44 @@ def test_a_query_without_a_convincing_match_probes_deeper(tmp_path, monkeypatch)
     assert deep == 1.0 and shallow < 0.9
 
 
+def test_only_a_query_without_a_convincing_match_reads_the_long_shortlist(tmp_path, monkeypatch):
+    """The first pass re-ranks the SHORTLIST closest candidates (at least k) and the closest one's nearest
+    files; a query whose best match stays under DEEPEN_BELOW also reads SHORTLIST_PER_MATCH per match asked
+    for, so a weak copy ranked low by Hamming distance still gets its cosine read."""
+    from neardup import index as index_module
+
+    rng = np.random.default_rng(9)
+    vectors = unit(rng.standard_normal((10_500, 64)))
+    write_index(tmp_path / "idx", vectors)
+    with Store.open(tmp_path / "idx", write=True) as store:
+        from neardup.index import update_graph
+
+        update_graph(store)
+    passes = []
+    real = index_module._lsh_scored
+
+    def recording(state, graph, vector, projections, probes, shortlist, scored=None):
+        positions, scores = real(state, graph, vector, projections, probes, shortlist, scored)
+        passes.append((shortlist, len(positions) - (0 if scored is None else len(scored[0])), graph is not None))
+        return positions, scores
+
+    monkeypatch.setattr(index_module, "_lsh_scored", recording)
+    with Index.open(tmp_path / "idx") as index:
+        neighbours = index.graph().neighbours.shape[1]
+        matches = index.query_vector(vectors[7], 10, exact=False)  # an indexed vector: itself at 1.0
+        assert matches[0].path == "/v/7" and matches[0].score > 0.999
+        assert len(passes) == 1 and passes[0][0] == index_module.SHORTLIST and passes[0][2]
+        assert passes[0][1] <= index_module.SHORTLIST + neighbours
+        passes.clear()
+        index.query_vector(vectors[7], 20, exact=False)
+        assert [p[0] for p in passes] == [20]
+        passes.clear()
+        unrelated = unit(rng.standard_normal((1, 64)))[0]  # nothing indexed comes near it
+        assert index.query_vector(unrelated, 10, exact=False)[0].score < index_module.DEEPEN_BELOW
+        assert [p[0] for p in passes] == [index_module.SHORTLIST, index_module.SHORTLIST_PER_MATCH * 10]
+        assert passes[1][1] > 0  # the deeper pass read rows the first had not
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(0, 300), seed=st.integers(0, 2**16), threshold=st.floats(0.3, 0.95), block=st.integers(1, 64))
 def test_pairs_above_are_the_brute_force_pairs(n, seed, threshold, block):

@@ -59,11 +59,14 @@ DEEPEN = 2
 DEEPEN_BELOW = 0.8
 #: Up to this many images a query scans every vector (exact, and about as fast as the tables).
 EXACT_SCAN_MAX = 10_000
-#: Candidates closest in Hamming distance that a query re-ranks by exact cosine (SHORTLIST_PER_MATCH per
-#: match asked for, at least SHORTLIST), with the nearest files (k-NN graph) of the QUERY_EXPAND closest: a
-#: copy missed by the tables is found through its original. Every row read is one random read and a float16
-#: conversion, so they are read and scored in one pass (benchmarks/RESULTS.md, "The query in one pass").
-#: 4 per match: with 1 or 2, a query of the seed-3 eval set with many copies lost one (recall@10 0.997).
+#: Candidates closest in Hamming distance that a query re-ranks by exact cosine, with the nearest files
+#: (k-NN graph) of the QUERY_EXPAND closest: a copy missed by the tables is found through its original.
+#: Every row read is one random read and a float16 conversion, so they are read and scored in one pass
+#: (benchmarks/RESULTS.md, "The query in one pass"). The first pass reads the closest SHORTLIST (at least k);
+#: the deeper pass of a query with no convincing match reads SHORTLIST_PER_MATCH per match asked for: with
+#: 1 or 2, a hard query of the seed-3 eval set lost its original (recall@10 0.997). A query that found a
+#: convincing match has its copies in that match's graph neighbourhood, so 12 rows do (RESULTS, "A short
+#: first pass": 1M photos, 0.87 -> 0.78 ms p50 at the same recall).
 SHORTLIST = 12
 SHORTLIST_PER_MATCH = 4
 QUERY_EXPAND = 1
@@ -355,8 +358,9 @@ class Index:
         """The k indexed images whose stored vectors are most similar to `vector`, best first.
         LSH path: each query table probed at its likeliest buckets (query-directed multiprobe, one
         vectorised CSR lookup for all tables), the candidates ranked by Hamming distance over all 512
-        stored bits, the closest SHORTLIST and the graph's nearest files of the closest one re-ranked by
-        exact cosine of the stored (float16) vectors. `exact`: as in `query`."""
+        stored bits, the closest SHORTLIST (at least k) and the graph's nearest files of the closest one
+        re-ranked by exact cosine of the stored (float16) vectors; twice the buckets and a longer shortlist
+        when no match reaches DEEPEN_BELOW. `exact`: as in `query`."""
         state = self._search_state()
         snap = state.snap
         if len(snap) == 0:
@@ -376,11 +380,11 @@ class Index:
             projections = lsh.project(vector[None], planes, center)[0]
             probes = QUERY_PROBES if center is not None else QUERY_PROBES_UNCENTRED
             graph = self._query_graph(state)
-            positions, scores = _lsh_scored(state, graph, vector, projections, probes, k)
+            positions, scores = _lsh_scored(state, graph, vector, projections, probes, max(SHORTLIST, k))
             best = lsh.top_k(scores, k)
             if not len(best) or scores[best[0]] < DEEPEN_BELOW:  # no convincing match: the tables may have missed it
-                positions, scores = _lsh_scored(state, graph, vector, projections, probes * DEEPEN, k,
-                                                scored=(positions, scores))
+                positions, scores = _lsh_scored(state, graph, vector, projections, probes * DEEPEN,
+                                                max(SHORTLIST, SHORTLIST_PER_MATCH * k), scored=(positions, scores))
                 best = lsh.top_k(scores, k)
             positions, scores = positions[best], scores[best]
         positions, ids = np.asarray(positions), snap.ids[positions].tolist()
@@ -877,12 +881,11 @@ class _SearchState:
 
 
 def _lsh_scored(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarray, projections: np.ndarray,
-                probes: int, k: int, scored: tuple[np.ndarray, np.ndarray] | None = None
+                probes: int, shortlist: int, scored: tuple[np.ndarray, np.ndarray] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The rows a query reads and scores at `probes` buckets per table, as (positions, cosines): the closest
-    SHORTLIST (4 per match asked for) of its LSH candidates in Hamming distance and the graph's nearest files
-    of the closest, read and scored in one pass. `scored`: rows an earlier pass scored, kept and not read
-    again."""
+    `shortlist` of its LSH candidates in Hamming distance and the graph's nearest files of the closest, read
+    and scored in one pass. `scored`: rows an earlier pass scored, kept and not read again."""
     candidates = state.tables.candidates(None, projections=projections, probes=probes)
     if len(candidates):
         distances = lsh.hamming(np.take(state.words, candidates, axis=0), lsh.sign_words(projections > 0))
@@ -892,7 +895,6 @@ def _lsh_scored(state: "_SearchState", graph: knn.Graph | None, vector: np.ndarr
         if graph is not None and QUERY_EXPAND:
             closest = candidates[np.argmin(distances) if QUERY_EXPAND == 1 else
                                  np.argpartition(distances, min(QUERY_EXPAND, len(candidates)) - 1)[:QUERY_EXPAND]]
-        shortlist = max(SHORTLIST, SHORTLIST_PER_MATCH * k)
         if len(candidates) > shortlist:
             candidates = candidates[lsh.nearest_by_hamming(distances, shortlist)]
         if closest is not None:
