@@ -302,7 +302,8 @@ def test_a_query_without_a_convincing_match_probes_deeper(tmp_path, monkeypatch)
 def test_only_a_query_without_a_convincing_match_reads_the_long_shortlist(tmp_path, monkeypatch):
     """The first pass re-ranks the SHORTLIST closest candidates (at least k) and the closest one's nearest
     files; a query whose best match stays under DEEPEN_BELOW also reads SHORTLIST_PER_MATCH per match asked
-    for, so a weak copy ranked low by Hamming distance still gets its cosine read."""
+    for, so a weak copy ranked low by Hamming distance still gets its cosine read. Without a graph the
+    first pass reads the long shortlist."""
     from neardup import index as index_module
 
     rng = np.random.default_rng(9)
@@ -335,6 +336,11 @@ def test_only_a_query_without_a_convincing_match_reads_the_long_shortlist(tmp_pa
         assert index.query_vector(unrelated, 10, exact=False)[0].score < index_module.DEEPEN_BELOW
         assert [p[0] for p in passes] == [index_module.SHORTLIST, index_module.SHORTLIST_PER_MATCH * 10]
         assert passes[1][1] > 0  # the deeper pass read rows the first had not
+    with Index.open(tmp_path / "idx") as index:
+        index._search_state().graph_checked = True  # no graph: the shortlist alone brings a match's copies
+        passes.clear()
+        index.query_vector(vectors[7], 10, exact=False)
+        assert [(p[0], p[2]) for p in passes] == [(index_module.SHORTLIST_PER_MATCH * 10, False)]
 
 
 @settings(max_examples=25, deadline=None)

@@ -62,8 +62,8 @@ EXACT_SCAN_MAX = 10_000
 #: Candidates closest in Hamming distance that a query re-ranks by exact cosine, with the nearest files
 #: (k-NN graph) of the QUERY_EXPAND closest: a copy missed by the tables is found through its original.
 #: Every row read is one random read and a float16 conversion, so they are read and scored in one pass
-#: (benchmarks/RESULTS.md, "The query in one pass"). The first pass reads the closest SHORTLIST (at least k);
-#: the deeper pass of a query with no convincing match reads SHORTLIST_PER_MATCH per match asked for: with
+#: (benchmarks/RESULTS.md, "The query in one pass"). The first pass reads the closest SHORTLIST (at least k;
+#: the long shortlist below where the index has no current graph); the deeper pass of a query with no convincing match reads SHORTLIST_PER_MATCH per match asked for: with
 #: 1 or 2, a hard query of the seed-3 eval set lost its original (recall@10 0.997). A query that found a
 #: convincing match has its copies in that match's graph neighbourhood, so 12 rows do (RESULTS, "A short
 #: first pass": 1M photos, 0.87 -> 0.78 ms p50 at the same recall).
@@ -380,11 +380,14 @@ class Index:
             projections = lsh.project(vector[None], planes, center)[0]
             probes = QUERY_PROBES if center is not None else QUERY_PROBES_UNCENTRED
             graph = self._query_graph(state)
-            positions, scores = _lsh_scored(state, graph, vector, projections, probes, max(SHORTLIST, k))
+            long_shortlist = max(SHORTLIST, SHORTLIST_PER_MATCH * k)
+            # without the graph's neighbourhoods, a convincing match's other copies come from the shortlist alone
+            first = max(SHORTLIST, k) if graph is not None and QUERY_EXPAND else long_shortlist
+            positions, scores = _lsh_scored(state, graph, vector, projections, probes, first)
             best = lsh.top_k(scores, k)
             if not len(best) or scores[best[0]] < DEEPEN_BELOW:  # no convincing match: the tables may have missed it
-                positions, scores = _lsh_scored(state, graph, vector, projections, probes * DEEPEN,
-                                                max(SHORTLIST, SHORTLIST_PER_MATCH * k), scored=(positions, scores))
+                positions, scores = _lsh_scored(state, graph, vector, projections, probes * DEEPEN, long_shortlist,
+                                                scored=(positions, scores))
                 best = lsh.top_k(scores, k)
             positions, scores = positions[best], scores[best]
         positions, ids = np.asarray(positions), snap.ids[positions].tolist()
