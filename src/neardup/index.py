@@ -62,11 +62,12 @@ EXACT_SCAN_MAX = 10_000
 #: Candidates closest in Hamming distance that a query re-ranks by exact cosine, with the nearest files
 #: (k-NN graph) of the QUERY_EXPAND closest: a copy missed by the tables is found through its original.
 #: Every row read is one random read and a float16 conversion, so they are read and scored in one pass
-#: (benchmarks/RESULTS.md, "The query in one pass"). The first pass reads the closest SHORTLIST (at least k;
-#: the long shortlist below where the index has no current graph); the deeper pass of a query with no convincing match reads SHORTLIST_PER_MATCH per match asked for: with
-#: 1 or 2, a hard query of the seed-3 eval set lost its original (recall@10 0.997). A query that found a
-#: convincing match has its copies in that match's graph neighbourhood, so 12 rows do (RESULTS, "A short
-#: first pass": 1M photos, 0.87 -> 0.78 ms p50 at the same recall).
+#: (benchmarks/RESULTS.md, "The query in one pass"). The first pass reads the closest SHORTLIST (at least
+#: k; the long shortlist where the index has no current graph). The deeper pass of a query with no
+#: convincing match reads SHORTLIST_PER_MATCH per match asked for: with 1 or 2, a hard query of the seed-3
+#: eval set lost its original (recall@10 0.997). A query that found a convincing match has its copies in
+#: that match's graph neighbourhood, so 12 rows do (RESULTS, "A short first pass": 1M photos, 0.87 -> 0.78
+#: ms p50 at the same recall).
 SHORTLIST = 12
 SHORTLIST_PER_MATCH = 4
 QUERY_EXPAND = 1
