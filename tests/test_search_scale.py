@@ -3,6 +3,8 @@ scores, the all-pairs join, and recall against the exact oracle on planted synth
 
 from __future__ import annotations
 
+import os
+import re
 import sqlite3
 
 import numpy as np
@@ -141,6 +143,57 @@ def planted_index(tmp_path, n: int, dim: int, groups: int, seed: int, cone: bool
     queries = copies(vectors[rng.integers(0, groups, 200)])
     write_index(tmp_path / "idx", vectors)
     return Index.open(tmp_path / "idx"), vectors, queries
+
+
+def mapping_sizes(paths: set[str]) -> list[tuple[int, int]]:
+    """(Size, Rss) in kB of each of this process's mappings of these files (Linux's /proc/self/smaps)."""
+    found, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                fields = line.split()
+                current = fields[5] if len(fields) > 5 and fields[5] in paths else None
+            elif current and line.startswith(("Size:", "Rss:")):
+                if line.startswith("Size:"):
+                    found.append([int(line.split()[1]), None])
+                else:
+                    found[-1][1] = int(line.split()[1])
+    return [tuple(sizes) for sizes in found]
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return release is not None and (int(release[1]), int(release[2])) >= (major, minor)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not kernel_at_least(5, 14),
+                    reason="MADV_POPULATE_READ needs Linux 5.14; page tables are read from /proc")
+def test_the_query_tables_come_with_every_vector_page_mapped_where_memory_allows(tmp_path, monkeypatch):
+    """An index past DENSE_CACHE_BYTES reads each query's rows from its mapped segments: every page of them
+    is mapped when the query tables are built (one walk), not faulted in a few rows at a time by the
+    queries; unless the vectors take more than half the memory available, when nothing is mapped ahead."""
+    from neardup import index as index_module
+    from neardup import store as store_module
+
+    monkeypatch.setattr(index_module, "DENSE_CACHE_BYTES", 0)
+    vectors = unit(np.random.default_rng(3).standard_normal((12_000, 256)))
+    for name in ("fits", "too-large"):
+        write_index(tmp_path / name, vectors[:6000])
+        write_index(tmp_path / name, vectors[6000:], start=6000)  # a second segment
+    files = {str(p) for p in (tmp_path / "fits" / "segments").glob("*.vectors.npy")}
+    needed = 2 * vectors.size * np.dtype(store_module.VECTOR_DTYPE).itemsize  # twice the stored vectors
+    monkeypatch.setattr(store_module, "_available_memory", lambda: needed)
+    with Index.open(tmp_path / "fits") as index:
+        index._search_state(build_tables=True)
+        sizes = mapping_sizes(files)
+        assert len(sizes) == 2 and all(rss == size for size, rss in sizes), sizes
+        assert index.query_vector(vectors[42], 3, exact=False)[0].path == "/v/42"
+    monkeypatch.setattr(store_module, "_available_memory", lambda: needed - 2)
+    with Index.open(tmp_path / "too-large") as index:
+        state = index._search_state(build_tables=True)
+        assert not state.snap.map_vectors()
+        assert not any(segment.mapped for segment in state.snap._segments.values())
+        assert index.query_vector(vectors[42], 3, exact=False)[0].path == "/v/42"
 
 
 @pytest.mark.parametrize("cone", [False, True], ids=["uniform", "cone"])

@@ -633,6 +633,7 @@ class Index:
                 codes = state.snap.codes()
                 state.words = lsh.code_words(codes)
                 state.tables = lsh.LSHTables(codes, query_bits(len(state.snap)))
+                state.dense()  # the rows the queries read, held or mapped now, not by the first query
             return state
 
     def _prepare_all(self, store: Store, files: Sequence[Path], workers: int | None, lookahead: int = 0):
@@ -857,7 +858,8 @@ class _Batch:
 class _SearchState:
     """What queries of one committed state share: the snapshot, and built on demand the query tables,
     the stored codes as uint64 words (64 bytes a vector, in memory) and, for a small index, the
-    vectors as normalised float32. Large collections read float16 vectors from the mapped segments."""
+    vectors as normalised float32. Large collections read float16 vectors from the mapped segments,
+    every page mapped up front where memory allows (Snapshot.map_vectors)."""
 
     version: int
     snap: Snapshot
@@ -877,6 +879,8 @@ class _SearchState:
             dim = self.snap.vectors(np.arange(1), dtype=None).shape[1]
             if len(self.snap) * dim * 4 <= DENSE_CACHE_BYTES:
                 self._dense = lsh.normalise_rows(self.snap.vectors())
+            else:
+                self.snap.map_vectors()
         return self._dense
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ _SEGMENT_FILE = re.compile(r"(?P<tmp>\.tmp-)?(?P<name>\d{14}-[0-9a-f]{8})\.(?:ve
 GRAPH_META = "graph"
 PLANES = "planes.npy"
 LOCK = "lock"
+MADV_POPULATE_READ = 22  # Linux's value; Python's mmap module names it only from 3.13
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -143,6 +144,24 @@ class Snapshot:
     def codes(self, positions: np.ndarray | None = None) -> np.ndarray:
         return self._gather("codes", positions)
 
+    def map_vectors(self) -> bool:
+        """Map every page of the snapshot's vector segments into this process now, where Linux can
+        (MADV_POPULATE_READ, 5.14+) and they take at most half the memory available; True if all are mapped.
+        A query at 1M reads ~36 rows scattered over 1.5 GB, and the first touch of each page costs a page
+        fault: in a fresh process that was a third of the query's time (RESULTS, "Mapped rows")."""
+        unmapped = [s for s in self._segments.values() if not s.mapped]
+        if not unmapped:
+            return True
+        if sum(s.vectors.nbytes for s in unmapped) > _available_memory() // 2:
+            return False
+        for segment in unmapped:
+            try:
+                segment.mapping.madvise(MADV_POPULATE_READ)
+            except (AttributeError, OSError, ValueError):  # no mapping, no madvise, or a kernel without it
+                return False
+            segment.mapped = True
+        return True
+
     def read_vectors(self, positions: np.ndarray) -> np.ndarray:
         """Stored (float16) vectors of scattered positions read from the files, not through the mappings:
         touching a few percent of the rows of a mapping maps nearly all of it (the kernel maps the pages
@@ -200,6 +219,8 @@ class _Segment:
     codes: np.ndarray
     vectors_path: str = ""
     vectors_offset: int = 0  # where the rows start in the .npy file (after its header)
+    mapping: object = None  # the vectors' mmap.mmap (Snapshot.map_vectors)
+    mapped: bool = False
 
 
 class Store:
@@ -412,7 +433,8 @@ class Store:
             if len(vectors) != rows or len(codes) != rows:
                 raise StoreError(f"segment {name} has {len(vectors)} rows, the catalog says {rows}")
             cached = self._segment_cache[name] = _Segment(seg_id, name, rows, vectors, codes,
-                                                          f"{base}.vectors.npy", int(mapped.offset))
+                                                          f"{base}.vectors.npy", int(mapped.offset),
+                                                          getattr(mapped, "_mmap", None))
         return cached
 
     def load_graph(self) -> dict[str, np.ndarray] | None:
@@ -587,6 +609,19 @@ class Store:
                     continue  # not a file this store wrote: never ours to delete
                 if made["tmp"] or made["name"] not in known:
                     os.unlink(entry.path)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available without swapping (Linux's MemAvailable, which counts the page cache the
+    segments may already sit in); 0 where it is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _new_segment_name() -> str:
