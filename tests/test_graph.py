@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from conftest import assert_same_groups, copy_probability, write_index
 
 from neardup import graph as knn
@@ -384,3 +385,13 @@ def test_listed_pairs_are_every_listed_pair_once(n, seed, cut, chunk):
         every_a, every_b = np.triu_indices(n, 1)
         listed = graph.lists(every_a, every_b, cut, chunk=chunk)
         assert sorted(zip(every_a[listed].tolist(), every_b[listed].tolist())) == sorted(want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(0, 40), st.integers(0, 40)), elements=st.booleans()))
+def test_sparse_nonzero_equals_nonzero(mask):
+    """The crowded join's hit finder gives np.nonzero's positions, in its order, whatever the shape (rows
+    that do not fill whole 8-byte words, a tail after the last word, no hits, all hits)."""
+    expected = np.nonzero(mask)
+    found = knn.sparse_nonzero(mask)
+    assert all(np.array_equal(e, f) and f.dtype == e.dtype for e, f in zip(expected, found))
