@@ -168,26 +168,44 @@ def kernel_at_least(major: int, minor: int) -> bool:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not kernel_at_least(5, 14),
                     reason="MADV_POPULATE_READ needs Linux 5.14; page tables are read from /proc")
-def test_the_query_tables_come_with_every_vector_page_mapped_where_memory_allows(tmp_path, monkeypatch):
-    """An index past DENSE_CACHE_BYTES reads each query's rows from its mapped segments: every page of them
-    is mapped when the query tables are built (one walk), not faulted in a few rows at a time by the
-    queries; unless the vectors take more than half the memory available, when nothing is mapped ahead."""
+def test_the_query_tables_come_with_the_cached_vector_pages_mapped_where_memory_allows(tmp_path, monkeypatch):
+    """An index past DENSE_CACHE_BYTES reads each query's rows from its mapped segments: every page of those
+    in the page cache is mapped when the query tables are built (one walk), not faulted in a few rows at a
+    time by the queries. A segment only on the disk is left alone (mapping it would read it all), and
+    nothing is mapped ahead when the vectors take more than half the memory available."""
     from neardup import index as index_module
     from neardup import store as store_module
 
     monkeypatch.setattr(index_module, "DENSE_CACHE_BYTES", 0)
     vectors = unit(np.random.default_rng(3).standard_normal((12_000, 256)))
-    for name in ("fits", "too-large"):
+    for name in ("cached", "half-cold", "too-large"):
         write_index(tmp_path / name, vectors[:6000])
         write_index(tmp_path / name, vectors[6000:], start=6000)  # a second segment
-    files = {str(p) for p in (tmp_path / "fits" / "segments").glob("*.vectors.npy")}
     needed = 2 * vectors.size * np.dtype(store_module.VECTOR_DTYPE).itemsize  # twice the stored vectors
     monkeypatch.setattr(store_module, "_available_memory", lambda: needed)
-    with Index.open(tmp_path / "fits") as index:
+
+    def segment_files(name):
+        return sorted(str(p) for p in (tmp_path / name / "segments").glob("*.vectors.npy"))
+
+    with Index.open(tmp_path / "cached") as index:
         index._search_state(build_tables=True)
-        sizes = mapping_sizes(files)
+        sizes = mapping_sizes(set(segment_files("cached")))
         assert len(sizes) == 2 and all(rss == size for size, rss in sizes), sizes
         assert index.query_vector(vectors[42], 3, exact=False)[0].path == "/v/42"
+
+    cold = segment_files("half-cold")[1]
+    descriptor = os.open(cold, os.O_RDONLY)
+    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)  # the file's pages leave the page cache
+    os.close(descriptor)
+    if store_module._in_page_cache(cold):
+        pytest.skip("this file system keeps the file's pages in memory")
+    with Index.open(tmp_path / "half-cold") as index:
+        state = index._search_state(build_tables=True)
+        mapped = {segment.vectors_path: segment.mapped for segment in state.snap._segments.values()}
+        assert mapped == {segment_files("half-cold")[0]: True, cold: False}
+        assert not state.snap.map_vectors()
+        assert index.query_vector(vectors[6042], 3, exact=False)[0].path == "/v/6042"
+
     monkeypatch.setattr(store_module, "_available_memory", lambda: needed - 2)
     with Index.open(tmp_path / "too-large") as index:
         state = index._search_state(build_tables=True)
