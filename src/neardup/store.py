@@ -147,10 +147,10 @@ class Snapshot:
     def map_vectors(self) -> bool:
         """Map every page of the snapshot's vector segments that sit in the page cache into this process
         now, where Linux can (MADV_POPULATE_READ, 5.14+) and they take at most half the memory available;
-        True if all are mapped. A query at 1M reads ~36 rows scattered over 1.5 GB, and the first touch of each page costs a page
-        fault: in a fresh process that was a third of the query's time (RESULTS, "Mapped rows"). A segment
-        not in the cache is left to the queries' faults: mapping it would read it all from the disk, seconds
-        for a one-image query."""
+        True if all are mapped. A query at 1M reads ~36 rows scattered over 1.5 GB, and the first touch of
+        each page costs a page fault: in a fresh process that was a third of the query's time (RESULTS,
+        "Mapped rows"). A segment not in the cache is left to the queries' faults: mapping it would read
+        it all from the disk, seconds for a one-image query."""
         unmapped = [s for s in self._segments.values() if not s.mapped]
         if sum(s.vectors.nbytes for s in unmapped) > _available_memory() // 2:
             return False
