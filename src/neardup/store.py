@@ -144,25 +144,28 @@ class Snapshot:
     def codes(self, positions: np.ndarray | None = None) -> np.ndarray:
         return self._gather("codes", positions)
 
-    def map_vectors(self) -> bool:
-        """Map every page of the snapshot's vector segments that sit in the page cache into this process
-        now, where Linux can (MADV_POPULATE_READ, 5.14+) and they take at most half the memory available;
-        True if all are mapped. A query at 1M reads ~36 rows scattered over 1.5 GB, and the first touch of
-        each page costs a page fault: in a fresh process that was a third of the query's time (RESULTS,
-        "Mapped rows"). A segment not in the cache is left to the queries' faults: mapping it would read
-        it all from the disk, seconds for a one-image query."""
-        unmapped = [s for s in self._segments.values() if not s.mapped]
-        if sum(s.vectors.nbytes for s in unmapped) > _available_memory() // 2:
-            return False
+    def map_vectors(self) -> threading.Thread | None:
+        """Map every page of the snapshot's vector segments into this process, where Linux can
+        (MADV_POPULATE_READ, 5.14+) and they take at most half the memory available. A query at 1M reads
+        ~36 rows scattered over 1.5 GB, and the first touch of each page costs a page fault: in a fresh
+        process that was a third of the query's time (RESULTS, "Mapped rows"). The segments already in the
+        page cache are mapped now (~0.1 s for 1.5 GB); the others, which must be read from the disk, by a
+        background thread (returned), so a one-image query never waits for the whole index to be read."""
+        with _MAPPING_LOCK:
+            unmapped = [s for s in self._segments.values() if not s.mapping_claimed]
+            if sum(s.vectors.nbytes for s in unmapped) > _available_memory() // 2:
+                return None
+            for segment in unmapped:
+                segment.mapping_claimed = True
+        cached, cold = [], []
         for segment in unmapped:
-            if not _in_page_cache(segment.vectors_path):
-                continue
-            try:
-                segment.mapping.madvise(MADV_POPULATE_READ)
-            except (AttributeError, OSError, ValueError):  # no mapping, no madvise, or a kernel without it
-                return False
-            segment.mapped = True
-        return all(s.mapped for s in unmapped)
+            (cached if _in_page_cache(segment.vectors_path) else cold).append(segment)
+        _map_segments(cached)
+        if not cold:
+            return None
+        thread = threading.Thread(target=_map_segments, args=(cold,), name="neardup-map-vectors", daemon=True)
+        thread.start()
+        return thread
 
     def read_vectors(self, positions: np.ndarray) -> np.ndarray:
         """Stored (float16) vectors of scattered positions read from the files, not through the mappings:
@@ -222,6 +225,7 @@ class _Segment:
     vectors_path: str = ""
     vectors_offset: int = 0  # where the rows start in the .npy file (after its header)
     mapping: object = None  # the vectors' mmap.mmap (Snapshot.map_vectors)
+    mapping_claimed: bool = False  # a map_vectors call maps it (or found no way to)
     mapped: bool = False
 
 
@@ -624,6 +628,18 @@ def _available_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+_MAPPING_LOCK = threading.Lock()
+
+
+def _map_segments(segments: list[_Segment]) -> None:
+    for segment in segments:
+        try:
+            segment.mapping.madvise(MADV_POPULATE_READ)  # the GIL is released while the kernel works
+        except (AttributeError, OSError, ValueError):  # no mapping, no madvise, or a kernel without it
+            return
+        segment.mapped = True
 
 
 def _in_page_cache(path: str, samples: int = 32) -> bool:
