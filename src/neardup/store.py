@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -151,6 +152,8 @@ class Snapshot:
         process that was a third of the query's time (RESULTS, "Mapped rows"). The segments already in the
         page cache are mapped now (~0.1 s for 1.5 GB); the others, which must be read from the disk, by a
         background thread (returned), so a one-image query never waits for the whole index to be read."""
+        if not sys.platform.startswith("linux"):  # 22 is Linux's MADV_POPULATE_READ only
+            return None
         with _MAPPING_LOCK:
             unmapped = [s for s in self._segments.values() if not s.mapping_claimed]
             if sum(s.vectors.nbytes for s in unmapped) > _available_memory() // 2:
