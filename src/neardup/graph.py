@@ -573,7 +573,7 @@ def block_pairs(vectors: np.ndarray, first: int, block: int, threshold: float
 def sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.nonzero of a 2-d boolean array with few True, in the same order: the 8-byte words that hold
     a True are found first (an eighth of the elements to scan), then the Trues inside them. On a block
-    of the crowded join (0.4 % True) 4.4x faster than np.nonzero, which was a fifth of `dups` at 1M."""
+    of the crowded join (0.4 % True) 4.4x faster than np.nonzero, which took a sixth of `dups` at 1M."""
     if mask.size == 0:
         return np.nonzero(mask)
     flat = mask.reshape(-1)
