@@ -150,7 +150,7 @@ class Snapshot:
         (MADV_POPULATE_READ, 5.14+) and they take at most half the memory available. A query at 1M reads
         ~36 rows scattered over 1.5 GB, and the first touch of each page costs a page fault: in a fresh
         process that was a third of the query's time (RESULTS, "Mapped rows"). The segments already in the
-        page cache are mapped now (~0.1 s for 1.5 GB); the others, which must be read from the disk, by a
+        page cache are mapped now (0.13–0.44 s for 1.5 GB on an EPYC); the others, read from the disk, by a
         background thread (returned), so a one-image query never waits for the whole index to be read."""
         if not sys.platform.startswith("linux"):  # 22 is Linux's MADV_POPULATE_READ only
             return None
